@@ -1,0 +1,198 @@
+"""SQLAlchemy 2 typed ORM: the metadata ledger. ORM rows never leave registry/ and the
+service layer; callers get the plain records of `registry.records`.
+
+States and kinds are stored as short strings and validated through the StrEnums below,
+so the same schema works on SQLite and PostgreSQL without native enum types.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Metric(StrEnum):
+    COSINE = "cosine"
+    IP = "ip"
+    L2 = "l2"
+
+
+class AdapterStatus(StrEnum):
+    TRAINED = "trained"
+    ACCEPTED = "accepted"
+    REFUSED = "refused"
+    RETIRED = "retired"
+
+
+class JobState(StrEnum):
+    PLANNED = "planned"
+    PAIRING = "pairing"
+    TRAINING = "training"
+    GATED = "gated"
+    SERVING_BRIDGE = "serving_bridge"
+    BACKFILLING = "backfilling"
+    DONE = "done"
+    FAILED = "failed"
+    PAUSED = "paused"
+    CANCELLED = "cancelled"
+    ROLLED_BACK = "rolled_back"
+
+
+class ChunkState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class EmbeddingModel(Base):
+    __tablename__ = "embedding_models"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    versions: Mapped[list[ModelVersion]] = relationship(
+        back_populates="model", order_by="ModelVersion.id"
+    )
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model_id", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("embedding_models.id", ondelete="CASCADE"))
+    version: Mapped[str] = mapped_column(String(100))
+    dim: Mapped[int] = mapped_column(Integer)
+    metric: Mapped[str] = mapped_column(String(16), default=Metric.COSINE)
+    normalized: Mapped[bool] = mapped_column(Boolean, default=True)
+    # an MLflow model URI, or "external" when clients send the vectors themselves
+    encoder_uri: Mapped[str] = mapped_column(String(1000))
+    mlflow_name: Mapped[str | None] = mapped_column(String(200))
+    mlflow_version: Mapped[str | None] = mapped_column(String(50))
+    parent_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="SET NULL")
+    )
+    tags: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    model: Mapped[EmbeddingModel] = relationship(back_populates="versions")
+    parent: Mapped[ModelVersion | None] = relationship(remote_side="ModelVersion.id")
+
+
+class Adapter(Base):
+    __tablename__ = "adapters"
+    __table_args__ = (Index("ix_adapters_pair", "from_version_id", "to_version_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    from_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    to_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    kind: Mapped[str] = mapped_column(String(32))
+    direction: Mapped[str] = mapped_column(String(32))
+    mlflow_model_uri: Mapped[str | None] = mapped_column(String(1000))
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(16), default=AdapterStatus.TRAINED)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Gallery(Base):
+    __tablename__ = "galleries"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("embedding_models.id"))
+    # the version whose vectors queries are served against
+    serving_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    index_kind: Mapped[str] = mapped_column(String(16), default="flat")
+    plan: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Item(Base):
+    __tablename__ = "items"
+    __table_args__ = (
+        UniqueConstraint("gallery_id", "external_id"),
+        Index("ix_items_gallery_version", "gallery_id", "vector_version_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    gallery_id: Mapped[int] = mapped_column(ForeignKey("galleries.id", ondelete="CASCADE"))
+    external_id: Mapped[str] = mapped_column(String(500))
+    # the raw item (text, or a reference) kept so the item can be re-embedded later
+    payload: Mapped[str | None] = mapped_column(Text)
+    vector_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_gallery_state", "gallery_id", "state"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    gallery_id: Mapped[int | None] = mapped_column(ForeignKey("galleries.id", ondelete="CASCADE"))
+    from_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    to_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    state: Mapped[str] = mapped_column(String(32), default=JobState.PLANNED)
+    plan: Mapped[str | None] = mapped_column(String(32))
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    report: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    items_total: Mapped[int] = mapped_column(Integer, default=0)
+    items_done: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class JobChunk(Base):
+    __tablename__ = "job_chunks"
+    __table_args__ = (UniqueConstraint("job_id", "seq"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    # half-open range [start, stop) over the job's ordered item list
+    start: Mapped[int] = mapped_column(Integer)
+    stop: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default=ChunkState.PENDING)
+    items_done: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
