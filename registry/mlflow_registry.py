@@ -6,6 +6,7 @@ MLflow is the source of truth for which versions exist and which one carries the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from collections.abc import Iterator
@@ -62,8 +63,19 @@ class MlflowRegistry:
                 path = Path(tmp) / "external.json"
                 path.write_text(json.dumps(manifest, indent=2))
                 self.mlflow.log_artifact(str(path), artifact_path="encoder")
-            source = f"runs:/{active.info.run_id}/encoder"
-        return self.register(source, registered_name, tags)
+            source = f"{active.info.artifact_uri}/encoder"
+            run_id = active.info.run_id
+        from mlflow.exceptions import MlflowException
+
+        try:
+            if not self.versions(registered_name):
+                # it may exist without versions, or be created concurrently
+                with contextlib.suppress(MlflowException):
+                    self.client.create_registered_model(registered_name)
+            mv = self.client.create_model_version(registered_name, source, run_id, tags=tags)
+        except MlflowException as exc:
+            raise ServiceUnavailable(f"MLflow refused to register {source}: {exc}") from exc
+        return str(mv.version)
 
     def register(self, model_uri: str, registered_name: str, tags: dict[str, str]) -> str:
         try:

@@ -1,0 +1,73 @@
+"""Shared fixtures: real stores in temp dirs, real PostgreSQL databases, shipped models.
+
+Expensive things (loaded models, a registry with both real versions) are built once per
+session; everything a test writes lives under its own tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from embcompat import migrate
+from embcompat.context import Context
+from embcompat.settings import Settings, get_settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PG_ADMIN_URL = os.environ.get(
+    "EMBCOMPAT_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("EMBCOMPAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings_cache() -> Iterator[None]:
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def make_context(data_dir: Path, database_url: str | None = None) -> Context:
+    settings = Settings(data_dir=data_dir, database_url=database_url)
+    migrate.upgrade(settings.resolved_database_url)
+    return Context(settings)
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> Context:
+    """A migrated SQLite DB and an MLflow sqlite store, both under tmp_path."""
+    return make_context(tmp_path / "data")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A throwaway PostgreSQL database on the real server, dropped afterwards."""
+    name = f"embcompat_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield url
+    finally:
+        from embcompat.db import get_engine
+
+        get_engine(url).dispose()
+        get_engine.cache_clear()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the pieces of shipped models are assembled, once per test session."""
+    shared = os.environ.get("EMBCOMPAT_TEST_MODELS_DIR")
+    return Path(shared) if shared else Path(".embcompat/models").resolve()

@@ -1,0 +1,45 @@
+"""The CLI over the service layer, against a real SQLite DB and MLflow store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from embcompat.cli import app
+
+
+@pytest.fixture
+def runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    monkeypatch.setenv("EMBCOMPAT_DATA_DIR", str(tmp_path / "data"))
+    return CliRunner()
+
+
+def test_db_upgrade_register_list_show_promote(runner: CliRunner) -> None:
+    assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
+    out = runner.invoke(app, ["models", "register", "vendor", "a", "--dim", "8", "--external"])
+    assert out.exit_code == 0, out.output
+    out = runner.invoke(
+        app, ["models", "register", "vendor", "b", "--dim", "8", "--external", "--parent", "a"]
+    )
+    assert out.exit_code == 0, out.output
+    assert runner.invoke(app, ["models", "promote", "vendor", "b"]).exit_code == 0
+    listing = runner.invoke(app, ["models", "list"]).output
+    assert "vendor" in listing and "serving" in listing
+    shown = json.loads(runner.invoke(app, ["models", "show", "vendor", "b"]).output)
+    assert shown["lineage"] == ["a", "b"] and shown["aliases"] == ["serving"]
+
+
+def test_bad_input_exits_2_with_the_reason(runner: CliRunner) -> None:
+    runner.invoke(app, ["db", "upgrade"])
+    runner.invoke(app, ["models", "register", "vendor", "a", "--dim", "8", "--external"])
+    dup = runner.invoke(app, ["models", "register", "vendor", "a", "--dim", "8", "--external"])
+    assert dup.exit_code == 2 and "already has a version 'a'" in dup.output
+    unknown = runner.invoke(app, ["models", "promote", "vendor", "zz"])
+    assert unknown.exit_code == 2 and "no version 'zz'" in unknown.output
+    two_sources = runner.invoke(
+        app, ["models", "register", "m", "v", "--dim", "8", "--external", "--shipped", "x"]
+    )
+    assert two_sources.exit_code == 2 and "exactly one of" in two_sources.output
