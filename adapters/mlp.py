@@ -1,0 +1,114 @@
+"""Residual MLP bridge (Drift-Adapter's MLP): f(x) = x·W + b + MLP(x), L2-normalised.
+
+W, b start from the ridge affine solution and the MLP's last layer starts at zero, so
+training begins at the affine bridge and only moves where the loss improves. The loss
+is an in-batch contrastive term (each mapped source must pick its own target among the
+batch, temperature τ) plus a cosine term; training stops early on a held-out split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from scipy.special import erf
+
+from adapters.base import Adapter, Direction, FloatArray, check_pairs, l2_normalize
+from adapters.linear import AffineAdapter
+
+
+def _gelu(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    return (0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))).astype(np.float32)
+
+
+class ResidualMLPAdapter(Adapter):
+    kind = "residual_mlp"
+
+    @classmethod
+    def fit(
+        cls,
+        source: Any,
+        target: Any,
+        direction: Direction = "query: new->old",
+        hidden: int = 512,
+        epochs: int = 40,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        temperature: float = 0.05,
+        cosine_weight: float = 1.0,
+        holdout: float = 0.1,
+        patience: int = 4,
+        seed: int = 0,
+    ) -> ResidualMLPAdapter:
+        import torch
+        from torch import nn
+
+        x, y = check_pairs(source, target, "residual_mlp")
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(x))
+        n_val = max(1, int(len(x) * holdout))
+        val, train = order[:n_val], order[n_val:]
+        affine = AffineAdapter.fit(x[train], y[train], direction)
+        torch.manual_seed(seed)
+
+        linear = nn.Linear(x.shape[1], y.shape[1])
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(affine.weight.T.copy()))
+            linear.bias.copy_(torch.from_numpy(affine.mu_y - affine.mu_x @ affine.weight))
+        mlp = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.GELU(), nn.Linear(hidden, y.shape[1]))
+        nn.init.zeros_(mlp[2].weight)
+        nn.init.zeros_(mlp[2].bias)
+        params = [*linear.parameters(), *mlp.parameters()]
+        opt = torch.optim.Adam(params, lr=lr)
+        xt, yt = torch.from_numpy(x), torch.nn.functional.normalize(torch.from_numpy(y), dim=1)
+
+        def loss_fn(idx: torch.Tensor) -> torch.Tensor:
+            out = torch.nn.functional.normalize(linear(xt[idx]) + mlp(xt[idx]), dim=1)
+            logits = out @ yt[idx].T / temperature
+            contrastive = nn.functional.cross_entropy(logits, torch.arange(len(idx)))
+            cosine = (1 - (out * yt[idx]).sum(1)).mean()
+            return contrastive + cosine_weight * cosine
+
+        val_idx = torch.from_numpy(val)
+        best, best_state, bad = float("inf"), None, 0
+        for _ in range(epochs):
+            perm = torch.from_numpy(rng.permutation(train))
+            for start in range(0, len(perm), batch_size):
+                batch = perm[start : start + batch_size]
+                if len(batch) < 2:
+                    continue
+                opt.zero_grad()
+                loss_fn(batch).backward()
+                opt.step()
+            with torch.no_grad():
+                val_loss = float(loss_fn(val_idx))
+            if val_loss < best - 1e-4:
+                best, bad = val_loss, 0
+                best_state = [p.detach().clone() for p in params]
+            else:
+                bad += 1
+                if bad >= patience:
+                    break
+        assert best_state is not None  # at least one epoch ran
+        obj = cls(x.shape[1], y.shape[1], direction)
+        w, b, w1, b1, w2, b2 = (p.numpy().astype(np.float32) for p in best_state)
+        obj._load(
+            {"hidden": hidden}, {"w": w.T, "b": b, "w1": w1.T, "b1": b1, "w2": w2.T, "b2": b2}
+        )
+        return obj
+
+    def _apply(self, x: FloatArray) -> FloatArray:
+        a = self._arrays
+        residual = _gelu(x @ a["w1"] + a["b1"]) @ a["w2"] + a["b2"]
+        return l2_normalize(x @ a["w"] + a["b"] + residual)
+
+    def arrays(self) -> dict[str, npt.NDArray[Any]]:
+        return dict(self._arrays)
+
+    def config(self) -> dict[str, Any]:
+        return {"hidden": self.hidden}
+
+    def _load(self, config: dict[str, Any], arrays: dict[str, npt.NDArray[Any]]) -> None:
+        self.hidden = int(config["hidden"])
+        self._arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}
