@@ -124,8 +124,11 @@ class LowRankAdapter(_AffineMap):
         xc = x - mu_x
         w = _ridge(xc, y - mu_y, alpha)
         r = max(1, min(rank, *w.shape))
-        _, _, vt = np.linalg.svd(xc.astype(np.float64) @ w, full_matrices=False)
-        w_r = (w @ vt[:r].T) @ vt[:r]
+        xd = xc.astype(np.float64)
+        # right singular vectors of the fitted values Xc·W = eigenvectors of Wᵀ(XcᵀXc)W
+        _, vecs = np.linalg.eigh(w.T @ (xd.T @ xd) @ w)
+        top = vecs[:, ::-1][:, :r]
+        w_r = (w @ top) @ top.T
         obj = cls(x.shape[1], y.shape[1], direction)._set(w_r, mu_x, mu_y, normalize_output)
         obj.rank = r
         return obj

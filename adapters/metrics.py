@@ -117,17 +117,19 @@ class CompatReport:
 def compat_report(
     q_old: FloatArray,
     q_new: FloatArray,
-    q_bridged: FloatArray,
     g_old: FloatArray,
     g_new: FloatArray,
     relevant: Relevance,
+    bridge_queries: FloatArray,
+    bridge_gallery: FloatArray,
     k: int = 10,
 ) -> CompatReport:
-    """q_old/q_new: queries by each model; q_bridged: new queries in the old space
-    (bridge output), g_old/g_new: the gallery by each model → the DESIGN.md metrics."""
+    """q_old/q_new: queries by each model; g_old/g_new: the gallery by each model;
+    bridge_queries × bridge_gallery: how new queries meet the old gallery through a bridge
+    (mapped queries × g_old, q_new × mapped gallery, or basis × zero-padded g_old)."""
     _, oo = search(q_old, g_old, k)
     _, nn = search(q_new, g_new, k)
-    _, no = search(q_bridged, g_old, k)
+    _, no = search(bridge_queries, bridge_gallery, k)
     r_oo, r_nn, r_no = (recall_at_k(r, relevant, k) for r in (oo, nn, no))
     return CompatReport(
         r10_old_old=r_oo,

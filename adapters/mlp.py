@@ -16,6 +16,7 @@ from scipy.special import erf
 
 from adapters.base import Adapter, Direction, FloatArray, check_pairs, l2_normalize
 from adapters.linear import AffineAdapter
+from embcompat.errors import InvalidInput
 
 
 def _gelu(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -31,20 +32,23 @@ class ResidualMLPAdapter(Adapter):
         source: Any,
         target: Any,
         direction: Direction = "query: new->old",
-        hidden: int = 512,
-        epochs: int = 40,
+        hidden: int = 256,
+        max_steps: int = 400,
+        eval_every: int = 40,
         batch_size: int = 256,
         lr: float = 1e-3,
         temperature: float = 0.05,
         cosine_weight: float = 1.0,
         holdout: float = 0.1,
-        patience: int = 4,
+        patience: int = 3,
         seed: int = 0,
     ) -> ResidualMLPAdapter:
         import torch
         from torch import nn
 
         x, y = check_pairs(source, target, "residual_mlp")
+        if max_steps < 1 or eval_every < 1:
+            raise InvalidInput("residual_mlp needs max_steps >= 1 and eval_every >= 1")
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(x))
         n_val = max(1, int(len(x) * holdout))
@@ -71,26 +75,28 @@ class ResidualMLPAdapter(Adapter):
             return contrastive + cosine_weight * cosine
 
         val_idx = torch.from_numpy(val)
-        best, best_state, bad = float("inf"), None, 0
-        for _ in range(epochs):
+        with torch.no_grad():
+            best, bad = float(loss_fn(val_idx)), 0
+        best_state = [p.detach().clone() for p in params]
+        step = 0
+        while step < max_steps and bad < patience:
             perm = torch.from_numpy(rng.permutation(train))
-            for start in range(0, len(perm), batch_size):
-                batch = perm[start : start + batch_size]
-                if len(batch) < 2:
-                    continue
+            for start in range(0, len(perm) - 1, batch_size):
                 opt.zero_grad()
-                loss_fn(batch).backward()
+                loss_fn(perm[start : start + batch_size]).backward()
                 opt.step()
-            with torch.no_grad():
-                val_loss = float(loss_fn(val_idx))
-            if val_loss < best - 1e-4:
-                best, bad = val_loss, 0
-                best_state = [p.detach().clone() for p in params]
-            else:
-                bad += 1
-                if bad >= patience:
+                step += 1
+                if step % eval_every and step < max_steps:
+                    continue
+                with torch.no_grad():
+                    val_loss = float(loss_fn(val_idx))
+                if val_loss < best - 1e-4:
+                    best, bad = val_loss, 0
+                    best_state = [p.detach().clone() for p in params]
+                else:
+                    bad += 1
+                if step >= max_steps or bad >= patience:
                     break
-        assert best_state is not None  # at least one epoch ran
         obj = cls(x.shape[1], y.shape[1], direction)
         w, b, w1, b1, w2, b2 = (p.numpy().astype(np.float32) for p in best_state)
         obj._load(

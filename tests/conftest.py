@@ -71,3 +71,20 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Where the pieces of shipped models are assembled, once per test session."""
     shared = os.environ.get("EMBCOMPAT_TEST_MODELS_DIR")
     return Path(shared) if shared else Path(".embcompat/models").resolve()
+
+
+@pytest.fixture(scope="session")
+def small_real_pair(models_dir: Path) -> dict[str, object]:
+    """A small WordNet task embedded by paraphrase-MiniLM-L3 (old) and MiniLM-L6 (new),
+    both shipped models; cached on disk between sessions."""
+    from embcompat.datasets import cached_encode, wordnet_task
+    from registry.shipped import MINILM_L6, PARAPHRASE_L3, load_shipped_encoder
+
+    task = wordnet_task(n_queries=300, n_gallery=1500, n_pool=0, seed=7)
+    cache = models_dir.parent / "cache" / "embeddings"
+    out: dict[str, object] = {"task": task}
+    for side, name in (("old", PARAPHRASE_L3), ("new", MINILM_L6)):
+        enc = load_shipped_encoder(name, models_dir)
+        out[f"q_{side}"] = cached_encode(name, task.queries, enc.encode, cache)
+        out[f"g_{side}"] = cached_encode(name, task.gallery, enc.encode, cache)
+    return out

@@ -50,7 +50,7 @@ def test_compat_report_identity_bridge_is_compatible_and_flip_free() -> None:
     q = g[:20] + 0.01 * rng.normal(size=(20, 8)).astype(np.float32)
     rel = np.arange(20)
     noisy = rng.normal(size=(20, 8)).astype(np.float32)  # old model: random queries
-    rep = compat_report(noisy, q, q, g, g, rel, k=10)
+    rep = compat_report(noisy, q, g, g, rel, bridge_queries=q, bridge_gallery=g, k=10)
     assert rep.r10_new_old == rep.r10_new_new == 1.0
     assert rep.retention_r10 == 1.0 and rep.ecc and rep.negative_flip_rate == 0.0
     assert hits_at_k(search(q, g, 10)[1], rel, 10).all()

@@ -19,7 +19,7 @@ LEGACY = Path(__file__).parent.parent / "data" / "adapter-procrustes-v0.1"
 def _fit(kind: str, x: np.ndarray, y: np.ndarray):  # type: ignore[no-untyped-def]
     if kind == "basis":
         return BasisAdapter.fit(x, y)
-    extra = {"epochs": 2, "hidden": 16} if kind == "residual_mlp" else {}
+    extra = {"max_steps": 3, "hidden": 16} if kind == "residual_mlp" else {}
     return KINDS[kind].fit(x, y, **extra)  # type: ignore[attr-defined]
 
 
