@@ -45,7 +45,7 @@ class BasisAdapter(Adapter):
         return obj
 
     def _apply(self, x: FloatArray) -> FloatArray:
-        return (zero_pad(x, self.target_dim).astype(np.float64) @ self.basis).astype(np.float32)
+        return zero_pad(x, self.target_dim) @ self.basis
 
     def pad_old(self, old: Any) -> FloatArray:
         """old: (n, d_old) → (n, D): old vectors join the unified index as they are."""

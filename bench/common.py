@@ -46,9 +46,10 @@ def embed(texts: Sequence[str], model: str) -> np.ndarray:
     cache = data / "cache" / "embeddings"
     if not texts:
         return np.zeros((0, 1), np.float32)
-    encoder = _encoder(model, data / "models")
     t0 = time.perf_counter()
-    out = cached_encode(model, texts, lambda t: encoder.encode(t, batch_size=32), cache)
+    out = cached_encode(
+        model, texts, lambda t: _encoder(model, data / "models").encode(t, batch_size=32), cache
+    )
     took = time.perf_counter() - t0
     if took > 1:
         print(f"  encoded {len(texts)} texts with {model} in {took:.0f}s", flush=True)

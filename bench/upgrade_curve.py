@@ -1,0 +1,275 @@
+"""Does search ever get worse during an upgrade? The no-regret curve of each serving plan.
+
+On the WordNet task (12,000 documents; 3,000 labelled queries split into a probe half,
+used to fit the cascade's fusion weight and to choose the plan, and an evaluation half),
+the mixed-version index is measured at backfill fractions 0, 10, ..., 100 %, in random
+order and in "touched first" order (items the probe queries retrieve are backfilled
+first), for every plan and merge. Adapters and score calibration are fitted on a paired
+sample of 5,000 gallery documents, as the service does.
+
+    python bench/upgrade_curve.py [--pair NAME] [--json PATH] [--plot PNG] [--latency]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import PAIRS, Embedded, embedded_pair, print_table, write_json
+
+from adapters import AffineAdapter, BasisAdapter, ProcrustesAdapter
+from adapters.metrics import ndcg_at_k, recall_at_k, search
+from index.curve import choose_plan, curve_summary, fit_calibration
+from index.faiss_index import IndexGenerations, SpaceSearcher
+from index.merge import fit_weight
+from index.plans import MixedIndex, Plan, Results
+from index.plans import search as plan_search
+from index.store import SpaceStore
+
+FRACTIONS = [round(0.1 * i, 1) for i in range(11)]
+TWO_PART = [("bridge", "raw"), ("bridge", "rrf"), ("bridge", "calibrated"),
+            ("mapped", "raw"), ("mapped", "rrf"), ("mapped", "calibrated"),
+            ("dual", "raw"), ("dual", "rrf"), ("dual", "calibrated"), ("basis", "raw")]  # fmt: skip
+CASCADE = [("cascade", "rrf"), ("cascade", "learned")]
+
+
+class LookupReadThrough:
+    """Stands in for the encoder during the curve (the same vectors the new model gives,
+    precomputed): writes each encoded item to the new space, once, and counts it."""
+
+    def __init__(self, new_space: SpaceStore, vectors: np.ndarray) -> None:
+        self.space, self.vectors, self.encoded = new_space, vectors, 0
+
+    def encode(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        added = self.space.add_missing(ids, self.vectors[ids])
+        self.encoded += len(added)
+        return ids, self.vectors[ids]
+
+
+def _space(root: Path, name: str, ids: np.ndarray, vecs: np.ndarray, kind: str) -> SpaceSearcher:
+    store = SpaceStore(root / name, vecs.shape[1])
+    store.add(ids, vecs[ids] if len(vecs) != len(ids) or len(ids) == 0 else vecs)
+    gens = IndexGenerations(root / f"{name}-index", kind)  # type: ignore[arg-type]
+    gens.publish(store)
+    return SpaceSearcher(store, gens)
+
+
+def _metrics(res: Results, relevant: np.ndarray) -> tuple[float, float]:
+    return recall_at_k(res.ids, relevant, 10), ndcg_at_k(res.ids, relevant, 10)
+
+
+def run(
+    pair: str, kind: str = "flat", seed: int = 0
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    e = embedded_pair(pair, 3000, 12000, 0)
+    rng = np.random.default_rng(seed)
+    n = len(e.g_old)
+    qperm = rng.permutation(len(e.q_new))
+    probe, evalq = qperm[: len(qperm) // 2], qperm[len(qperm) // 2 :]
+    rel = e.task.relevant
+    paired = rng.permutation(n)[:5000]
+    bridge = ProcrustesAdapter.fit(e.g_new[paired], e.g_old[paired], "query: new->old")
+    mapper = AffineAdapter.fit(e.g_old[paired], e.g_new[paired], "gallery: old->new")
+    basis = BasisAdapter.fit(e.g_new[paired], e.g_old[paired])
+    mapped_all = mapper.transform(e.g_old)
+    calibration = fit_calibration(e.g_old[paired], e.g_new[paired], bridge, mapper)
+    weight = _fit_cascade_weight(e, probe)
+    plans = {
+        (p, m): Plan(p, m, bridge=bridge, basis_head=basis.basis[: e.g_new.shape[1], : e.g_old.shape[1]],  # type: ignore[arg-type]
+                     calibration=calibration, weight=weight)
+        for p, m in TWO_PART + CASCADE
+    }  # fmt: skip
+    touched = _touched_first(e, probe, rng)
+    orders = {"random": rng.permutation(n), "touched": touched}
+    ids_all = np.arange(n)
+    rows: list[dict[str, Any]] = []
+    probe_curves: dict[tuple[str, str], list[float]] = {}
+    _, oo = search(e.q_old[evalq], e.g_old, 10)
+    _, nn = search(e.q_new[evalq], e.g_new, 10)
+    r_oo, r_nn = recall_at_k(oo, rel[evalq], 10), recall_at_k(nn, rel[evalq], 10)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        old = _space(root, "old", ids_all, e.g_old, kind)
+        mapped = _space(root, "mapped", ids_all, mapped_all, kind)
+        for order_name, order in orders.items():
+            for f in FRACTIONS:
+                done = np.sort(order[: int(round(f * n))])
+                for p, m in TWO_PART + CASCADE:
+                    tag = f"{order_name}-{f}-{p}-{m}"
+                    new = _space(root, f"new-{tag}", done, e.g_new, kind)
+                    mixed = MixedIndex(old, new, mapped)
+                    if p == "cascade":
+                        res, epq = _stream(mixed, plans[(p, m)], e, evalq, new)
+                    else:
+                        res, epq = (
+                            plan_search(mixed, plans[(p, m)], e.q_new[evalq], e.q_old[evalq]),
+                            None,
+                        )
+                    r10, nd = _metrics(res, rel[evalq])
+                    row = {"pair": pair, "plan": p, "merge": m, "order": order_name,
+                           "fraction": f, "r10": r10, "ndcg10": nd,
+                           "r10_old_old": r_oo, "r10_new_new": r_nn, "gain_vs_new_new": r10 - r_nn}  # fmt: skip
+                    if epq is not None:
+                        row.update(epq)
+                    rows.append(row)
+                    if order_name == "random" and f in (0.0, 0.5, 1.0):
+                        pr = (
+                            plan_search(
+                                MixedIndex(old, new, mapped),
+                                plans[(p, m)],
+                                e.q_new[probe],
+                                e.q_old[probe],
+                            )
+                            if p != "cascade"
+                            else _stream(mixed, plans[(p, m)], e, probe, new)[0]
+                        )
+                        probe_curves.setdefault((p, m), []).append(
+                            recall_at_k(pr.ids, rel[probe], 10)
+                        )
+                    shutil.rmtree(root / f"new-{tag}")
+                    shutil.rmtree(root / f"new-{tag}-index")
+                print(f"  {pair} {order_name} {f:.0%} done", flush=True)
+    _, oo_p = search(e.q_old[probe], e.g_old, 10)
+    choice = choose_plan(probe_curves, recall_at_k(oo_p, rel[probe], 10))
+    summaries = curve_summary(rows)
+    return rows + summaries, {"choice": choice, "weight": weight}
+
+
+def _stream(mixed: MixedIndex, plan: Plan, e: Embedded, queries: np.ndarray,
+            new: SpaceSearcher, batch: int = 8) -> tuple[Results, dict[str, float]]:  # fmt: skip
+    """Queries arrive in small batches; read-through backfill upgrades what they touch."""
+    rt = LookupReadThrough(new.store, e.g_new)
+    parts, encodes = [], []
+    for s in range(0, len(queries), batch):
+        q = queries[s : s + batch]
+        res = plan_search(mixed, plan, e.q_new[q], e.q_old[q], 10, rt)
+        parts.append(res)
+        encodes.append(res.encodes)
+    per_query = np.concatenate(encodes)
+    tenth = max(1, len(per_query) // 10)
+    merged = Results(
+        ids=np.concatenate([p.ids for p in parts]), scores=np.concatenate([p.scores for p in parts]),
+        paths=np.concatenate([p.paths for p in parts]), score_old=np.concatenate([p.score_old for p in parts]),
+        score_new=np.concatenate([p.score_new for p in parts]), on_the_fly=np.concatenate([p.on_the_fly for p in parts]),
+        encodes=per_query,
+    )  # fmt: skip
+    return merged, {
+        "encodes_per_query": float(per_query.mean()),
+        "encodes_first10": float(per_query[:tenth].mean()),
+        "encodes_last10": float(per_query[-tenth:].mean()),
+    }
+
+
+def _fit_cascade_weight(e: Embedded, probe: np.ndarray, kk: int = 50) -> float:
+    """The fusion weight that maximises R@10 of the cascade on the probe queries."""
+    from index.merge import fuse_z, zscore_rows
+
+    _, cand = search(e.q_old[probe], e.g_old, kk)
+    so = np.einsum("qcd,qd->qc", e.g_old[cand], e.q_old[probe])
+    sn = np.einsum("qcd,qd->qc", e.g_new[cand], e.q_new[probe])
+    zo, zn = zscore_rows(so), zscore_rows(sn)
+
+    def r10(w: float) -> float:
+        order = np.argsort(-fuse_z(zo, zn, w), axis=1)[:, :10]
+        return recall_at_k(np.take_along_axis(cand, order, 1), e.task.relevant[probe], 10)
+
+    return fit_weight(r10)
+
+
+def _touched_first(e: Embedded, probe: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Items that probe queries retrieve (old index, top 50) first, most touched first."""
+    _, cand = search(e.q_old[probe], e.g_old, 50)
+    counts = np.bincount(cand.ravel(), minlength=len(e.g_old))
+    tiebreak = rng.random(len(e.g_old))
+    return np.lexsort((tiebreak, -counts))
+
+
+def latency(pair: str, kind: str, repeats: int = 200) -> list[dict[str, Any]]:
+    """Per-query median latency at 50 % backfill over a single-version index, same type."""
+    e = embedded_pair(pair, 3000, 12000, 0)
+    n = len(e.g_old)
+    rng = np.random.default_rng(1)
+    half = np.sort(rng.permutation(n)[: n // 2])
+    paired = rng.permutation(n)[:5000]
+    bridge = ProcrustesAdapter.fit(e.g_new[paired], e.g_old[paired])
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        single = _space(root, "single", np.arange(n), e.g_new, kind)
+        old = _space(root, "old", np.arange(n), e.g_old, kind)
+        new = _space(root, "new", half, e.g_new, kind)
+        mixed = MixedIndex(old, new)
+        for p in ("dual", "bridge"):
+            plan = Plan(p, "rrf", bridge=bridge)  # type: ignore[arg-type]
+            t_single, t_mixed = [], []
+            for i in range(repeats):
+                qn, qo = e.q_new[i : i + 1], e.q_old[i : i + 1]
+                t0 = time.perf_counter()
+                single.search(qn, 10)
+                t_single.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                plan_search(mixed, plan, qn, qo, 10)
+                t_mixed.append(time.perf_counter() - t0)
+            ms, mm = np.median(t_single) * 1e3, np.median(t_mixed) * 1e3
+            out.append({"pair": pair, "index": kind, "plan": p, "fraction": 0.5,
+                        "single_ms": ms, "mixed_ms": mm, "latency_ratio": mm / ms})  # fmt: skip
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pair", default=next(iter(PAIRS)), choices=list(PAIRS))
+    parser.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw"])
+    parser.add_argument("--json", help="write the rows as a JSON list")
+    parser.add_argument("--plot", help="save the curves as a PNG")
+    parser.add_argument("--latency", action="store_true", help="measure latency ratios only")
+    args = parser.parse_args()
+    if args.latency:
+        rows = [r for kind in ("flat", "hnsw") for r in latency(args.pair, kind)]
+        print_table(
+            rows, ["pair", "index", "plan", "fraction", "single_ms", "mixed_ms", "latency_ratio"]
+        )
+        write_json(args.json, rows)
+        return
+    t0 = time.perf_counter()
+    rows, info = run(args.pair, args.index)
+    curve_rows = [r for r in rows if "fraction" in r and r["order"] == "random"]
+    _print_curves(curve_rows)
+    summaries = [r for r in rows if "no_regret" in r]
+    print()
+    print_table(
+        summaries, ["plan", "merge", "order", "no_regret", "auc", "min_r10", "min_gain_vs_new_new"]
+    )
+    print(f"\nchosen plan on the probe half: {info['choice']}; cascade weight {info['weight']:.2f}")
+    print(f"total {time.perf_counter() - t0:.0f}s")
+    write_json(args.json, rows)
+    if args.plot:
+        from index.curve import plot_curves
+
+        plot_curves([r for r in rows if "fraction" in r], Path(args.plot))
+        print(f"wrote {args.plot}")
+
+
+def _print_curves(rows: list[dict[str, Any]]) -> None:
+    keys = sorted({(r["plan"], r["merge"]) for r in rows})
+    table = []
+    for p, m in keys:
+        row: dict[str, Any] = {"plan": p, "merge": m}
+        for r in rows:
+            if (r["plan"], r["merge"]) == (p, m):
+                row[f"{int(r['fraction'] * 100)}%"] = r["r10"]
+        table.append(row)
+    first = rows[0]
+    print(
+        f"\nR@10 (random order); M(old,old) {first['r10_old_old']:.3f}, M(new,new) {first['r10_new_new']:.3f}"
+    )
+    print_table(table, ["plan", "merge"] + [f"{int(f * 100)}%" for f in FRACTIONS])
+
+
+if __name__ == "__main__":
+    main()

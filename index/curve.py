@@ -1,0 +1,114 @@
+"""Measuring a mixed index over an upgrade: score calibration from the paired sample,
+the upgrade curve's summary (no regret, area under the curve), the plan choice, a plot.
+
+No regret (DESIGN.md): the curve never drops below M(old,old) and never decreases.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adapters.base import Adapter
+from adapters.metrics import search
+from index.merge import Platt
+from index.store import FloatArray
+
+
+def fit_calibration(
+    old: FloatArray,
+    new: FloatArray,
+    bridge: Adapter | None = None,
+    mapper: Adapter | None = None,
+    n_queries: int = 1000,
+    k: int = 10,
+    depth: int = 50,
+) -> dict[str, Platt]:
+    """Per-path Platt maps from the paired sample (old, new: (n, d) of the same items).
+
+    Label-free truth: each probe item's k nearest other items by the new model. Every
+    path's top-`depth` scores for the probe items are labelled against that truth."""
+    nq = min(n_queries, len(new) // 2)
+    _, truth = search(new[:nq], new, k + 1)
+    truth_sets = [set(row[1:].tolist()) for row in truth]  # drop the item itself
+    paths: dict[str, tuple[FloatArray, FloatArray]] = {
+        "new": (new[:nq], new),
+        "old": (old[:nq], old),
+    }
+    if bridge is not None:
+        paths["bridge"] = (bridge.transform(new[:nq]), old)
+    if mapper is not None:
+        paths["mapped"] = (new[:nq], mapper.transform(old))
+    out = {}
+    for name, (queries, gallery) in paths.items():
+        scores, ids = search(queries, gallery, depth + 1)
+        not_self = ids != np.arange(nq)[:, None]
+        labels = np.array([[i in t for i in row] for row, t in zip(ids, truth_sets, strict=True)])
+        out[name] = Platt.fit(scores[not_self], labels[not_self])
+    return out
+
+
+def curve_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One summary per (pair, plan, merge, order): no_regret, auc, min, largest drop."""
+    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["pair"], r["plan"], r["merge"], r["order"])].append(r)
+    out = []
+    for (pair, plan, merge, order), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["fraction"])
+        f = np.array([r["fraction"] for r in rs])
+        y = np.array([r["r10"] for r in rs])
+        oo, nn = rs[0]["r10_old_old"], rs[0]["r10_new_new"]
+        drops = np.diff(y)
+        out.append({
+            "pair": pair, "plan": plan, "merge": merge, "order": order,
+            "no_regret": bool((y >= oo).all() and (drops >= 0).all()),
+            "auc": float(np.trapezoid(y, f)), "min_r10": float(y.min()),
+            "below_old_old": float(max(0.0, oo - y.min())),
+            "largest_drop": float(max(0.0, -drops.min())) if len(drops) else 0.0,
+            "min_gain_vs_new_new": float((y - nn).min()),
+            "r10_old_old": oo, "r10_new_new": nn,
+        })  # fmt: skip
+    return out
+
+
+def choose_plan(curves: dict[tuple[str, str], list[float]], r10_old_old: float) -> dict[str, Any]:
+    """Pick, from curves measured on a probe (R@10 at increasing fractions), the no-regret
+    plan with the best worst point; say why, and fall back to `dual` when none qualifies."""
+    ok = {
+        key: c for key, c in curves.items()
+        if min(c) >= r10_old_old and all(b >= a for a, b in zip(c, c[1:], strict=False))
+    }  # fmt: skip
+    if not ok:
+        return {"plan": "dual", "merge": "calibrated", "no_regret": False,
+                "reason": "no plan was no-regret on the probe; serving the old part as before"}  # fmt: skip
+    (plan, merge), best = max(ok.items(), key=lambda kv: (min(kv[1]), float(np.mean(kv[1]))))
+    return {"plan": plan, "merge": merge, "no_regret": True, "probe_min_r10": min(best),
+            "reason": f"no-regret on the probe with the highest lowest point ({min(best):.3f})"}  # fmt: skip
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    """One panel per backfill order: R@10 against fraction for each plan and merge."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    orders = sorted({r["order"] for r in rows})
+    fig, axes = plt.subplots(1, len(orders), figsize=(7 * len(orders), 5), squeeze=False)
+    for ax, order in zip(axes[0], orders, strict=True):
+        sub = [r for r in rows if r["order"] == order]
+        for key in sorted({(r["plan"], r["merge"]) for r in sub}):
+            pts = sorted((r["fraction"], r["r10"]) for r in sub if (r["plan"], r["merge"]) == key)
+            ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=f"{key[0]}/{key[1]}")
+        ax.axhline(sub[0]["r10_old_old"], color="k", ls="--", lw=1, label="M(old,old)")
+        ax.axhline(sub[0]["r10_new_new"], color="k", ls=":", lw=1, label="M(new,new)")
+        ax.set(title=f"upgrade curve ({order} order)", xlabel="backfill fraction", ylabel="R@10")
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,243 @@
+"""FAISS indexes over a space, published as numbered generations with an atomic switch.
+
+`publish()` builds a new index from a store snapshot into `gen-N/` (index file, ids,
+checksum) and then flips `CURRENT` by rename: searches keep using the generation they
+loaded while the next one builds, and no index a reader holds is ever mutated (FAISS is
+not thread-safe for add + search). A generation whose file fails its checksum or cannot
+be read raises CorruptArtifact; `SpaceSearcher` then answers by exact search instead.
+
+A search sees the generation plus the store's changes since it was built (rows added
+after it are searched exactly, rows removed are filtered), so writes are visible at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import faiss
+import numpy as np
+import numpy.typing as npt
+
+from adapters.base import check_vectors
+from embcompat.errors import CorruptArtifact, InvalidInput
+from index.store import FloatArray, IdArray, SpaceStore, atomic_write
+
+IndexKind = Literal["flat", "ivf", "hnsw"]
+IndexMetric = Literal["ip", "l2"]
+KINDS: tuple[IndexKind, ...] = ("flat", "ivf", "hnsw")
+
+
+def build_index(
+    vectors: FloatArray, ids: IdArray, kind: IndexKind, metric: IndexMetric
+) -> faiss.Index:
+    """vectors: (n, d) float32, ids: (n,) int64 → a FAISS index returning those ids."""
+    if kind not in KINDS:
+        raise InvalidInput(f"unknown index kind {kind!r}", hint=f"one of {', '.join(KINDS)}")
+    d = vectors.shape[1]
+    faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if kind == "ivf" and len(x) >= 256:
+        nlist = int(max(1, min(4 * np.sqrt(len(x)), len(x) // 39)))
+        quantizer = faiss.IndexFlat(d, faiss_metric)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss_metric)
+        index.train(x)
+        index.nprobe = max(1, nlist // 8)
+        index.add_with_ids(x, ids)
+        return index
+    base = (
+        faiss.IndexHNSWFlat(d, 32, faiss_metric)
+        if kind == "hnsw"
+        else faiss.IndexFlat(d, faiss_metric)
+    )
+    if kind == "hnsw":
+        base.hnsw.efSearch = 128
+    index = faiss.IndexIDMap2(base)
+    index.add_with_ids(x, ids)
+    return index
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Generation:
+    number: int
+    index: faiss.Index
+    ids: IdArray  # sorted ids the index holds
+    store_seq: int
+
+
+class IndexGenerations:
+    """The published generations of one space's index under `root/`."""
+
+    def __init__(self, root: Path, kind: IndexKind = "flat", metric: IndexMetric = "ip") -> None:
+        self.root = Path(root)
+        self.kind, self.metric = kind, metric
+        self._loaded: Generation | None = None
+        self._lock = threading.Lock()
+
+    def current_number(self) -> int | None:
+        try:
+            return int((self.root / "CURRENT").read_text())
+        except FileNotFoundError:
+            return None
+
+    def publish(self, store: SpaceStore, keep: int = 2) -> int:
+        """Build from the store's snapshot and switch readers to it; returns its number."""
+        snap = store.snapshot()
+        number = (self.current_number() or 0) + 1
+        folder = self.root / f"gen-{number:06d}"
+        tmp = self.root / f".gen-{number:06d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if len(snap):
+            faiss.write_index(
+                build_index(snap.vectors, snap.ids, self.kind, self.metric),
+                str(tmp / "index.faiss"),
+            )
+        np.save(tmp / "ids.npy", np.sort(snap.ids))
+        meta = {
+            "kind": self.kind,
+            "metric": self.metric,
+            "store_seq": snap.seq,
+            "dim": snap.dim,
+            "count": len(snap),
+            "sha256": _sha(tmp / "index.faiss") if len(snap) else None,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+        atomic_write(self.root / "CURRENT", str(number).encode())
+        for old in sorted(self.root.glob("gen-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return number
+
+    def load(self) -> Generation | None:
+        """The current generation, loaded once and shared (read-only) by searches."""
+        number = self.current_number()
+        if number is None:
+            return None
+        with self._lock:
+            if self._loaded and self._loaded.number == number:
+                return self._loaded
+            folder = self.root / f"gen-{number:06d}"
+            try:
+                meta = json.loads((folder / "meta.json").read_text())
+                ids = np.load(folder / "ids.npy")
+                if meta["count"]:
+                    if _sha(folder / "index.faiss") != meta["sha256"]:
+                        raise CorruptArtifact(f"index file of {folder} fails its checksum")
+                    index = faiss.read_index(str(folder / "index.faiss"))
+                else:
+                    index = None
+            except CorruptArtifact:
+                raise
+            except (OSError, ValueError, RuntimeError, KeyError) as exc:
+                raise CorruptArtifact(f"index generation {folder} is unreadable: {exc}") from exc
+            self._loaded = Generation(number, index, ids, int(meta["store_seq"]))
+            return self._loaded
+
+
+class SpaceSearcher:
+    """Searches one space: its current index generation plus the store's changes since."""
+
+    def __init__(self, store: SpaceStore, generations: IndexGenerations) -> None:
+        self.store = store
+        self.generations = generations
+        self.last_error: str | None = None
+        self._delta_key: tuple[int, int] | None = None
+        self._delta: tuple[IdArray, FloatArray, npt.NDArray[np.int64]] | None = None
+
+    def _plan(self, gen: Generation | None) -> tuple[IdArray, FloatArray, IdArray]:
+        """(ids added since the generation, their vectors, live ids) for this snapshot."""
+        snap = self.store.snapshot()
+        key = (gen.number if gen else -1, snap.seq)
+        if self._delta_key != key:
+            gen_ids = gen.ids if gen else np.zeros(0, np.int64)
+            added = ~np.isin(snap.ids, gen_ids)
+            self._delta = (snap.ids[added], snap.vectors[added], np.sort(snap.ids))
+            self._delta_key = key
+        assert self._delta is not None
+        return self._delta
+
+    def search(
+        self, queries: FloatArray, k: int, exclude: IdArray | None = None
+    ) -> tuple[FloatArray, IdArray]:
+        """queries: (nq, d) → scores, ids: (nq, k), best first (L2: negated distances);
+        missing slots get id -1 and score -inf. `exclude`: ids never returned (items
+        served from another space), filtered inside FAISS so k stays full."""
+        q = check_vectors(queries, self.store.dim, f"search of space {self.store.root.name!r}")
+        try:
+            gen = self.generations.load()
+            self.last_error = None
+        except CorruptArtifact as exc:
+            gen, self.last_error = None, exc.message  # answer exactly from the store
+        added_ids, added_vecs, live = self._plan(gen)
+        parts_s, parts_i = [], []
+        if gen is not None and gen.index is not None:
+            removed = len(gen.ids) - (len(live) - len(added_ids))
+            params = _params(gen.index, exclude)
+            s, i = gen.index.search(q, min(k + max(removed, 0), gen.index.ntotal), params=params)
+            if self.generations.metric == "l2":
+                s = -s  # scores are "higher is better" everywhere
+            dead = ~np.isin(i, live)
+            s[dead], i[dead] = -np.inf, -1
+            parts_s.append(s)
+            parts_i.append(i)
+        if exclude is not None and len(exclude) and len(added_ids):
+            keep = ~np.isin(added_ids, exclude)
+            added_ids, added_vecs = added_ids[keep], added_vecs[keep]
+        if len(added_ids):
+            scores = q @ added_vecs.T if self.generations.metric == "ip" else -_l2(q, added_vecs)
+            top = np.argsort(-scores, axis=1)[:, :k]
+            parts_s.append(np.take_along_axis(scores, top, 1))
+            parts_i.append(added_ids[top])
+        return _topk(parts_s, parts_i, len(q), k)
+
+
+def _params(index: faiss.Index, exclude: IdArray | None) -> faiss.SearchParameters | None:
+    """Search parameters that skip `exclude` ids, keeping the index's own settings."""
+    if exclude is None or len(exclude) == 0:
+        return None
+    selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.ascontiguousarray(exclude, np.int64)))
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    if isinstance(inner, faiss.IndexIVF):
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=inner.nprobe)
+    elif isinstance(inner, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
+    else:
+        params = faiss.SearchParameters(sel=selector)
+    params.keepalive = selector  # the C++ object must outlive the search
+    return params
+
+
+def _l2(q: FloatArray, x: FloatArray) -> FloatArray:
+    return (q**2).sum(1)[:, None] - 2 * q @ x.T + (x**2).sum(1)[None, :]
+
+
+def _topk(
+    parts_s: list[FloatArray], parts_i: list[IdArray], nq: int, k: int
+) -> tuple[FloatArray, IdArray]:
+    if not parts_s:
+        return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
+    s = np.concatenate(parts_s, axis=1)
+    i = np.concatenate(parts_i, axis=1)
+    s = np.where(i < 0, -np.inf, s)
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    s, i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+    if s.shape[1] < k:
+        pad = k - s.shape[1]
+        s = np.pad(s, ((0, 0), (0, pad)), constant_values=-np.inf)
+        i = np.pad(i, ((0, 0), (0, pad)), constant_values=-1)
+    return s.astype(np.float32), i.astype(np.int64)

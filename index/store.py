@@ -1,0 +1,293 @@
+"""Vector store: per gallery and space, float32 shards on disk keyed by int64 item ids.
+
+A space is a folder of immutable shards (`shard-N.npy` vectors, `shard-N.ids.npy` ids)
+and a `manifest.json` naming the live shards. A delete rewrites the shards it touches
+without those rows (deletes are rare: an upgrade keeps old vectors until it finishes,
+then retires the whole old space). Every write puts new
+files in place with temp file + fsync + rename and commits by renaming a new manifest, so
+a crash at any point leaves the previous manifest, and the state it names, readable.
+Writers serialise on a lock file; readers never lock and see one manifest or the next.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from adapters.base import check_vectors
+from embcompat.errors import CorruptArtifact, DimensionMismatch, DuplicateItem, InvalidInput
+
+FloatArray = npt.NDArray[np.float32]
+IdArray = npt.NDArray[np.int64]
+MANIFEST = "manifest.json"
+MAX_SHARDS = 32
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One manifest's view of a space: live ids and their vectors (memory-mapped)."""
+
+    seq: int
+    dim: int
+    ids: IdArray
+    vectors: FloatArray
+    order: IdArray  # argsort of ids, for lookups
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def positions(self, ids: IdArray) -> tuple[IdArray, npt.NDArray[np.bool_]]:
+        """Rows of `ids` in this snapshot, and which were found."""
+        if len(self.ids) == 0:
+            return np.zeros(len(ids), np.int64), np.zeros(len(ids), dtype=bool)
+        sorted_ids = self.ids[self.order]
+        pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+        return self.order[pos], sorted_ids[pos] == ids
+
+
+class SpaceStore:
+    """The vectors of one space (a model version, or a mapped copy) of one gallery."""
+
+    def __init__(self, root: Path, dim: int | None = None) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._cache: tuple[tuple[int, int], Snapshot] | None = None
+        manifest = self._read_manifest()
+        if manifest is None:
+            if dim is None:
+                raise InvalidInput(f"space {self.root.name!r} does not exist and has no dim")
+            with self._locked():
+                if self._read_manifest() is None:
+                    self._commit({"seq": 0, "dim": dim, "shards": []})
+        elif dim is not None and manifest["dim"] != dim:
+            raise DimensionMismatch(
+                f"space {self.root.name!r} holds dim {manifest['dim']}, not {dim}", field="dim"
+            )
+
+    @property
+    def dim(self) -> int:
+        return int(self._manifest()["dim"])
+
+    # -- reading ---------------------------------------------------------------
+    def _read_manifest(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.root / MANIFEST).read_text())  # type: ignore[no-any-return]
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            raise CorruptArtifact(f"manifest of space {self.root} is unreadable: {exc}") from exc
+
+    def _manifest(self) -> dict[str, Any]:
+        manifest = self._read_manifest()
+        if manifest is None:
+            raise CorruptArtifact(f"space {self.root} lost its manifest")
+        return manifest
+
+    def snapshot(self) -> Snapshot:
+        """The live ids and vectors; cached until the manifest file changes."""
+        st = (self.root / MANIFEST).stat()
+        key = (st.st_ino, st.st_mtime_ns)
+        if self._cache and self._cache[0] == key:
+            return self._cache[1]
+        m = self._manifest()
+        ids_parts, vec_parts = [], []
+        for shard in m["shards"]:
+            ids_parts.append(np.load(self.root / f"{shard}.ids.npy"))
+            vec_parts.append(np.load(self.root / f"{shard}.npy", mmap_mode="r"))
+        ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
+        vecs = np.concatenate(vec_parts) if vec_parts else np.zeros((0, m["dim"]), np.float32)
+        snap = Snapshot(
+            m["seq"], m["dim"], ids, np.ascontiguousarray(vecs), np.argsort(ids, kind="stable")
+        )
+        self._cache = (key, snap)
+        return snap
+
+    def get(self, ids: IdArray) -> tuple[FloatArray, npt.NDArray[np.bool_]]:
+        """ids: (n,) → vectors (n, dim) (zeros where missing) and a found mask (n,)."""
+        snap = self.snapshot()
+        rows, found = snap.positions(np.asarray(ids, np.int64))
+        out = np.zeros((len(rows), snap.dim), np.float32)
+        out[found] = snap.vectors[rows[found]]
+        return out, found
+
+    def __len__(self) -> int:
+        return len(self.snapshot())
+
+    # -- writing ---------------------------------------------------------------
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.root / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _commit(self, manifest: dict[str, Any]) -> None:
+        atomic_write(self.root / MANIFEST, json.dumps(manifest).encode())
+
+    def add_missing(self, ids: Any, vectors: Any) -> IdArray:
+        """Add only the ids not yet present, atomically: two writers racing on an item
+        store it once. Returns the ids this call added."""
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        vecs = check_vectors(vectors, self.dim, f"space {self.root.name!r}")
+        with self._locked():
+            fresh = ~np.isin(ids, self.snapshot().ids)
+            if fresh.any():
+                self._append_locked(ids[fresh], vecs[fresh], clash=None)
+        return ids[fresh]
+
+    def add(self, ids: Any, vectors: Any, *, replace: bool = False) -> int:
+        """Append vectors for new ids; `replace=True` overwrites ids already present.
+
+        Returns how many ids were written. Refuses duplicate ids within the batch, ids
+        already live (unless replace), wrong dims and non-finite values."""
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        vecs = check_vectors(vectors, self.dim, f"space {self.root.name!r}")
+        if len(ids) != len(vecs):
+            raise InvalidInput(f"{len(ids)} ids for {len(vecs)} vectors")
+        if len(np.unique(ids)) != len(ids):
+            raise DuplicateItem(f"duplicate item ids in one batch for space {self.root.name!r}")
+        if len(ids) == 0:
+            return 0
+        with self._locked():
+            clash = np.isin(ids, self.snapshot().ids)
+            if clash.any() and not replace:
+                raise DuplicateItem(
+                    f"space {self.root.name!r} already holds item id {int(ids[clash][0])} "
+                    f"({int(clash.sum())} clashing)",
+                    hint="use replace to overwrite",
+                )
+            self._append_locked(ids, vecs, clash=ids[clash] if clash.any() else None)
+        return len(ids)
+
+    def _append_locked(self, ids: IdArray, vecs: FloatArray, clash: IdArray | None) -> None:
+        """Write one shard and commit it; `clash` ids are dropped from older shards."""
+        m = self._manifest()
+        seq = m["seq"] + 1
+        shard = f"shard-{seq:08d}"
+        atomic_write(self.root / f"{shard}.npy", _npy_bytes(vecs))
+        atomic_write(self.root / f"{shard}.ids.npy", _npy_bytes(ids))
+        m = {**m, "seq": seq, "shards": [*m["shards"], shard]}
+        if clash is not None:
+            m = self._without(m, clash, seq, keep=shard)
+        if len(m["shards"]) > MAX_SHARDS:
+            m = self._compacted(m, seq)
+        self._commit(m)
+
+    def delete(self, ids: Any) -> int:
+        """Remove ids; returns how many were live."""
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        with self._locked():
+            m = self._manifest()
+            gone = ids[np.isin(ids, self.snapshot().ids)]
+            if len(gone) == 0:
+                return 0
+            self._commit(self._without(m, gone, m["seq"] + 1))
+        return len(gone)
+
+    def _without(
+        self, m: dict[str, Any], ids: IdArray, seq: int, keep: str | None = None
+    ) -> dict[str, Any]:
+        """The manifest with `ids` gone: shards holding them are rewritten without them
+        (new files; the old ones stay until `garbage_collect`, for readers still on them)."""
+        shards = []
+        for shard in m["shards"]:
+            if shard == keep:
+                shards.append(shard)
+                continue
+            sids = np.load(self.root / f"{shard}.ids.npy")
+            hit = np.isin(sids, ids)
+            if not hit.any():
+                shards.append(shard)
+                continue
+            if (~hit).any():
+                name = f"{shard}.c{seq:08d}"
+                vecs = np.load(self.root / f"{shard}.npy")[~hit]
+                atomic_write(self.root / f"{name}.npy", _npy_bytes(vecs))
+                atomic_write(self.root / f"{name}.ids.npy", _npy_bytes(sids[~hit]))
+                shards.append(name)
+        return {**m, "seq": seq, "shards": shards}
+
+    def _compacted(self, m: dict[str, Any], seq: int) -> dict[str, Any]:
+        """Many small writes (read-through backfill) make many shards: merge all but the
+        first (usually the large ingest) into one."""
+        first, rest = m["shards"][0], m["shards"][1:]
+        name = f"shard-{seq:08d}.m"
+        ids = np.concatenate([np.load(self.root / f"{s}.ids.npy") for s in rest])
+        vecs = np.concatenate([np.load(self.root / f"{s}.npy") for s in rest])
+        atomic_write(self.root / f"{name}.npy", _npy_bytes(vecs))
+        atomic_write(self.root / f"{name}.ids.npy", _npy_bytes(ids))
+        return {**m, "shards": [first, name]}
+
+    def garbage_collect(self) -> int:
+        """Remove shard files no manifest names (left by crashes or compaction)."""
+        with self._locked():
+            named = set(self._manifest()["shards"])
+            removed = 0
+            for f in self.root.glob("shard-*.npy"):
+                base = f.name.removesuffix(".ids.npy").removesuffix(".npy")
+                if base not in named:
+                    f.unlink()
+                    removed += 1
+            for f in self.root.glob(".*.tmp"):
+                f.unlink()
+                removed += 1
+        return removed
+
+
+class VectorStore:
+    """All spaces of one gallery under `root/<space>/`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._spaces: dict[str, SpaceStore] = {}
+
+    def space(self, name: str, dim: int | None = None) -> SpaceStore:
+        if name not in self._spaces:
+            self._spaces[name] = SpaceStore(self.root / name, dim)
+        elif dim is not None and self._spaces[name].dim != dim:
+            raise DimensionMismatch(f"space {name!r} holds dim {self._spaces[name].dim}, not {dim}")
+        return self._spaces[name]
+
+    def spaces(self) -> list[str]:
+        return sorted(p.parent.name for p in self.root.glob(f"*/{MANIFEST}"))
+
+    def move(self, ids: Any, src: str, dst: str, vectors: Any) -> None:
+        """An item moves between spaces: written to `dst` first, then removed from `src`,
+        so at every instant it is findable (search dedups the overlap)."""
+        self.space(dst).add(ids, vectors, replace=True)
+        self.space(src).delete(ids)

@@ -1,0 +1,109 @@
+"""Index generations: exact answers for every kind, atomic publish under concurrent
+searches, writes visible before a rebuild, corrupt files refused while still serving."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adapters.base import l2_normalize
+from embcompat.errors import CorruptArtifact, DimensionMismatch
+from index.faiss_index import IndexGenerations, SpaceSearcher
+from index.store import SpaceStore
+
+
+@pytest.fixture
+def space(tmp_path: Path) -> tuple[SpaceStore, np.ndarray]:
+    x = l2_normalize(np.random.default_rng(0).normal(size=(1000, 16)).astype(np.float32))
+    store = SpaceStore(tmp_path / "s", 16)
+    store.add(np.arange(1000) * 3, x)  # ids that are not row numbers
+    return store, x
+
+
+def _brute(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-(q @ x.T), axis=1)[:, :k] * 3
+
+
+@pytest.mark.parametrize(("kind", "min_recall"), [("flat", 1.0), ("hnsw", 0.95), ("ivf", 0.5)])
+def test_each_index_kind_answers_like_brute_force(
+    space: tuple[SpaceStore, np.ndarray], tmp_path: Path, kind: str, min_recall: float
+) -> None:
+    store, x = space
+    gens = IndexGenerations(tmp_path / f"idx-{kind}", kind)  # type: ignore[arg-type]
+    gens.publish(store)
+    _, ids = SpaceSearcher(store, gens).search(x[:50], 10)
+    truth = _brute(x, x[:50], 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth, strict=True)])
+    assert recall >= min_recall
+
+
+def test_writes_after_a_generation_are_visible_at_once(
+    space: tuple[SpaceStore, np.ndarray], tmp_path: Path
+) -> None:
+    store, x = space
+    gens = IndexGenerations(tmp_path / "idx")
+    gens.publish(store)
+    searcher = SpaceSearcher(store, gens)
+    store.add([7777], x[:1])  # a new item identical to item 0
+    store.delete([0])  # item 0 leaves
+    _, ids = searcher.search(x[:1], 3)
+    assert ids[0, 0] == 7777 and 0 not in ids[0]
+
+
+def test_search_during_publish_gets_complete_results_from_one_generation(
+    space: tuple[SpaceStore, np.ndarray], tmp_path: Path
+) -> None:
+    store, x = space
+    gens = IndexGenerations(tmp_path / "idx")
+    gens.publish(store)
+    searcher = SpaceSearcher(store, gens)
+    truth = _brute(x, x[:20], 10)
+    stop, errors, seen_gens = threading.Event(), [], set()
+
+    def publisher() -> None:
+        while not stop.is_set():
+            gens.publish(store)
+
+    thread = threading.Thread(target=publisher)
+    thread.start()
+    try:
+        for _ in range(200):
+            _, ids = searcher.search(x[:20], 10)
+            seen_gens.add(gens.current_number())
+            if not np.array_equal(ids, truth):
+                errors.append(ids)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, "a search saw a partial or mixed index"
+    assert len(seen_gens) > 1, "no generation was published during the searches"
+
+
+def test_corrupt_index_file_is_refused_and_the_space_stays_servable(
+    space: tuple[SpaceStore, np.ndarray], tmp_path: Path
+) -> None:
+    store, x = space
+    gens = IndexGenerations(tmp_path / "idx")
+    number = gens.publish(store)
+    (tmp_path / "idx" / f"gen-{number:06d}" / "index.faiss").write_bytes(b"\0" * 64)
+    with pytest.raises(CorruptArtifact, match="fails its checksum"):
+        IndexGenerations(tmp_path / "idx").load()
+    searcher = SpaceSearcher(store, IndexGenerations(tmp_path / "idx"))
+    _, ids = searcher.search(x[:5], 10)
+    np.testing.assert_array_equal(ids, _brute(x, x[:5], 10))
+    assert "fails its checksum" in (searcher.last_error or "")
+    gens.publish(store)  # a rebuild heals it
+    assert IndexGenerations(tmp_path / "idx").load() is not None
+
+
+def test_query_of_the_wrong_dim_is_refused(
+    space: tuple[SpaceStore, np.ndarray], tmp_path: Path
+) -> None:
+    store, _ = space
+    gens = IndexGenerations(tmp_path / "idx")
+    gens.publish(store)
+    with pytest.raises(DimensionMismatch, match="expects dim 16, got 8"):
+        SpaceSearcher(store, gens).search(np.zeros((1, 8), np.float32), 5)
