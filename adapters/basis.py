@@ -47,6 +47,11 @@ class BasisAdapter(Adapter):
     def _apply(self, x: FloatArray) -> FloatArray:
         return zero_pad(x, self.target_dim) @ self.basis
 
+    @property
+    def head(self) -> FloatArray:
+        """(d_new, d_old): the query-side map that scores new queries against old vectors."""
+        return self.basis[: self.source_dim, : self.old_dim]
+
     def pad_old(self, old: Any) -> FloatArray:
         """old: (n, d_old) → (n, D): old vectors join the unified index as they are."""
         return zero_pad(check_vectors(old, self.old_dim, "basis old side"), self.target_dim)

@@ -27,7 +27,7 @@ from adapters.metrics import ndcg_at_k, recall_at_k, search
 from index.curve import choose_plan, curve_summary, fit_calibration
 from index.faiss_index import IndexGenerations, SpaceSearcher
 from index.merge import fit_weight
-from index.plans import MixedIndex, Plan, Results
+from index.plans import MixedIndex, Plan
 from index.plans import search as plan_search
 from index.store import SpaceStore
 
@@ -53,14 +53,10 @@ class LookupReadThrough:
 
 def _space(root: Path, name: str, ids: np.ndarray, vecs: np.ndarray, kind: str) -> SpaceSearcher:
     store = SpaceStore(root / name, vecs.shape[1])
-    store.add(ids, vecs[ids] if len(vecs) != len(ids) or len(ids) == 0 else vecs)
+    store.add(ids, vecs[ids])
     gens = IndexGenerations(root / f"{name}-index", kind)  # type: ignore[arg-type]
     gens.publish(store)
     return SpaceSearcher(store, gens)
-
-
-def _metrics(res: Results, relevant: np.ndarray) -> tuple[float, float]:
-    return recall_at_k(res.ids, relevant, 10), ndcg_at_k(res.ids, relevant, 10)
 
 
 def run(
@@ -79,11 +75,8 @@ def run(
     mapped_all = mapper.transform(e.g_old)
     calibration = fit_calibration(e.g_old[paired], e.g_new[paired], bridge, mapper)
     weight = _fit_cascade_weight(e, probe)
-    plans = {
-        (p, m): Plan(p, m, bridge=bridge, basis_head=basis.basis[: e.g_new.shape[1], : e.g_old.shape[1]],  # type: ignore[arg-type]
-                     calibration=calibration, weight=weight)
-        for p, m in TWO_PART + CASCADE
-    }  # fmt: skip
+    common = {"bridge": bridge, "basis_head": basis.head, "calibration": calibration}
+    plans = {(p, m): Plan(p, m, weight=weight, **common) for p, m in TWO_PART + CASCADE}  # type: ignore[arg-type]
     touched = _touched_first(e, probe, rng)
     orders = {"random": rng.permutation(n), "touched": touched}
     ids_all = np.arange(n)
@@ -96,43 +89,38 @@ def run(
         root = Path(tmp)
         old = _space(root, "old", ids_all, e.g_old, kind)
         mapped = _space(root, "mapped", ids_all, mapped_all, kind)
+
+        def evaluate(
+            done: np.ndarray, key: tuple[str, str], queries: np.ndarray
+        ) -> tuple[np.ndarray, dict[str, float]]:
+            """A fresh new space holding the backfilled items; cascade streams the queries."""
+            scratch = root / "new"
+            new = _space(scratch, "new", done, e.g_new, kind)
+            mixed = MixedIndex(old, new, mapped)
+            try:
+                if key[0] == "cascade":
+                    return _stream(mixed, plans[key], e, queries, new)
+                res = plan_search(mixed, plans[key], e.q_new[queries], e.q_old[queries])
+                return res.ids, {}
+            finally:
+                shutil.rmtree(scratch)
+
         for order_name, order in orders.items():
             for f in FRACTIONS:
                 done = np.sort(order[: int(round(f * n))])
-                for p, m in TWO_PART + CASCADE:
-                    tag = f"{order_name}-{f}-{p}-{m}"
-                    new = _space(root, f"new-{tag}", done, e.g_new, kind)
-                    mixed = MixedIndex(old, new, mapped)
-                    if p == "cascade":
-                        res, epq = _stream(mixed, plans[(p, m)], e, evalq, new)
-                    else:
-                        res, epq = (
-                            plan_search(mixed, plans[(p, m)], e.q_new[evalq], e.q_old[evalq]),
-                            None,
-                        )
-                    r10, nd = _metrics(res, rel[evalq])
-                    row = {"pair": pair, "plan": p, "merge": m, "order": order_name,
-                           "fraction": f, "r10": r10, "ndcg10": nd,
-                           "r10_old_old": r_oo, "r10_new_new": r_nn, "gain_vs_new_new": r10 - r_nn}  # fmt: skip
-                    if epq is not None:
-                        row.update(epq)
-                    rows.append(row)
+                for key in TWO_PART + CASCADE:
+                    ids, extra = evaluate(done, key, evalq)
+                    r10, nd = recall_at_k(ids, rel[evalq], 10), ndcg_at_k(ids, rel[evalq], 10)
+                    rows.append({
+                        "pair": pair, "plan": key[0], "merge": key[1], "order": order_name,
+                        "fraction": f, "r10": r10, "ndcg10": nd, "r10_old_old": r_oo,
+                        "r10_new_new": r_nn, "gain_vs_new_new": r10 - r_nn, **extra,
+                    })  # fmt: skip
                     if order_name == "random" and f in (0.0, 0.5, 1.0):
-                        pr = (
-                            plan_search(
-                                MixedIndex(old, new, mapped),
-                                plans[(p, m)],
-                                e.q_new[probe],
-                                e.q_old[probe],
-                            )
-                            if p != "cascade"
-                            else _stream(mixed, plans[(p, m)], e, probe, new)[0]
+                        pres, _ = evaluate(done, key, probe)
+                        probe_curves.setdefault(key, []).append(
+                            recall_at_k(pres.ids, rel[probe], 10)
                         )
-                        probe_curves.setdefault((p, m), []).append(
-                            recall_at_k(pr.ids, rel[probe], 10)
-                        )
-                    shutil.rmtree(root / f"new-{tag}")
-                    shutil.rmtree(root / f"new-{tag}-index")
                 print(f"  {pair} {order_name} {f:.0%} done", flush=True)
     _, oo_p = search(e.q_old[probe], e.g_old, 10)
     choice = choose_plan(probe_curves, recall_at_k(oo_p, rel[probe], 10))
@@ -141,24 +129,18 @@ def run(
 
 
 def _stream(mixed: MixedIndex, plan: Plan, e: Embedded, queries: np.ndarray,
-            new: SpaceSearcher, batch: int = 8) -> tuple[Results, dict[str, float]]:  # fmt: skip
+            new: SpaceSearcher, batch: int = 8) -> tuple[np.ndarray, dict[str, float]]:  # fmt: skip
     """Queries arrive in small batches; read-through backfill upgrades what they touch."""
     rt = LookupReadThrough(new.store, e.g_new)
-    parts, encodes = [], []
+    ids, encodes = [], []
     for s in range(0, len(queries), batch):
         q = queries[s : s + batch]
         res = plan_search(mixed, plan, e.q_new[q], e.q_old[q], 10, rt)
-        parts.append(res)
+        ids.append(res.ids)
         encodes.append(res.encodes)
     per_query = np.concatenate(encodes)
     tenth = max(1, len(per_query) // 10)
-    merged = Results(
-        ids=np.concatenate([p.ids for p in parts]), scores=np.concatenate([p.scores for p in parts]),
-        paths=np.concatenate([p.paths for p in parts]), score_old=np.concatenate([p.score_old for p in parts]),
-        score_new=np.concatenate([p.score_new for p in parts]), on_the_fly=np.concatenate([p.on_the_fly for p in parts]),
-        encodes=per_query,
-    )  # fmt: skip
-    return merged, {
+    return np.concatenate(ids), {
         "encodes_per_query": float(per_query.mean()),
         "encodes_first10": float(per_query[:tenth].mean()),
         "encodes_last10": float(per_query[-tenth:].mean()),
@@ -243,7 +225,18 @@ def main() -> None:
     summaries = [r for r in rows if "no_regret" in r]
     print()
     print_table(
-        summaries, ["plan", "merge", "order", "no_regret", "auc", "min_r10", "min_gain_vs_new_new"]
+        summaries,
+        [
+            "plan",
+            "merge",
+            "order",
+            "no_regret",
+            "no_regret_tol",
+            "largest_drop",
+            "auc",
+            "min_r10",
+            "min_gain_vs_new_new",
+        ],
     )
     print(f"\nchosen plan on the probe half: {info['choice']}; cascade weight {info['weight']:.2f}")
     print(f"total {time.perf_counter() - t0:.0f}s")
@@ -264,10 +257,8 @@ def _print_curves(rows: list[dict[str, Any]]) -> None:
             if (r["plan"], r["merge"]) == (p, m):
                 row[f"{int(r['fraction'] * 100)}%"] = r["r10"]
         table.append(row)
-    first = rows[0]
-    print(
-        f"\nR@10 (random order); M(old,old) {first['r10_old_old']:.3f}, M(new,new) {first['r10_new_new']:.3f}"
-    )
+    oo, nn = rows[0]["r10_old_old"], rows[0]["r10_new_new"]
+    print(f"\nR@10 (random order); M(old,old) {oo:.3f}, M(new,new) {nn:.3f}")
     print_table(table, ["plan", "merge"] + [f"{int(f * 100)}%" for f in FRACTIONS])
 
 

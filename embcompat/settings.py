@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     api_tokens: dict[str, list[Scope]] = Field(default_factory=dict)
     encode_batch_size: int = Field(default=64, ge=1)
     max_batch_items: int = Field(default=10_000, ge=1)
+    cascade_encode_budget: int = Field(default=16, ge=0, description="on-the-fly encodes/query")
+    broker_visibility_timeout: int = Field(default=3600, ge=1, description="s before redelivery")
 
     @property
     def resolved_data_dir(self) -> Path:

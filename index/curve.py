@@ -2,6 +2,9 @@
 the upgrade curve's summary (no regret, area under the curve), the plan choice, a plot.
 
 No regret (DESIGN.md): the curve never drops below M(old,old) and never decreases.
+`no_regret` applies it strictly; `no_regret_tol` forgives dips of at most `TOLERANCE`
+(0.25 points of R@10: about 4 queries in 1,500, well inside the sampling noise of a
+1,500-query evaluation, whose standard error is about 1.2 points).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from adapters.base import Adapter
 from adapters.metrics import search
 from index.merge import Platt
 from index.store import FloatArray
+
+TOLERANCE = 0.0025
 
 
 def fit_calibration(
@@ -65,7 +70,8 @@ def curve_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         drops = np.diff(y)
         out.append({
             "pair": pair, "plan": plan, "merge": merge, "order": order,
-            "no_regret": bool((y >= oo).all() and (drops >= 0).all()),
+            "no_regret": _no_regret(y, oo, 0.0),
+            "no_regret_tol": _no_regret(y, oo, TOLERANCE),
             "auc": float(np.trapezoid(y, f)), "min_r10": float(y.min()),
             "below_old_old": float(max(0.0, oo - y.min())),
             "largest_drop": float(max(0.0, -drops.min())) if len(drops) else 0.0,
@@ -75,13 +81,14 @@ def curve_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _no_regret(y: np.ndarray, r10_old_old: float, tol: float) -> bool:
+    return bool((y >= r10_old_old - tol).all() and (np.diff(y) >= -tol).all())
+
+
 def choose_plan(curves: dict[tuple[str, str], list[float]], r10_old_old: float) -> dict[str, Any]:
     """Pick, from curves measured on a probe (R@10 at increasing fractions), the no-regret
-    plan with the best worst point; say why, and fall back to `dual` when none qualifies."""
-    ok = {
-        key: c for key, c in curves.items()
-        if min(c) >= r10_old_old and all(b >= a for a, b in zip(c, c[1:], strict=False))
-    }  # fmt: skip
+    plan (within TOLERANCE) with the best worst point; say why, else fall back to `dual`."""
+    ok = {key: c for key, c in curves.items() if _no_regret(np.array(c), r10_old_old, TOLERANCE)}
     if not ok:
         return {"plan": "dual", "merge": "calibrated", "no_regret": False,
                 "reason": "no plan was no-regret on the probe; serving the old part as before"}  # fmt: skip

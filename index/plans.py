@@ -159,21 +159,20 @@ def _two_part(
 def _dedup_topk(ids: IdArray, scores: FloatArray, k: int) -> IdArray:
     """Column order of the best k distinct ids per row (an item found in two spaces
     mid-move appears once, with its best score); empty slots point at -inf entries."""
-    s = np.where(ids < 0, -np.inf, scores)
-    order = np.argsort(-s, axis=1, kind="stable")
-    out = np.zeros((len(ids), k), np.int64)
-    for r in range(len(ids)):
-        seen: set[int] = set()
-        picked = []
-        for c in order[r]:
-            item = int(ids[r, c])
-            if item >= 0 and item not in seen:
-                seen.add(item)
-                picked.append(c)
-                if len(picked) == k:
-                    break
-        empties = [c for c in order[r] if c not in picked]
-        out[r] = (picked + empties)[:k]
+    order = np.argsort(-np.where(ids < 0, -np.inf, scores), axis=1, kind="stable")
+    ranked = np.take_along_axis(ids, order, 1)
+    keep_first = np.argsort(_later_repeats(ranked) | (ranked < 0), axis=1, kind="stable")
+    return np.take_along_axis(order, keep_first[:, :k], 1)
+
+
+def _later_repeats(ids: IdArray) -> npt.NDArray[np.bool_]:
+    """True where a row's id already stood in an earlier column of that row."""
+    by_id = np.argsort(ids, axis=1, kind="stable")  # equal ids keep their column order
+    sorted_ids = np.take_along_axis(ids, by_id, 1)
+    repeat = np.zeros(ids.shape, bool)
+    repeat[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
+    out = np.zeros(ids.shape, bool)
+    np.put_along_axis(out, by_id, repeat, 1)
     return out
 
 
@@ -218,11 +217,7 @@ def _cascade(
     sc_new = np.einsum("qcd,qd->qc", new_vecs.reshape(nq, 2 * kk, -1), q_new)
     sc_new[~new_found] = np.nan
     # a candidate proposed by both indexes appears twice: keep its first column only
-    dup = np.zeros(cand.shape, bool)
-    for r in range(nq):
-        _, first = np.unique(cand[r], return_index=True)
-        dup[r] = True
-        dup[r, first] = False
+    dup = _later_repeats(cand)
     sc_old[dup], sc_new[dup] = np.nan, np.nan
     alive = ~dup & (cand >= 0)
     if plan.merge == "rrf":

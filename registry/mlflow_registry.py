@@ -65,6 +65,12 @@ class MlflowRegistry:
                 self.mlflow.log_artifact(str(path), artifact_path="encoder")
             source = f"{active.info.artifact_uri}/encoder"
             run_id = active.info.run_id
+        return self.create_version(registered_name, source, run_id, tags)
+
+    def create_version(
+        self, registered_name: str, source: str, run_id: str, tags: dict[str, str]
+    ) -> str:
+        """Register artifacts at `source` (logged by run `run_id`) as a new model version."""
         from mlflow.exceptions import MlflowException
 
         try:

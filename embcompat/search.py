@@ -1,0 +1,157 @@
+"""Search a gallery, whatever state its upgrade is in.
+
+No upgrade: the serving version's space. During an upgrade (serving or backfilling): the
+job's plan over the mixed index (old space + new space), with the cascade's read-through
+backfill writing every candidate it encodes on the fly. Each hit names the version and the
+path that produced it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from adapters.base import check_vectors
+from adapters.io import load_adapter
+from embcompat import upgrades
+from embcompat.context import Context
+from embcompat.errors import InvalidInput
+from embcompat.galleries import get_gallery_row, space_searcher, version_record
+from index.plans import PATHS, MixedIndex, Plan
+from index.plans import search as plan_search
+from registry import versions
+from registry.schema import Item
+
+
+@dataclass
+class Hit:
+    item: str
+    score: float
+    version: str
+    path: str
+    score_old: float | None = None
+    score_new: float | None = None
+    encoded_on_the_fly: bool = False
+
+
+@dataclass
+class SearchResponse:
+    gallery: str
+    plan: str
+    hits: list[list[Hit]]
+    warnings: list[str] = field(default_factory=list)
+    encodes: int = 0
+    latency_ms: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class StoreReadThrough:
+    """Read-through backfill for the cascade: encode candidates from stored payloads
+    with the new version and store them once (`upgrades.encode_and_store`)."""
+
+    def __init__(self, ctx: Context, gallery: str, version: Any) -> None:
+        self.ctx, self.gallery, self.version = ctx, gallery, version
+
+    def encode(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        upgrades.encode_and_store(self.ctx, self.gallery, self.version, ids)
+        store = space_searcher(self.ctx, self.gallery, self.version).store
+        vecs, found = store.get(ids)
+        return ids[found], vecs[found]
+
+
+def _queries(ctx: Context, version: Any, texts: list[str] | None, vectors: Any) -> np.ndarray:
+    if texts is not None:
+        return versions.load_encoder(ctx.registry, version).encode(texts)
+    return check_vectors(vectors, version.dim, f"query vectors for {version.ref}")
+
+
+def search(
+    ctx: Context,
+    gallery: str,
+    texts: list[str] | None = None,
+    vectors: Any = None,
+    k: int = 10,
+) -> SearchResponse:
+    """texts (nq) or vectors (nq, d of the version queries are encoded with) → hits."""
+    if (texts is None) == (vectors is None):
+        raise InvalidInput("give either query texts or query vectors", field="query")
+    if not 1 <= k <= 1000:
+        raise InvalidInput(f"k must be between 1 and 1000, got {k}", field="k")
+    t0 = time.perf_counter()
+    with ctx.session() as s:
+        g = get_gallery_row(s, gallery)
+        job = upgrades.active_job_row(s, g.id)
+        mixed_plan = job.plan if job is not None and job.state in upgrades.SERVING_STATES else None
+        serving = version_record(ctx, s, g.serving_version_id)
+        target = version_record(ctx, s, job.to_version_id) if mixed_plan and job else None
+        job_id = job.id if job else None
+        kind = g.index_kind
+    if mixed_plan is None or target is None:
+        q = _queries(ctx, serving, texts, vectors)
+        scores, ids = space_searcher(ctx, gallery, serving, kind).search(q, k)
+        hits = _hits(ctx, ids, scores, lambda r, c: (serving.version, "index", None, None, False))
+        return SearchResponse(gallery, "single", hits, latency_ms=_ms(t0))
+    old = serving
+    if mixed_plan in ("dual", "cascade") and texts is None:
+        raise InvalidInput(f"plan {mixed_plan!r} encodes the query with both versions: send text")
+    q_new = _queries(ctx, target, texts, vectors)
+    q_old = _queries(ctx, old, texts, None) if mixed_plan in ("dual", "cascade") else None
+    folder = upgrades.job_dir(ctx, job_id)  # type: ignore[arg-type]
+    bridge = (
+        load_adapter(folder / "bridge", target.ref, old.ref) if mixed_plan == "bridge" else None
+    )
+    head = None
+    if mixed_plan == "basis":
+        head = load_adapter(folder / "basis", target.ref, old.ref).head  # type: ignore[attr-defined]
+    plan = Plan(
+        mixed_plan,  # type: ignore[arg-type]
+        "rrf" if mixed_plan == "cascade" else "calibrated",
+        bridge=bridge,
+        basis_head=head,
+        calibration=upgrades.load_platt(ctx, job_id),  # type: ignore[arg-type]
+        encode_budget=ctx.settings.cascade_encode_budget,
+    )
+    index = MixedIndex(
+        space_searcher(ctx, gallery, old, kind), space_searcher(ctx, gallery, target, kind)
+    )
+    read_through = StoreReadThrough(ctx, gallery, target) if mixed_plan == "cascade" else None
+    res = plan_search(index, plan, q_new, q_old, k, read_through)
+
+    def describe(r: int, c: int) -> tuple[str, str, float | None, float | None, bool]:
+        path = PATHS[res.paths[r, c]]
+        version = target.version if path == "new" else old.version
+        if path == "cascade":
+            version = f"{old.version}+{target.version}"
+        so, sn = res.score_old[r, c], res.score_new[r, c]
+        return (version, path, None if np.isnan(so) else float(so),
+                None if np.isnan(sn) else float(sn), bool(res.on_the_fly[r, c]))  # fmt: skip
+
+    hits = _hits(ctx, res.ids, res.scores, describe)
+    return SearchResponse(gallery, mixed_plan, hits, res.warnings, int(res.encodes.sum()), _ms(t0))
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _hits(ctx: Context, ids: np.ndarray, scores: np.ndarray, describe: Any) -> list[list[Hit]]:
+    wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
+    with ctx.session() as s:
+        names = dict(s.execute(select(Item.id, Item.external_id).where(Item.id.in_(wanted))).all())
+    out = []
+    for r in range(len(ids)):
+        row = []
+        for c in range(ids.shape[1]):
+            item = int(ids[r, c])
+            if item < 0 or item not in names:
+                continue
+            version, path, so, sn, fly = describe(r, c)
+            row.append(Hit(names[item], float(scores[r, c]), version, path, so, sn, fly))
+        out.append(row)
+    return out

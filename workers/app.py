@@ -1,0 +1,42 @@
+"""The Celery app, configured from settings. No broker configured: tasks run in-process
+(`task_always_eager`), so the embedded default needs no server."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from embcompat.settings import Settings
+
+
+def create_app(settings: Settings) -> Celery:
+    broker = settings.broker_url or "memory://"
+    app = Celery("embcompat", broker=broker, backend=settings.result_backend or settings.broker_url)
+    app.conf.update(
+        task_always_eager=settings.eager_tasks,
+        task_eager_propagates=True,
+        task_acks_late=True,  # a task killed mid-way is redelivered, not lost
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,  # long tasks: one at a time per process
+        task_time_limit=3600,
+        task_soft_time_limit=3300,
+        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        result_expires=24 * 3600,
+        beat_schedule={
+            "reconcile-upgrades": {"task": "workers.tasks.reconcile", "schedule": 60.0},
+        },
+        include=["workers.tasks"],
+    )
+    return app
+
+
+def dispatch_upgrade(settings: Settings, job_id: int) -> str:
+    """Hand an upgrade job to the workers; with no broker, run it here and now."""
+    if settings.eager_tasks:
+        from embcompat import upgrades
+        from embcompat.context import Context
+
+        return upgrades.run_in_process(Context(settings), job_id).state
+    create_app(settings).send_task("workers.tasks.run_upgrade", args=[job_id])
+    return "queued"

@@ -1,0 +1,72 @@
+"""Celery tasks over the upgrade steps of `embcompat.upgrades`.
+
+Every task is idempotent (the DB is the ledger): a redelivered or duplicated task finds
+its step done and returns. Only transient errors are retried, with backoff.
+"""
+
+from __future__ import annotations
+
+from celery import shared_task
+from sqlalchemy import select
+
+from embcompat import upgrades
+from embcompat.context import Context
+from embcompat.errors import EmbcompatError, ServiceUnavailable
+from registry.schema import ChunkState, Job, JobChunk, JobState
+
+RETRY = {"autoretry_for": (ServiceUnavailable,), "retry_backoff": True, "max_retries": 5}
+
+
+@shared_task(name="workers.tasks.run_upgrade", **RETRY)
+def run_upgrade(job_id: int) -> str:
+    """pair → train → gate, then one backfill task per pending chunk."""
+    ctx = Context()
+    try:
+        upgrades.step_pair(ctx, job_id)
+        upgrades.step_train(ctx, job_id)
+        upgrades.step_gate(ctx, job_id)
+        seqs = upgrades.step_start_backfill(ctx, job_id)
+    except EmbcompatError as exc:
+        if exc.transient:
+            raise
+        upgrades.fail(ctx, job_id, f"{exc.code}: {exc.message}")
+        return "failed"
+    for seq in seqs:
+        backfill_chunk.delay(job_id, seq)
+    if not seqs:
+        upgrades.finalize(ctx, job_id)
+    return upgrades.get_job(ctx, job_id).state
+
+
+@shared_task(name="workers.tasks.backfill_chunk", **RETRY)
+def backfill_chunk(job_id: int, seq: int) -> int:
+    """Re-embed one chunk; the task that finishes the last chunk finalizes the job."""
+    ctx = Context()
+    done = upgrades.backfill_chunk(ctx, job_id, seq)
+    if upgrades.chunks_left(ctx, job_id) == 0:
+        upgrades.finalize(ctx, job_id)
+    return done
+
+
+@shared_task(name="workers.tasks.resume_upgrade")
+def resume_upgrade(job_id: int) -> str:
+    """After resume (or a lost worker): continue the steps and re-dispatch chunks."""
+    return run_upgrade(job_id)
+
+
+@shared_task(name="workers.tasks.reconcile")
+def reconcile() -> int:
+    """Beat: re-dispatch chunks of backfilling jobs that are not done (idempotent)."""
+    ctx = Context()
+    with ctx.session() as s:
+        pending = [
+            (c.job_id, c.seq)
+            for c in s.scalars(
+                select(JobChunk)
+                .join(Job, Job.id == JobChunk.job_id)
+                .where(Job.state == JobState.BACKFILLING, JobChunk.state != ChunkState.DONE)
+            )
+        ]
+    for job_id, seq in pending:
+        backfill_chunk.delay(job_id, seq)
+    return len(pending)
