@@ -28,9 +28,20 @@ from adapters.select import select_adapter
 DIRECTIONS = ("query: new->old", "gallery: old->new")
 BRIDGE_KINDS = ("procrustes", "affine", "lowrank", "residual_mlp")
 COLUMNS = [
-    "pair", "adapter", "direction", "pairs", "r10_old_old", "r10_new_new", "r10_new_old",
-    "ndcg10_new_old", "retention_r10", "ecc", "nfr", "fit_s", "us_per_query",
-]  # fmt: skip
+    "pair",
+    "adapter",
+    "direction",
+    "pairs",
+    "r10_old_old",
+    "r10_new_new",
+    "r10_new_old",
+    "ndcg10_new_old",
+    "retention_r10",
+    "ecc",
+    "nfr",
+    "fit_s",
+    "us_per_query",
+]
 
 
 def _us_per_vector(adapter: Adapter, x: np.ndarray, repeats: int = 200) -> float:
@@ -61,16 +72,25 @@ def _evaluate(e: Embedded, adapter: Adapter | None) -> tuple[CompatReport, float
     return report, _us_per_vector(adapter, sample)
 
 
-def _row(pair: str, name: str, direction: str, n: int, e: Embedded,
-         adapter: Adapter | None, fit_s: float) -> dict[str, Any]:  # fmt: skip
+def _row(
+    pair: str, name: str, direction: str, n: int, e: Embedded, adapter: Adapter | None, fit_s: float
+) -> dict[str, Any]:
     rep, us = _evaluate(e, adapter)
     return {
-        "pair": pair, "adapter": name, "direction": direction, "pairs": n,
-        "r10_old_old": rep.r10_old_old, "r10_new_new": rep.r10_new_new,
-        "r10_new_old": rep.r10_new_old, "ndcg10_new_old": rep.ndcg10_new_old,
-        "retention_r10": rep.retention_r10, "ecc": rep.ecc, "nfr": rep.negative_flip_rate,
-        "fit_s": fit_s, "us_per_query": us,
-    }  # fmt: skip
+        "pair": pair,
+        "adapter": name,
+        "direction": direction,
+        "pairs": n,
+        "r10_old_old": rep.r10_old_old,
+        "r10_new_new": rep.r10_new_new,
+        "r10_new_old": rep.r10_new_old,
+        "ndcg10_new_old": rep.ndcg10_new_old,
+        "retention_r10": rep.retention_r10,
+        "ecc": rep.ecc,
+        "nfr": rep.negative_flip_rate,
+        "fit_s": fit_s,
+        "us_per_query": us,
+    }
 
 
 def _timed(fit: Any, *args: Any) -> tuple[Any, float]:
@@ -93,8 +113,11 @@ def run_pair(pair: str, sizes: list[int], seed: int = 0) -> list[dict[str, Any]]
             for kind in BRIDGE_KINDS:
                 adapter, secs = _timed(KINDS[kind].fit, src, tgt, direction)  # type: ignore[attr-defined]
                 rows.append(_row(pair, kind, direction, len(idx), e, adapter, secs))
-                print(f"  {pair} {kind:12s} {direction:18s} {len(idx):6d} "
-                      f"R@10 new/old {rows[-1]['r10_new_old']:.3f}", flush=True)  # fmt: skip
+                print(
+                    f"  {pair} {kind:12s} {direction:18s} {len(idx):6d} "
+                    f"R@10 new/old {rows[-1]['r10_new_old']:.3f}",
+                    flush=True,
+                )
             if n == sizes[-1]:
                 sel, secs = _timed(select_adapter, src, tgt, direction)
                 picked = f"auto:{sel.kind}"

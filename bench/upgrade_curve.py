@@ -32,9 +32,18 @@ from index.plans import search as plan_search
 from index.store import SpaceStore
 
 FRACTIONS = [round(0.1 * i, 1) for i in range(11)]
-TWO_PART = [("bridge", "raw"), ("bridge", "rrf"), ("bridge", "calibrated"),
-            ("mapped", "raw"), ("mapped", "rrf"), ("mapped", "calibrated"),
-            ("dual", "raw"), ("dual", "rrf"), ("dual", "calibrated"), ("basis", "raw")]  # fmt: skip
+TWO_PART = [
+    ("bridge", "raw"),
+    ("bridge", "rrf"),
+    ("bridge", "calibrated"),
+    ("mapped", "raw"),
+    ("mapped", "rrf"),
+    ("mapped", "calibrated"),
+    ("dual", "raw"),
+    ("dual", "rrf"),
+    ("dual", "calibrated"),
+    ("basis", "raw"),
+]
 CASCADE = [("cascade", "rrf"), ("cascade", "learned")]
 
 
@@ -111,15 +120,25 @@ def run(
                 for key in TWO_PART + CASCADE:
                     ids, extra = evaluate(done, key, evalq)
                     r10, nd = recall_at_k(ids, rel[evalq], 10), ndcg_at_k(ids, rel[evalq], 10)
-                    rows.append({
-                        "pair": pair, "plan": key[0], "merge": key[1], "order": order_name,
-                        "fraction": f, "r10": r10, "ndcg10": nd, "r10_old_old": r_oo,
-                        "r10_new_new": r_nn, "gain_vs_new_new": r10 - r_nn, **extra,
-                    })  # fmt: skip
+                    rows.append(
+                        {
+                            "pair": pair,
+                            "plan": key[0],
+                            "merge": key[1],
+                            "order": order_name,
+                            "fraction": f,
+                            "r10": r10,
+                            "ndcg10": nd,
+                            "r10_old_old": r_oo,
+                            "r10_new_new": r_nn,
+                            "gain_vs_new_new": r10 - r_nn,
+                            **extra,
+                        }
+                    )
                     if order_name == "random" and f in (0.0, 0.5, 1.0):
                         pres, _ = evaluate(done, key, probe)
                         probe_curves.setdefault(key, []).append(
-                            recall_at_k(pres.ids, rel[probe], 10)
+                            recall_at_k(pres, rel[probe], 10)
                         )
                 print(f"  {pair} {order_name} {f:.0%} done", flush=True)
     _, oo_p = search(e.q_old[probe], e.g_old, 10)
@@ -128,8 +147,14 @@ def run(
     return rows + summaries, {"choice": choice, "weight": weight}
 
 
-def _stream(mixed: MixedIndex, plan: Plan, e: Embedded, queries: np.ndarray,
-            new: SpaceSearcher, batch: int = 8) -> tuple[np.ndarray, dict[str, float]]:  # fmt: skip
+def _stream(
+    mixed: MixedIndex,
+    plan: Plan,
+    e: Embedded,
+    queries: np.ndarray,
+    new: SpaceSearcher,
+    batch: int = 8,
+) -> tuple[np.ndarray, dict[str, float]]:
     """Queries arrive in small batches; read-through backfill upgrades what they touch."""
     rt = LookupReadThrough(new.store, e.g_new)
     ids, encodes = [], []
@@ -198,8 +223,17 @@ def latency(pair: str, kind: str, repeats: int = 200) -> list[dict[str, Any]]:
                 plan_search(mixed, plan, qn, qo, 10)
                 t_mixed.append(time.perf_counter() - t0)
             ms, mm = np.median(t_single) * 1e3, np.median(t_mixed) * 1e3
-            out.append({"pair": pair, "index": kind, "plan": p, "fraction": 0.5,
-                        "single_ms": ms, "mixed_ms": mm, "latency_ratio": mm / ms})  # fmt: skip
+            out.append(
+                {
+                    "pair": pair,
+                    "index": kind,
+                    "plan": p,
+                    "fraction": 0.5,
+                    "single_ms": ms,
+                    "mixed_ms": mm,
+                    "latency_ratio": mm / ms,
+                }
+            )
     return out
 
 

@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     mlflow_experiment: str = "embcompat"
     broker_url: str | None = Field(default=None, description="Celery broker; in-process if unset")
     result_backend: str | None = None
+    queue: str = Field(default="embcompat", description="Celery queue the workers consume")
     # token -> scopes; e.g. EMBCOMPAT_API_TOKENS='{"s3cret": ["read", "admin"]}'
     api_tokens: dict[str, list[Scope]] = Field(default_factory=dict)
     encode_batch_size: int = Field(default=64, ge=1)

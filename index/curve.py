@@ -68,16 +68,23 @@ def curve_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         y = np.array([r["r10"] for r in rs])
         oo, nn = rs[0]["r10_old_old"], rs[0]["r10_new_new"]
         drops = np.diff(y)
-        out.append({
-            "pair": pair, "plan": plan, "merge": merge, "order": order,
-            "no_regret": _no_regret(y, oo, 0.0),
-            "no_regret_tol": _no_regret(y, oo, TOLERANCE),
-            "auc": float(np.trapezoid(y, f)), "min_r10": float(y.min()),
-            "below_old_old": float(max(0.0, oo - y.min())),
-            "largest_drop": float(max(0.0, -drops.min())) if len(drops) else 0.0,
-            "min_gain_vs_new_new": float((y - nn).min()),
-            "r10_old_old": oo, "r10_new_new": nn,
-        })  # fmt: skip
+        out.append(
+            {
+                "pair": pair,
+                "plan": plan,
+                "merge": merge,
+                "order": order,
+                "no_regret": _no_regret(y, oo, 0.0),
+                "no_regret_tol": _no_regret(y, oo, TOLERANCE),
+                "auc": float(np.trapezoid(y, f)),
+                "min_r10": float(y.min()),
+                "below_old_old": float(max(0.0, oo - y.min())),
+                "largest_drop": float(max(0.0, -drops.min())) if len(drops) else 0.0,
+                "min_gain_vs_new_new": float((y - nn).min()),
+                "r10_old_old": oo,
+                "r10_new_new": nn,
+            }
+        )
     return out
 
 
@@ -90,11 +97,20 @@ def choose_plan(curves: dict[tuple[str, str], list[float]], r10_old_old: float) 
     plan (within TOLERANCE) with the best worst point; say why, else fall back to `dual`."""
     ok = {key: c for key, c in curves.items() if _no_regret(np.array(c), r10_old_old, TOLERANCE)}
     if not ok:
-        return {"plan": "dual", "merge": "calibrated", "no_regret": False,
-                "reason": "no plan was no-regret on the probe; serving the old part as before"}  # fmt: skip
+        return {
+            "plan": "dual",
+            "merge": "calibrated",
+            "no_regret": False,
+            "reason": "no plan was no-regret on the probe; serving the old part as before",
+        }
     (plan, merge), best = max(ok.items(), key=lambda kv: (min(kv[1]), float(np.mean(kv[1]))))
-    return {"plan": plan, "merge": merge, "no_regret": True, "probe_min_r10": min(best),
-            "reason": f"no-regret on the probe with the highest lowest point ({min(best):.3f})"}  # fmt: skip
+    return {
+        "plan": plan,
+        "merge": merge,
+        "no_regret": True,
+        "probe_min_r10": min(best),
+        "reason": f"no-regret on the probe with the highest lowest point ({min(best):.3f})",
+    }
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:

@@ -88,3 +88,55 @@ def small_real_pair(models_dir: Path) -> dict[str, object]:
         out[f"q_{side}"] = cached_encode(name, task.queries, enc.encode, cache)
         out[f"g_{side}"] = cached_encode(name, task.gallery, enc.encode, cache)
     return out
+
+
+def register_pair(ctx: Context, models_dir: Path) -> None:
+    """text:v1 = all-MiniLM-L6-v2 (384), text:v2 = all-mpnet-base-v2 (768), child of v1."""
+    from registry import versions
+    from registry.shipped import MINILM_L6, MPNET
+
+    with ctx.session() as s:
+        versions.register_version(
+            s, ctx.registry, model="text", version="v1", dim=384, source="shipped",
+            location=MINILM_L6, models_dir=models_dir,
+        )  # fmt: skip
+        versions.register_version(
+            s, ctx.registry, model="text", version="v2", dim=768, source="shipped",
+            location=MPNET, parent="v1", models_dir=models_dir,
+        )  # fmt: skip
+        versions.promote(s, ctx.registry, "text", "v1", "serving")
+
+
+@pytest.fixture(scope="session")
+def text_pair_dir(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
+    """A data dir whose SQLite DB and MLflow store hold text:v1 and text:v2, built once;
+    tests copy it so that each starts from the same registry."""
+    from embcompat.db import get_engine
+
+    root = tmp_path_factory.mktemp("text-pair") / "data"
+    ctx = make_context(root)
+    register_pair(ctx, models_dir)
+    get_engine(ctx.settings.resolved_database_url).dispose()  # flush SQLite before copies
+    return root
+
+
+@pytest.fixture
+def text_ctx(text_pair_dir: Path, tmp_path: Path) -> Context:
+    """A private copy of the two-version registry (DB, MLflow store and artifacts)."""
+    import shutil
+
+    dst = tmp_path / "data"
+    shutil.copytree(text_pair_dir, dst)
+    return Context(Settings(data_dir=dst))
+
+
+def wordnet_items(n: int, seed: int = 3) -> tuple[list, list[str], list[int]]:
+    """n gallery items and their labelled queries (query i is relevant to item relevant[i])."""
+    from embcompat.datasets import wordnet_task
+    from embcompat.galleries import ItemIn
+
+    task = wordnet_task(n_queries=n // 4, n_gallery=n, seed=seed)
+    items = [
+        ItemIn(id=sid, text=doc) for sid, doc in zip(task.gallery_ids, task.gallery, strict=True)
+    ]
+    return items, task.queries, [int(r) for r in task.relevant]

@@ -22,6 +22,7 @@ def create_app(settings: Settings) -> Celery:
         broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout},
         broker_connection_retry_on_startup=True,
         task_serializer="json",
+        task_default_queue=settings.queue,
         result_expires=24 * 3600,
         beat_schedule={
             "reconcile-upgrades": {"task": "workers.tasks.reconcile", "schedule": 60.0},

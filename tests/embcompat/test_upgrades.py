@@ -1,0 +1,123 @@
+"""A whole upgrade in-process on real models: refusals before anything runs, the state
+machine, the chunk ledger, search at every step, finalize and rollback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from embcompat import galleries, search, upgrades
+from embcompat.context import Context
+from embcompat.errors import InvalidTransition, UpgradeInProgress, UpgradeRefused
+from registry import versions
+from registry.schema import JobChunk
+from tests.conftest import wordnet_items
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def gallery(text_ctx: Context) -> tuple[Context, list[str], list[int], list]:
+    items, queries, relevant = wordnet_items(240)
+    galleries.create_gallery(text_ctx, "docs", "text", "v1")
+    galleries.ingest(text_ctx, "docs", items)
+    galleries.publish(text_ctx, "docs")
+    return text_ctx, queries, relevant, items
+
+
+def _recall(ctx: Context, queries: list[str], relevant: list[int], items: list) -> float:
+    res = search.search(ctx, "docs", texts=queries, k=10)
+    found = [
+        items[r].id in {h.item for h in hits} for hits, r in zip(res.hits, relevant, strict=True)
+    ]
+    return float(np.mean(found))
+
+
+def test_refusals_happen_before_anything_runs(gallery: tuple, models_dir) -> None:
+    ctx = gallery[0]
+    with ctx.session() as s:
+        versions.register_version(
+            s,
+            ctx.registry,
+            model="other",
+            version="x",
+            dim=384,
+            source="external",
+            models_dir=models_dir,
+        )
+        versions.register_version(
+            s,
+            ctx.registry,
+            model="text",
+            version="ext",
+            dim=64,
+            source="external",
+            models_dir=models_dir,
+        )
+    galleries.create_gallery(ctx, "empty", "text", "v1")
+    with pytest.raises(UpgradeRefused, match="version of another model"):
+        upgrades.start_upgrade(ctx, "docs", "other", "x")
+    with pytest.raises(UpgradeRefused, match="is external: nothing can re-embed"):
+        upgrades.start_upgrade(ctx, "docs", "text", "ext", plan="backfill")
+    with pytest.raises(UpgradeRefused, match="'empty' is empty"):
+        upgrades.start_upgrade(ctx, "empty", "text", "v2")
+    assert upgrades.latest_job(ctx, "docs") is None
+
+
+def test_upgrade_end_to_end_with_search_at_every_step(gallery: tuple) -> None:
+    ctx, queries, relevant, items = gallery
+    before = _recall(ctx, queries, relevant, items)
+    job = upgrades.start_upgrade(ctx, "docs", "text", "v2", pairs=80, chunk_size=40)
+    with pytest.raises(UpgradeInProgress, match="already has upgrade job"):
+        upgrades.start_upgrade(ctx, "docs", "text", "v2")
+    states, recalls = [], []
+
+    def on_chunk(rec: upgrades.JobRecord) -> None:
+        states.append(rec.state)
+        recalls.append(_recall(ctx, queries, relevant, items))
+
+    # stop after two chunks (like Ctrl-C), then resume: nothing is redone
+    partial = upgrades.run_in_process(ctx, job.id, on_chunk, stop_after=2)
+    assert partial.state == "backfilling" and partial.plan == "cascade"
+    assert partial.report["gate"]["held_out_pairs"] == 16
+    with ctx.session() as s:
+        attempts_before = {c.seq: c.attempts for c in s.query(JobChunk).filter_by(job_id=job.id)}
+    final = upgrades.run_in_process(ctx, job.id, on_chunk)
+    assert final.state == "done" and final.items_done == final.items_total == 240
+    with ctx.session() as s:
+        chunks = s.query(JobChunk).filter_by(job_id=job.id).all()
+    assert all(c.state == "done" for c in chunks)
+    assert all(c.attempts == 1 for c in chunks if attempts_before.get(c.seq) == 1)
+    g = galleries.get_gallery(ctx, "docs")
+    assert g.serving_version == "v2" and g.plan is None
+    with ctx.session() as s:
+        assert versions.serving_version(s, ctx.registry, "text").version == "v2"
+    with ctx.session() as s:
+        v2 = versions.get_version(s, ctx.registry, "text", "v2")
+    ids = galleries.space_store(ctx, "docs", v2).snapshot().ids
+    assert len(ids) == len(np.unique(ids)) == 240
+    after = _recall(ctx, queries, relevant, items)
+    assert min(recalls) >= before - 0.05, (before, recalls)
+    assert after >= before - 0.05
+    res = search.search(ctx, "docs", texts=queries[:1], k=3)
+    assert res.plan == "single" and res.hits[0][0].version == "v2"
+
+
+def test_pause_resume_cancel_and_rollback_follow_the_state_machine(gallery: tuple) -> None:
+    ctx = gallery[0]
+    job = upgrades.start_upgrade(ctx, "docs", "text", "v2", pairs=60, chunk_size=60)
+    upgrades.run_in_process(ctx, job.id, stop_after=0)
+    assert upgrades.pause(ctx, job.id).state == "paused"
+    with pytest.raises(InvalidTransition, match="cannot go from paused to done"):
+        with ctx.session() as s:
+            upgrades.transition(upgrades._job(s, job.id), upgrades.JobState.DONE)
+    assert upgrades.resume(ctx, job.id).state == "backfilling"
+    rolled = upgrades.rollback(ctx, job.id)
+    assert rolled.state == "rolled_back"
+    g = galleries.get_gallery(ctx, "docs")
+    assert g.serving_version == "v1" and g.plan is None
+    assert search.search(ctx, "docs", texts=["a dog"], k=3).plan == "single"
+    with pytest.raises(InvalidTransition):
+        upgrades.cancel(ctx, job.id)
+    second = upgrades.start_upgrade(ctx, "docs", "text", "v2", pairs=60)
+    assert upgrades.cancel(ctx, second.id).state == "cancelled"
