@@ -137,9 +137,7 @@ def run(
                     )
                     if order_name == "random" and f in (0.0, 0.5, 1.0):
                         pres, _ = evaluate(done, key, probe)
-                        probe_curves.setdefault(key, []).append(
-                            recall_at_k(pres, rel[probe], 10)
-                        )
+                        probe_curves.setdefault(key, []).append(recall_at_k(pres, rel[probe], 10))
                 print(f"  {pair} {order_name} {f:.0%} done", flush=True)
     _, oo_p = search(e.q_old[probe], e.g_old, 10)
     choice = choose_plan(probe_curves, recall_at_k(oo_p, rel[probe], 10))

@@ -133,6 +133,17 @@ def models_promote(model: str, version: str, alias: str = "serving") -> None:
 
 
 @app.command("demo")
-def demo() -> None:
-    """Run a whole upgrade end to end on the embedded defaults."""
-    console.print("not yet: the end-to-end demo lands with the demo issue (#8)")
+def demo(
+    queries: Annotated[int, typer.Option(help="labelled queries")] = 3000,
+    gallery: Annotated[int, typer.Option(help="documents in the gallery")] = 12000,
+) -> None:
+    """Run (or resume) a whole real upgrade end to end on the embedded defaults."""
+    from embcompat.demo import run_demo
+
+    try:
+        run_demo(Context(), queries, gallery, console)
+    except KeyboardInterrupt:
+        console.print("\ninterrupted: run `make demo` again to resume the upgrade where it stopped")
+        raise typer.Exit(code=130) from None
+    except EmbcompatError as exc:
+        _fail(exc)

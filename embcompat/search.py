@@ -77,8 +77,13 @@ def search(
     texts: list[str] | None = None,
     vectors: Any = None,
     k: int = 10,
+    old_vectors: Any = None,
+    read_through: bool = True,
 ) -> SearchResponse:
-    """texts (nq) or vectors (nq, d of the version queries are encoded with) → hits."""
+    """texts (nq) or vectors (nq, d of the version queries are encoded with) → hits.
+
+    Mid-upgrade, vectors are in the new version's space; plans that also search with the
+    old version (`dual`, `cascade`) take the old encoding as `old_vectors` or encode text."""
     if (texts is None) == (vectors is None):
         raise InvalidInput("give either query texts or query vectors", field="query")
     if not 1 <= k <= 1000:
@@ -98,10 +103,14 @@ def search(
         hits = _hits(ctx, ids, scores, lambda r, c: (serving.version, "index", None, None, False))
         return SearchResponse(gallery, "single", hits, latency_ms=_ms(t0))
     old = serving
-    if mixed_plan in ("dual", "cascade") and texts is None:
-        raise InvalidInput(f"plan {mixed_plan!r} encodes the query with both versions: send text")
+    needs_old = mixed_plan in ("dual", "cascade")
+    if needs_old and texts is None and old_vectors is None:
+        raise InvalidInput(
+            f"plan {mixed_plan!r} searches with both versions: send text, or old_vectors too",
+            field="old_vectors",
+        )
     q_new = _queries(ctx, target, texts, vectors)
-    q_old = _queries(ctx, old, texts, None) if mixed_plan in ("dual", "cascade") else None
+    q_old = _queries(ctx, old, texts, old_vectors) if needs_old else None
     folder = upgrades.job_dir(ctx, job_id)  # type: ignore[arg-type]
     bridge = (
         load_adapter(folder / "bridge", target.ref, old.ref) if mixed_plan == "bridge" else None
@@ -120,8 +129,10 @@ def search(
     index = MixedIndex(
         space_searcher(ctx, gallery, old, kind), space_searcher(ctx, gallery, target, kind)
     )
-    read_through = StoreReadThrough(ctx, gallery, target) if mixed_plan == "cascade" else None
-    res = plan_search(index, plan, q_new, q_old, k, read_through)
+    writer = (
+        StoreReadThrough(ctx, gallery, target) if read_through and mixed_plan == "cascade" else None
+    )
+    res = plan_search(index, plan, q_new, q_old, k, writer)
 
     def describe(r: int, c: int) -> tuple[str, str, float | None, float | None, bool]:
         path = PATHS[res.paths[r, c]]

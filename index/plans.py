@@ -221,7 +221,12 @@ def _cascade(
     sc_old[dup], sc_new[dup] = np.nan, np.nan
     alive = ~dup & (cand >= 0)
     if plan.merge == "rrf":
-        fused = _rrf_rows(sc_old) + _rrf_rows(sc_new)
+        # a side with no score (new vector not stored, beyond the budget) counts as if it
+        # ranked the item where the other side does, so being unknown is never a penalty
+        r_old, r_new = _rrf_rows(sc_old), _rrf_rows(sc_new)
+        fused = np.where(np.isfinite(sc_old), r_old, r_new) + np.where(
+            np.isfinite(sc_new), r_new, r_old
+        )
     elif plan.merge == "learned":
         fused = fuse_z(zscore_rows(sc_old), zscore_rows(sc_new), plan.weight)
     else:

@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from embcompat.errors import (
+    DimensionMismatch,
     DuplicateVersion,
     EncoderError,
     InvalidInput,
@@ -242,6 +243,14 @@ def load_encoder(registry: MlflowRegistry, record: ModelVersionRecord) -> Encode
 
 
 _ENCODERS: dict[tuple[str, str], Encoder] = {}
+
+
+def warm_encoder(registry: MlflowRegistry, record: ModelVersionRecord, encoder: Encoder) -> None:
+    """Install the encoder this process uses for a version (e.g. one wrapped with a cache
+    of vectors computed earlier), so that every later `load_encoder` returns it."""
+    if encoder.dim != record.dim:
+        raise DimensionMismatch(f"{record.ref} has dim {record.dim}, the encoder {encoder.dim}")
+    _ENCODERS[(registry.tracking_uri, record.encoder_uri)] = encoder
 
 
 def _encoder_cache(registry: MlflowRegistry, uri: str, dim: int, normalized: bool) -> Encoder:
