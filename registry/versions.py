@@ -7,6 +7,7 @@ so a refused registration leaves both stores as they were.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +36,7 @@ from registry.schema import EmbeddingModel, Metric, ModelVersion
 from registry.shipped import PARAPHRASE_L3, shipped_model_path
 
 SourceKind = Literal["dir", "shipped", "mlflow", "external"]
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
 
 
 def _record(row: ModelVersion, aliases: list[str] | None = None) -> ModelVersionRecord:
@@ -88,6 +90,13 @@ def register_version(
     tags: dict[str, str] | None = None,
 ) -> ModelVersionRecord:
     """Register `model:version`. `location` is a directory, a shipped name or an MLflow URI."""
+    for field, value in (("model", model), ("version", version)):
+        if not NAME.fullmatch(value):
+            raise InvalidInput(
+                f"{field} name {value!r} is not allowed",
+                hint="letters, digits, '.', '_' and '-', starting with a letter or digit",
+                field=field,
+            )
     if dim <= 0:
         raise InvalidInput(f"dim must be positive, got {dim}", field="dim")
     Metric(metric)
@@ -222,7 +231,12 @@ def lineage(session: Session, model: str, version: str) -> list[str]:
 
 
 def _load_from_mlflow(registry: MlflowRegistry, uri: str, dim: int, normalized: bool) -> Encoder:
-    flavors = registry.model_flavors(uri)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        flavors = registry.model_flavors(uri)
+    except (MlflowException, OSError, ValueError) as exc:
+        raise EncoderError(f"no MLflow model at {uri!r}: {exc}", field="location") from exc
     if "sentence_transformers" in flavors:
         model = registry.mlflow.sentence_transformers.load_model(uri)
         return SentenceTransformerEncoder(model, normalize=normalized)

@@ -1,0 +1,1 @@
+"""The internal admin API (FastAPI): thin routes over the service layer."""

@@ -1,0 +1,147 @@
+"""One router per resource; every route is a thin call into the service layer."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, BackgroundTasks, Path, status
+
+from api.deps import Admin, Ctx, Read
+from api.schemas import GalleryIn, ItemIdsIn, ItemsIn, SearchIn, UpgradeIn, VersionIn
+from embcompat import galleries, search, upgrades
+from embcompat.errors import InvalidInput
+from registry import adapter_records, versions
+
+Id = Annotated[int, Path(ge=1, le=2**31 - 1)]
+models = APIRouter(prefix="/models", tags=["models"])
+gals = APIRouter(prefix="/galleries", tags=["galleries"])
+adapters = APIRouter(prefix="/adapters", tags=["adapters"])
+jobs = APIRouter(prefix="/upgrades", tags=["upgrades"])
+
+
+@models.post("/{model}/versions", status_code=status.HTTP_201_CREATED, dependencies=[Admin])
+def register_version(model: str, body: VersionIn, ctx: Ctx) -> dict[str, Any]:
+    with ctx.session() as s:
+        rec = versions.register_version(
+            s,
+            ctx.registry,
+            model=model,
+            version=body.version,
+            dim=body.dim,
+            source=body.source,
+            location=body.location,
+            metric=body.metric,  # type: ignore[arg-type]
+            parent=body.parent,
+            models_dir=ctx.models_dir,
+        )
+    return rec.to_dict()
+
+
+@models.get("/versions", dependencies=[Read])
+def list_versions(ctx: Ctx, model: str | None = None) -> list[dict[str, Any]]:
+    with ctx.session() as s:
+        return [r.to_dict() for r in versions.list_versions(s, ctx.registry, model)]
+
+
+@models.get("/{model}/versions/{version}", dependencies=[Read])
+def show_version(model: str, version: str, ctx: Ctx) -> dict[str, Any]:
+    with ctx.session() as s:
+        rec = versions.get_version(s, ctx.registry, model, version)
+        return {**rec.to_dict(), "lineage": versions.lineage(s, model, version)}
+
+
+@models.post("/{model}/versions/{version}/aliases/{alias}", dependencies=[Admin])
+def promote(model: str, version: str, alias: str, ctx: Ctx) -> dict[str, Any]:
+    if alias not in ("serving", "candidate"):
+        raise InvalidInput(f"unknown alias {alias!r}", hint="serving or candidate", field="alias")
+    with ctx.session() as s:
+        return versions.promote(s, ctx.registry, model, version, alias).to_dict()
+
+
+@gals.post("", status_code=status.HTTP_201_CREATED, dependencies=[Admin])
+def create_gallery(body: GalleryIn, ctx: Ctx) -> dict[str, Any]:
+    return galleries.create_gallery(
+        ctx, body.name, body.model, body.version, body.index_kind
+    ).to_dict()
+
+
+@gals.get("", dependencies=[Read])
+def list_galleries(ctx: Ctx) -> list[dict[str, Any]]:
+    return [g.to_dict() for g in galleries.list_galleries(ctx)]
+
+
+@gals.get("/{name}", dependencies=[Read])
+def gallery_stats(name: str, ctx: Ctx) -> dict[str, Any]:
+    return {**galleries.get_gallery(ctx, name).to_dict(), **galleries.stats(ctx, name)}
+
+
+@gals.post("/{name}/items", dependencies=[Admin])
+def ingest(name: str, body: ItemsIn, ctx: Ctx) -> dict[str, int]:
+    items = [galleries.ItemIn(i.id, i.text, i.vector) for i in body.items]
+    return galleries.ingest(ctx, name, items)
+
+
+@gals.post("/{name}/items/delete", dependencies=[Admin])
+def delete_items(name: str, body: ItemIdsIn, ctx: Ctx) -> dict[str, int]:
+    return {"deleted": galleries.delete_items(ctx, name, body.ids)}
+
+
+@gals.post("/{name}/publish", dependencies=[Admin])
+def publish(name: str, ctx: Ctx) -> dict[str, int]:
+    return galleries.publish(ctx, name)
+
+
+@gals.post("/{name}/search", dependencies=[Read])
+def search_gallery(name: str, body: SearchIn, ctx: Ctx) -> dict[str, Any]:
+    return search.search(ctx, name, body.texts, body.vectors, body.k, body.old_vectors).to_dict()
+
+
+@gals.post("/{name}/upgrades/plan", dependencies=[Admin])
+def plan_upgrade(name: str, body: UpgradeIn, ctx: Ctx) -> dict[str, Any]:
+    return upgrades.plan_upgrade(ctx, name, body.model, body.version, body.plan)
+
+
+@gals.post("/{name}/upgrades", status_code=status.HTTP_202_ACCEPTED, dependencies=[Admin])
+def start_upgrade(name: str, body: UpgradeIn, ctx: Ctx, tasks: BackgroundTasks) -> dict[str, Any]:
+    from workers.app import dispatch_upgrade
+
+    job = upgrades.start_upgrade(
+        ctx, name, body.model, body.version, body.plan, body.pairs, body.chunk_size
+    )
+    tasks.add_task(dispatch_upgrade, ctx.settings, job.id)  # in-process runs after the reply
+    return job.to_dict()
+
+
+@jobs.get("/{job_id}", dependencies=[Read])
+def job_status(job_id: Id, ctx: Ctx) -> dict[str, Any]:
+    return upgrades.get_job(ctx, job_id).to_dict()
+
+
+@jobs.post("/{job_id}/{action}", dependencies=[Admin])
+def control(job_id: Id, action: str, ctx: Ctx, tasks: BackgroundTasks) -> dict[str, Any]:
+    from workers.app import dispatch_upgrade
+
+    actions = {
+        "pause": upgrades.pause,
+        "resume": upgrades.resume,
+        "cancel": upgrades.cancel,
+        "rollback": upgrades.rollback,
+    }
+    if action not in actions:
+        raise InvalidInput(f"unknown action {action!r}", hint=", ".join(actions), field="action")
+    rec = actions[action](ctx, job_id)
+    if action == "resume":
+        tasks.add_task(dispatch_upgrade, ctx.settings, job_id)
+    return rec.to_dict()
+
+
+@adapters.get("", dependencies=[Read])
+def list_adapters(ctx: Ctx) -> list[dict[str, Any]]:
+    with ctx.session() as s:
+        return adapter_records.list_adapters(s)
+
+
+@adapters.get("/{adapter_id}", dependencies=[Read])
+def show_adapter(adapter_id: Id, ctx: Ctx) -> dict[str, Any]:
+    with ctx.session() as s:
+        return adapter_records.get_adapter(s, adapter_id)
