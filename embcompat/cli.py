@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
-from typing import Annotated
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    track,
+)
 from rich.table import Table
 
-from embcompat import migrate
+from embcompat import galleries, migrate, search, upgrades
 from embcompat.context import Context
 from embcompat.errors import EmbcompatError
 from registry import versions
@@ -21,9 +33,14 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 models_app = typer.Typer(
     help="Embedding model versions in the MLflow registry.", no_args_is_help=True
 )
+gallery_app = typer.Typer(help="Galleries: create, ingest, stats.", no_args_is_help=True)
+upgrade_app = typer.Typer(help="Upgrade a gallery to a new model version.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
+app.add_typer(gallery_app, name="gallery")
+app.add_typer(upgrade_app, name="upgrade")
 console = Console()
+T = TypeVar("T")
 
 
 def _fail(exc: EmbcompatError) -> None:
@@ -147,3 +164,198 @@ def demo(
         raise typer.Exit(code=130) from None
     except EmbcompatError as exc:
         _fail(exc)
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except EmbcompatError as exc:
+        _fail(exc)
+        raise  # unreachable: _fail exits
+
+
+def _print_json(payload: Any) -> None:
+    json.dump(payload, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+@gallery_app.command("create")
+def gallery_create(name: str, model: str, version: str, index: str = "flat") -> None:
+    """Create a gallery served by MODEL:VERSION."""
+    rec = _guard(lambda: galleries.create_gallery(Context(), name, model, version, index))  # type: ignore[arg-type]
+    console.print(f"gallery {rec.name!r} serves {model}:{rec.serving_version} ({rec.index_kind})")
+
+
+@gallery_app.command("list")
+def gallery_list() -> None:
+    """List galleries."""
+    table = Table("gallery", "model", "serving", "index", "plan")
+    for g in _guard(lambda: galleries.list_galleries(Context())):
+        table.add_row(g.name, g.model, g.serving_version, g.index_kind, g.plan or "")
+    console.print(table)
+
+
+@gallery_app.command("ingest")
+def gallery_ingest(
+    name: str,
+    path: Annotated[Path, typer.Argument(help="JSON lines: {id, text} or {id, vector}")],
+    batch: int = 1000,
+) -> None:
+    """Add or update items from a JSON-lines file, in batches, with a progress bar."""
+    ctx = Context()
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    items = [galleries.ItemIn(str(r["id"]), r.get("text"), r.get("vector")) for r in rows]
+    added = updated = 0
+    for start in track(range(0, len(items), batch), description="ingest"):
+        out = _guard(lambda s=start: galleries.ingest(ctx, name, items[s : s + batch]))
+        added, updated = added + out["added"], updated + out["updated"]
+    _guard(lambda: galleries.publish(ctx, name))
+    console.print(f"{added} added, {updated} updated; index published")
+
+
+@gallery_app.command("stats")
+def gallery_stats(name: str) -> None:
+    """Items per version, spaces, index generations, bytes on disk."""
+    _print_json(_guard(lambda: galleries.stats(Context(), name)))
+
+
+@app.command("search")
+def search_cmd(gallery: str, query: str, k: int = 10) -> None:
+    """Search a gallery with a text query; shows the version and path of each hit."""
+    res = _guard(lambda: search.search(Context(), gallery, texts=[query], k=k))
+    table = Table("item", "score", "version", "path", "old", "new", "on the fly")
+    for h in res.hits[0]:
+        fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
+        table.add_row(
+            h.item,
+            f"{h.score:.4f}",
+            h.version,
+            h.path,
+            fmt(h.score_old),
+            fmt(h.score_new),
+            "yes" if h.encoded_on_the_fly else "",
+        )
+    console.print(
+        f"plan {res.plan}, {res.latency_ms:.0f} ms" + "".join(f"; {w}" for w in res.warnings)
+    )
+    console.print(table)
+
+
+@upgrade_app.command("plan")
+def upgrade_plan(gallery: str, model: str, version: str, plan: str = "auto") -> None:
+    """Dry run: items to re-embed, measured encoder throughput, projected time."""
+    _print_json(_guard(lambda: upgrades.plan_upgrade(Context(), gallery, model, version, plan)))
+
+
+@upgrade_app.command("start")
+def upgrade_start(
+    gallery: str,
+    model: str,
+    version: str,
+    plan: str = "auto",
+    pairs: int = 2000,
+    chunk_size: int = 1000,
+) -> None:
+    """Start an upgrade: on the workers if a broker is configured, else here and now."""
+    from workers.app import dispatch_upgrade
+
+    ctx = Context()
+    job = _guard(
+        lambda: upgrades.start_upgrade(ctx, gallery, model, version, plan, pairs, chunk_size)
+    )
+    console.print(f"upgrade job {job.id} created for {gallery!r}: {job.from_version} -> {version}")
+    console.print(f"job {job.id}: {dispatch_upgrade(ctx.settings, job.id)}")
+
+
+@upgrade_app.command("status")
+def upgrade_status(job_id: int) -> None:
+    """State, plan, progress, rate and ETA of a job."""
+    _print_json(_guard(lambda: upgrades.get_job(Context(), job_id)).to_dict())
+
+
+@upgrade_app.command("watch")
+def upgrade_watch(job_id: int, interval: float = 1.0) -> None:
+    """A progress bar until the job ends."""
+    ctx = Context()
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+    ) as bar:
+        job = _guard(lambda: upgrades.get_job(ctx, job_id))
+        task = bar.add_task(f"job {job_id}", total=max(job.items_total, 1))
+        while True:
+            job = upgrades.get_job(ctx, job_id)
+            bar.update(task, completed=job.items_done, description=f"job {job_id} {job.state}")
+            if job.state in ("done", "cancelled", "rolled_back", "failed"):
+                break
+            time.sleep(interval)
+    console.print(f"job {job_id}: {job.state}" + (f" ({job.error})" if job.error else ""))
+
+
+def _control(action: str, job_id: int) -> None:
+    fn = {
+        "pause": upgrades.pause,
+        "resume": upgrades.resume,
+        "cancel": upgrades.cancel,
+        "rollback": upgrades.rollback,
+    }[action]
+    ctx = Context()
+    job = _guard(lambda: fn(ctx, job_id))
+    console.print(f"job {job_id}: {job.state}")
+    if action == "resume":
+        from workers.app import dispatch_upgrade
+
+        console.print(f"job {job_id}: {dispatch_upgrade(ctx.settings, job_id)}")
+
+
+@upgrade_app.command("pause")
+def upgrade_pause(job_id: int) -> None:
+    """Pause an upgrade job (search keeps serving its plan)."""
+    _control("pause", job_id)
+
+
+@upgrade_app.command("resume")
+def upgrade_resume(job_id: int) -> None:
+    """Resume a paused or failed job where it stopped."""
+    _control("resume", job_id)
+
+
+@upgrade_app.command("cancel")
+def upgrade_cancel(job_id: int) -> None:
+    """Cancel an upgrade job."""
+    _control("cancel", job_id)
+
+
+@upgrade_app.command("rollback")
+def upgrade_rollback(job_id: int) -> None:
+    """Serve the old version again at once; nothing stored is deleted."""
+    _control("rollback", job_id)
+
+
+@app.command("serve")
+def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the admin API with uvicorn."""
+    import uvicorn
+
+    from api.app import create_app
+
+    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+
+
+@app.command("worker")
+def worker(concurrency: int = 2, beat: bool = False) -> None:
+    """Run a Celery worker on the configured broker (EMBCOMPAT_BROKER_URL)."""
+    settings = Context().settings
+    if settings.broker_url is None:
+        console.print("[red]error[/red]: set EMBCOMPAT_BROKER_URL (e.g. redis://127.0.0.1:6379/0)")
+        raise typer.Exit(code=2)
+    args = [
+        "celery",
+        "-A",
+        "workers.main",
+        "worker",
+        f"--concurrency={concurrency}",
+        "-Q",
+        settings.queue,
+        "--loglevel=INFO",
+    ] + (["--beat"] if beat else [])
+    os.execvp(sys.executable, [sys.executable, "-m", *args])

@@ -43,3 +43,21 @@ def test_bad_input_exits_2_with_the_reason(runner: CliRunner) -> None:
         app, ["models", "register", "m", "v", "--dim", "8", "--external", "--shipped", "x"]
     )
     assert two_sources.exit_code == 2 and "exactly one of" in two_sources.output
+
+
+def test_gallery_ingest_search_and_upgrade_refusal_from_the_cli(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    runner.invoke(app, ["db", "upgrade"])
+    runner.invoke(app, ["models", "register", "vendor", "a", "--dim", "3", "--external"])
+    assert runner.invoke(app, ["gallery", "create", "g", "vendor", "a"]).exit_code == 0
+    lines = [json.dumps({"id": f"i{i}", "vector": [1.0, float(i), 0.0]}) for i in range(5)]
+    (tmp_path / "items.jsonl").write_text("\n".join(lines))
+    out = runner.invoke(app, ["gallery", "ingest", "g", str(tmp_path / "items.jsonl")])
+    assert out.exit_code == 0 and "5 added" in out.output, out.output
+    stats = json.loads(runner.invoke(app, ["gallery", "stats", "g"]).output)
+    assert stats["items"] == 5 and stats["items_per_version"] == {"a": 5}
+    refused = runner.invoke(app, ["upgrade", "start", "g", "vendor", "a"])
+    assert refused.exit_code == 2 and "already serves vendor:a" in refused.output
+    missing = runner.invoke(app, ["upgrade", "status", "42"])
+    assert missing.exit_code == 2 and "no upgrade job 42" in missing.output
