@@ -53,6 +53,6 @@ class SearchIn(Body):
 class UpgradeIn(Body):
     model: str = Name
     version: str = Name
-    plan: Literal["auto", "cascade", "bridge", "dual", "basis", "backfill"] = "auto"
+    plan: Literal["auto", "cascade", "bridge", "mapped", "dual", "basis", "backfill"] = "auto"
     pairs: int = Field(default=2000, ge=50, le=1_000_000)
     chunk_size: int = Field(default=1000, ge=1, le=1_000_000)

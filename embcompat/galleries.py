@@ -221,6 +221,8 @@ def publish(ctx: Context, gallery: str) -> dict[str, int]:
         g = get_gallery_row(s, gallery)
         kind = g.index_kind
     for space in sorted((gallery_dir(ctx, gallery) / "vectors").glob("v*")):
+        if not space.name[1:].isdigit():
+            continue  # a mapped space is searched from the store until its job finishes
         version_id = int(space.name[1:])
         with ctx.session() as s:
             rec = version_record(ctx, s, version_id)

@@ -21,6 +21,7 @@ from embcompat import upgrades
 from embcompat.context import Context
 from embcompat.errors import InvalidInput
 from embcompat.galleries import get_gallery_row, space_searcher, version_record
+from index.faiss_index import IndexGenerations, SpaceSearcher
 from index.plans import PATHS, MixedIndex, Plan
 from index.plans import search as plan_search
 from registry import versions
@@ -126,8 +127,13 @@ def search(
         calibration=upgrades.load_platt(ctx, job_id),  # type: ignore[arg-type]
         encode_budget=ctx.settings.cascade_encode_budget,
     )
+    mapped = None
+    if mixed_plan == "mapped":
+        store = upgrades.mapped_store(ctx, gallery, old, target)
+        gens = IndexGenerations(store.root.parent.parent / "indexes" / store.root.name, kind)  # type: ignore[arg-type]
+        mapped = SpaceSearcher(store, gens)
     index = MixedIndex(
-        space_searcher(ctx, gallery, old, kind), space_searcher(ctx, gallery, target, kind)
+        space_searcher(ctx, gallery, old, kind), space_searcher(ctx, gallery, target, kind), mapped
     )
     writer = (
         StoreReadThrough(ctx, gallery, target) if read_through and mixed_plan == "cascade" else None

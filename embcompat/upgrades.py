@@ -35,6 +35,7 @@ from embcompat.errors import (
     UpgradeRefused,
 )
 from embcompat.galleries import (
+    gallery_dir,
     get_gallery_row,
     space_searcher,
     space_store,
@@ -42,6 +43,7 @@ from embcompat.galleries import (
 )
 from index.curve import fit_calibration
 from index.merge import Platt
+from index.store import SpaceStore
 from registry import versions
 from registry.schema import (
     Adapter,
@@ -71,7 +73,7 @@ TRANSITIONS: dict[JobState, set[JobState]] = {
     S.ROLLED_BACK: set(),
 }
 SERVING_STATES = {S.SERVING_BRIDGE, S.BACKFILLING}
-PLANS = ("auto", "cascade", "bridge", "dual", "basis", "backfill")
+PLANS = ("auto", "cascade", "bridge", "mapped", "dual", "basis", "backfill")
 
 
 @dataclass(frozen=True)
@@ -395,7 +397,11 @@ def step_train(ctx: Context, job_id: int) -> None:
     save_adapter(selection.adapter, folder / "bridge", source=new.ref, target=old.ref)
     if new.dim >= old.dim:
         save_adapter(BasisAdapter.fit(fit_new, fit_old), folder / "basis", new.ref, old.ref)
-    calibration = fit_calibration(fit_old, fit_new, selection.adapter, None, n_queries=500)
+    mapper = select_adapter(fit_old, fit_new, "gallery: old->new", kinds=("procrustes", "affine"))
+    save_adapter(mapper.adapter, folder / "mapper", source=old.ref, target=new.ref)
+    calibration = fit_calibration(
+        fit_old, fit_new, selection.adapter, mapper.adapter, n_queries=500
+    )
     (folder / "calibration.json").write_text(
         json.dumps({k: {"a": v.a, "b": v.b} for k, v in calibration.items()})
     )
@@ -501,6 +507,15 @@ def step_gate(ctx: Context, job_id: int) -> None:
             transition(job, S.SERVING_BRIDGE)
 
 
+def map_chunks_needed(ctx: Context, job_id: int) -> list[int]:
+    """The chunks to map before serving, when the job serves the `mapped` plan."""
+    with ctx.session() as s:
+        job = _job(s, job_id)
+        if job.plan != "mapped" or job.state != S.SERVING_BRIDGE:
+            return []
+        return [c.seq for c in s.scalars(select(JobChunk).where(JobChunk.job_id == job_id))]
+
+
 def step_start_backfill(ctx: Context, job_id: int) -> list[int]:
     """Enter backfilling; returns the chunk seqs still to do (for dispatch)."""
     _enter(ctx, job_id, S.SERVING_BRIDGE, S.BACKFILLING)
@@ -556,6 +571,43 @@ def backfill_chunk(ctx: Context, job_id: int, seq: int) -> int:
         job = _job(s, job_id, lock=True)
         job.items_done = _count_upgraded(s, job)
     return len(added)
+
+
+def mapped_store(ctx: Context, gallery: str, old: Any, new: Any) -> SpaceStore:
+    """Old vectors mapped into the new space: a space of its own, `v<old>-to-<new>`."""
+    root = gallery_dir(ctx, gallery) / "vectors" / f"v{old.id}-to-{new.id}"
+    return SpaceStore(root, new.dim)
+
+
+def map_chunk(ctx: Context, job_id: int, seq: int) -> int:
+    """Push one chunk's stored old vectors through the gallery-side adapter into the
+    mapped space (idempotent: ids already mapped are skipped). Returns vectors mapped."""
+    old, new, gallery, _ = _versions(ctx, job_id)
+    with ctx.session() as s:
+        job = _job(s, job_id)
+        chunk = s.scalars(
+            select(JobChunk).where(JobChunk.job_id == job_id, JobChunk.seq == seq)
+        ).one()
+        ids = np.array(
+            [
+                i
+                for (i,) in s.execute(
+                    select(Item.id).where(
+                        Item.gallery_id == job.gallery_id,
+                        Item.id >= chunk.start,
+                        Item.id < chunk.stop,
+                    )
+                )
+            ],
+            np.int64,
+        )
+    mapper = load_adapter(job_dir(ctx, job_id) / "mapper", source=old.ref, target=new.ref)
+    vectors, found = space_store(ctx, gallery, old).get(ids)
+    return len(
+        mapped_store(ctx, gallery, old, new).add_missing(
+            ids[found], mapper.transform(vectors[found])
+        )
+    )
 
 
 def chunks_left(ctx: Context, job_id: int) -> int:
@@ -675,6 +727,8 @@ def run_in_process(
     step_pair(ctx, job_id)
     step_train(ctx, job_id)
     step_gate(ctx, job_id)
+    for seq in map_chunks_needed(ctx, job_id):
+        map_chunk(ctx, job_id, seq)
     for n, seq in enumerate(step_start_backfill(ctx, job_id)):
         if stop_after is not None and n >= stop_after:
             return get_job(ctx, job_id)

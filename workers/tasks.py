@@ -25,6 +25,8 @@ def run_upgrade(job_id: int) -> str:
         upgrades.step_pair(ctx, job_id)
         upgrades.step_train(ctx, job_id)
         upgrades.step_gate(ctx, job_id)
+        for seq in upgrades.map_chunks_needed(ctx, job_id):
+            upgrades.map_chunk(ctx, job_id, seq)  # the mapped space must be whole to serve
         seqs = upgrades.step_start_backfill(ctx, job_id)
     except EmbcompatError as exc:
         if exc.transient:
@@ -46,6 +48,12 @@ def backfill_chunk(job_id: int, seq: int) -> int:
     if upgrades.chunks_left(ctx, job_id) == 0:
         upgrades.finalize(ctx, job_id)
     return done
+
+
+@shared_task(name="workers.tasks.map_chunk", **RETRY)
+def map_chunk(job_id: int, seq: int) -> int:
+    """Map one chunk of stored old vectors into the new space (gallery-side adapter)."""
+    return upgrades.map_chunk(Context(), job_id, seq)
 
 
 @shared_task(name="workers.tasks.resume_upgrade")

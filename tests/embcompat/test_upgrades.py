@@ -121,3 +121,24 @@ def test_pause_resume_cancel_and_rollback_follow_the_state_machine(gallery: tupl
         upgrades.cancel(ctx, job.id)
     second = upgrades.start_upgrade(ctx, "docs", "text", "v2", pairs=60)
     assert upgrades.cancel(ctx, second.id).state == "cancelled"
+
+
+@pytest.mark.parametrize("plan", ["mapped", "bridge", "dual", "basis"])
+def test_each_plan_serves_mid_upgrade_with_its_paths(gallery: tuple, plan: str) -> None:
+    ctx, queries, relevant, items = gallery
+    job = upgrades.start_upgrade(ctx, "docs", "text", "v2", plan=plan, pairs=60, chunk_size=60)
+    rec = upgrades.run_in_process(ctx, job.id, stop_after=1)
+    gate = rec.report["gate"]
+    expected = plan if plan != "bridge" or gate["bridge_accepted"] else "dual"
+    assert rec.plan == expected, gate
+    if plan == "mapped":
+        with ctx.session() as s:
+            old = versions.get_version(s, ctx.registry, "text", "v1")
+            new = versions.get_version(s, ctx.registry, "text", "v2")
+        assert len(upgrades.mapped_store(ctx, "docs", old, new)) == len(items)
+    res = search.search(ctx, "docs", texts=queries[:20], k=10)
+    paths = {h.path for row in res.hits for h in row}
+    old_path = {"dual": "old"}.get(expected, expected)
+    assert res.plan == expected and paths <= {"new", old_path} and old_path in paths
+    assert all(len({h.item for h in row}) == len(row) == 10 for row in res.hits)
+    assert _recall(ctx, queries, relevant, items) > 0.3
