@@ -41,6 +41,7 @@ from embcompat.galleries import (
     space_store,
     version_record,
 )
+from embcompat.schedule import BackfillSchedule
 from index.curve import fit_calibration
 from index.merge import Platt
 from index.store import SpaceStore
@@ -249,9 +250,10 @@ def start_upgrade(
     plan: str = "auto",
     pairs: int = 2000,
     chunk_size: int = 1000,
-    probe: list[dict[str, Any]] | None = None,
+    schedule: BackfillSchedule | None = None,
 ) -> JobRecord:
-    """Create the job (state planned) and its chunk ledger; refuses before anything runs."""
+    """Create the job (state planned) and its chunk ledger; refuses before anything runs.
+    With a `schedule`, the backfill runs only in its window and at its rate."""
     if pairs < 50 or chunk_size < 1:
         raise UpgradeRefused("an upgrade needs at least 50 pairs and chunk_size >= 1")
     with ctx.session() as s:
@@ -268,7 +270,7 @@ def start_upgrade(
                 "plan": plan,
                 "pairs": min(pairs, count),
                 "chunk_size": chunk_size,
-                "probe": probe or [],
+                "schedule": schedule.to_dict() if schedule else {},
             },
             report={},
         )

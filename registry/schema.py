@@ -67,6 +67,7 @@ class JobState(StrEnum):
 
 class ChunkState(StrEnum):
     PENDING = "pending"
+    QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"

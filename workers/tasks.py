@@ -12,7 +12,8 @@ from sqlalchemy import select
 from embcompat import upgrades
 from embcompat.context import Context
 from embcompat.errors import EmbcompatError, ServiceUnavailable
-from registry.schema import ChunkState, Job, JobChunk, JobState
+from embcompat.schedule import chunks_due
+from registry.schema import Job, JobState
 
 RETRY = {"autoretry_for": (ServiceUnavailable,), "retry_backoff": True, "max_retries": 5}
 
@@ -27,7 +28,8 @@ def run_upgrade(job_id: int) -> str:
         upgrades.step_gate(ctx, job_id)
         for seq in upgrades.map_chunks_needed(ctx, job_id):
             upgrades.map_chunk(ctx, job_id, seq)  # the mapped space must be whole to serve
-        seqs = upgrades.step_start_backfill(ctx, job_id)
+        upgrades.step_start_backfill(ctx, job_id)
+        seqs = chunks_due(ctx, job_id)  # with a schedule, beat's reconcile sends the rest
     except EmbcompatError as exc:
         if exc.transient:
             raise
@@ -35,7 +37,7 @@ def run_upgrade(job_id: int) -> str:
         return "failed"
     for seq in seqs:
         backfill_chunk.delay(job_id, seq)
-    if not seqs:
+    if upgrades.chunks_left(ctx, job_id) == 0:
         upgrades.finalize(ctx, job_id)
     return upgrades.get_job(ctx, job_id).state
 
@@ -64,17 +66,14 @@ def resume_upgrade(job_id: int) -> str:
 
 @shared_task(name="workers.tasks.reconcile")
 def reconcile() -> int:
-    """Beat: re-dispatch chunks of backfilling jobs that are not done (idempotent)."""
+    """Beat, every minute: dispatch the chunks due now for every backfilling job (their
+    schedule's window and rate, and chunks whose worker was lost)."""
     ctx = Context()
     with ctx.session() as s:
-        pending = [
-            (c.job_id, c.seq)
-            for c in s.scalars(
-                select(JobChunk)
-                .join(Job, Job.id == JobChunk.job_id)
-                .where(Job.state == JobState.BACKFILLING, JobChunk.state != ChunkState.DONE)
-            )
-        ]
-    for job_id, seq in pending:
-        backfill_chunk.delay(job_id, seq)
-    return len(pending)
+        jobs = list(s.scalars(select(Job.id).where(Job.state == JobState.BACKFILLING)))
+    sent = 0
+    for job_id in jobs:
+        for seq in chunks_due(ctx, job_id):
+            backfill_chunk.delay(job_id, seq)
+            sent += 1
+    return sent
