@@ -105,8 +105,9 @@ def plan_upgrade(name: str, body: UpgradeIn, ctx: Ctx) -> dict[str, Any]:
 def start_upgrade(name: str, body: UpgradeIn, ctx: Ctx, tasks: BackgroundTasks) -> dict[str, Any]:
     from workers.app import dispatch_upgrade
 
+    probe = [q.model_dump() for q in body.probe] if body.probe else None
     job = upgrades.start_upgrade(
-        ctx, name, body.model, body.version, body.plan, body.pairs, body.chunk_size
+        ctx, name, body.model, body.version, body.plan, body.pairs, body.chunk_size, probe=probe
     )
     tasks.add_task(dispatch_upgrade, ctx.settings, job.id)  # in-process runs after the reply
     return job.to_dict()

@@ -50,9 +50,15 @@ class SearchIn(Body):
     k: int = Field(default=10, ge=1, le=1000)
 
 
+class ProbeQuery(Body):
+    text: str = Field(min_length=1, max_length=10_000)
+    relevant: list[str] = Field(min_length=1, max_length=1000)
+
+
 class UpgradeIn(Body):
     model: str = Name
     version: str = Name
     plan: Literal["auto", "cascade", "bridge", "mapped", "dual", "basis", "backfill"] = "auto"
     pairs: int = Field(default=2000, ge=50, le=1_000_000)
     chunk_size: int = Field(default=1000, ge=1, le=1_000_000)
+    probe: list[ProbeQuery] | None = Field(default=None, max_length=100_000)

@@ -92,18 +92,25 @@ def search(
     t0 = time.perf_counter()
     with ctx.session() as s:
         g = get_gallery_row(s, gallery)
+        serving = version_record(ctx, s, g.serving_version_id)
+        kind = g.index_kind
         job = upgrades.active_job_row(s, g.id)
         mixed_plan = job.plan if job is not None and job.state in upgrades.SERVING_STATES else None
-        serving = version_record(ctx, s, g.serving_version_id)
-        target = version_record(ctx, s, job.to_version_id) if mixed_plan and job else None
+        old, target = serving, None
+        if mixed_plan and job is not None:
+            target = version_record(ctx, s, job.to_version_id)
+        elif g.plan == "cascade":  # finished, and the probe said both models beat v2 alone
+            job = upgrades.last_done_job_row(s, g.id)
+            if job is not None:
+                mixed_plan = "cascade"
+                old, target = version_record(ctx, s, job.from_version_id), serving
         job_id = job.id if job else None
-        kind = g.index_kind
+        gate = dict((job.report or {}).get("gate", {})) if job else {}
     if mixed_plan is None or target is None:
         q = _queries(ctx, serving, texts, vectors)
         scores, ids = space_searcher(ctx, gallery, serving, kind).search(q, k)
         hits = _hits(ctx, ids, scores, lambda r, c: (serving.version, "index", None, None, False))
         return SearchResponse(gallery, "single", hits, latency_ms=_ms(t0))
-    old = serving
     needs_old = mixed_plan in ("dual", "cascade")
     if needs_old and texts is None and old_vectors is None:
         raise InvalidInput(
@@ -119,12 +126,16 @@ def search(
     head = None
     if mixed_plan == "basis":
         head = load_adapter(folder / "basis", target.ref, old.ref).head  # type: ignore[attr-defined]
+    labelled = gate.get("probe") or {}
+    learned = mixed_plan == "cascade" and "weight" in labelled
     plan = Plan(
         mixed_plan,  # type: ignore[arg-type]
-        "rrf" if mixed_plan == "cascade" else "calibrated",
+        "learned" if learned else "rrf" if mixed_plan == "cascade" else "calibrated",
         bridge=bridge,
         basis_head=head,
         calibration=upgrades.load_platt(ctx, job_id),  # type: ignore[arg-type]
+        weight=float(labelled.get("weight", 0.5)),
+        cascade_k=int(labelled.get("cascade_k", 50)),
         encode_budget=ctx.settings.cascade_encode_budget,
     )
     mapped = None

@@ -41,6 +41,7 @@ from embcompat.galleries import (
     space_store,
     version_record,
 )
+from embcompat.probe import measure as probe_measure
 from embcompat.schedule import BackfillSchedule
 from index.curve import fit_calibration
 from index.merge import Platt
@@ -104,6 +105,14 @@ def active_job_row(session: Session, gallery_id: int) -> Job | None:
             Job.kind == "upgrade",
             Job.state.not_in([s.value for s in TERMINAL]),
         )
+    ).first()
+
+
+def last_done_job_row(session: Session, gallery_id: int) -> Job | None:
+    return session.scalars(
+        select(Job)
+        .where(Job.gallery_id == gallery_id, Job.kind == "upgrade", Job.state == S.DONE)
+        .order_by(Job.id.desc())
     ).first()
 
 
@@ -251,9 +260,11 @@ def start_upgrade(
     pairs: int = 2000,
     chunk_size: int = 1000,
     schedule: BackfillSchedule | None = None,
+    probe: list[dict[str, Any]] | None = None,
 ) -> JobRecord:
     """Create the job (state planned) and its chunk ledger; refuses before anything runs.
-    With a `schedule`, the backfill runs only in its window and at its rate."""
+    With a `schedule`, the backfill runs only in its window and at its rate. A `probe`
+    (queries as {"text", "relevant": [item ids]}) lets the gate measure with labels."""
     if pairs < 50 or chunk_size < 1:
         raise UpgradeRefused("an upgrade needs at least 50 pairs and chunk_size >= 1")
     with ctx.session() as s:
@@ -271,6 +282,7 @@ def start_upgrade(
                 "pairs": min(pairs, count),
                 "chunk_size": chunk_size,
                 "schedule": schedule.to_dict() if schedule else {},
+                "probe": probe or [],
             },
             report={},
         )
@@ -373,13 +385,14 @@ def _count_upgraded(session: Session, job: Job) -> int:
     )
 
 
-def _paired_vectors(ctx: Context, job_id: int) -> tuple[np.ndarray, np.ndarray]:
+def _paired_vectors(ctx: Context, job_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, old vectors, new vectors) of the paired sample, rows aligned."""
     old, new, gallery, _ = _versions(ctx, job_id)
     ids = np.load(job_dir(ctx, job_id) / "pairs.npy")
     x_old, f_old = space_store(ctx, gallery, old).get(ids)
     x_new, f_new = space_store(ctx, gallery, new).get(ids)
     both = f_old & f_new
-    return x_old[both], x_new[both]
+    return ids[both], x_old[both], x_new[both]
 
 
 def step_train(ctx: Context, job_id: int) -> None:
@@ -389,7 +402,7 @@ def step_train(ctx: Context, job_id: int) -> None:
         if _job(s, job_id).state != S.TRAINING:
             return
     old, new, gallery, _ = _versions(ctx, job_id)
-    x_old, x_new = _paired_vectors(ctx, job_id)
+    ids, x_old, x_new = _paired_vectors(ctx, job_id)
     cut = int(0.8 * len(x_old))
     fit_old, fit_new = x_old[:cut], x_new[:cut]
     selection = select_adapter(
@@ -463,7 +476,7 @@ def step_gate(ctx: Context, job_id: int) -> None:
             return
         requested = job.params["plan"]
     old, new, gallery, _ = _versions(ctx, job_id)
-    x_old, x_new = _paired_vectors(ctx, job_id)
+    ids, x_old, x_new = _paired_vectors(ctx, job_id)
     h_old, h_new = x_old[int(0.8 * len(x_old)) :], x_new[int(0.8 * len(x_new)) :]
     bridge = load_adapter(job_dir(ctx, job_id) / "bridge", source=new.ref, target=old.ref)
     truth = search(h_new, h_new, 11)[1][:, 1:]
@@ -484,6 +497,26 @@ def step_gate(ctx: Context, job_id: int) -> None:
         plan, reason = requested, "requested"
     if plan in ("dual", "cascade") and old.external:
         plan, reason = "bridge", f"{old.ref} is external: queries cannot be encoded by it"
+    labelled = _measure_probe(ctx, job_id, old, new, ids, x_old, x_new) if both_encoders else None
+    if labelled and labelled.get("downgrade"):
+        fail(
+            ctx,
+            job_id,
+            f"upgrade refused: a downgrade on the labelled probe (M(new,new) "
+            f"{labelled['r10_new_new']:.3f} < M(old,old) {labelled['r10_old_old']:.3f})",
+        )
+        with ctx.session() as s:
+            job = _job(s, job_id)
+            job.report = {
+                **job.report,
+                "gate": {"probe": labelled, "plan": None, "reason": "downgrade: not worth running"},
+            }
+        return
+    if labelled and plan == "cascade" and labelled.get("capped"):
+        reason += (
+            f"; the old model's recall@{labelled['cascade_k']} caps the cascade below "
+            "v2 alone: backfill soon, items queries touch first (read-through)"
+        )
     gate = {
         "proxy_r10_old_old": old_old,
         "proxy_r10_new_old": new_old,
@@ -491,6 +524,7 @@ def step_gate(ctx: Context, job_id: int) -> None:
         "plan": plan,
         "reason": reason,
         "held_out_pairs": len(h_old),
+        **({"probe": labelled} if labelled else {}),
     }
     with ctx.session() as s:
         adapter = s.scalars(
@@ -507,6 +541,23 @@ def step_gate(ctx: Context, job_id: int) -> None:
             job.plan = plan if plan != "backfill" else "dual"
             get_gallery_row_by_id(s, job.gallery_id).plan = job.plan
             transition(job, S.SERVING_BRIDGE)
+
+
+def _measure_probe(
+    ctx: Context,
+    job_id: int,
+    old: Any,
+    new: Any,
+    ids: np.ndarray,
+    x_old: np.ndarray,
+    x_new: np.ndarray,
+) -> dict[str, Any] | None:
+    with ctx.session() as s:
+        job = _job(s, job_id)
+        probe, gallery_id, total = job.params.get("probe") or [], job.gallery_id, job.items_total
+    if not probe:
+        return None
+    return probe_measure(ctx, gallery_id, probe, ids, x_old, x_new, old, new, total)
 
 
 def map_chunks_needed(ctx: Context, job_id: int) -> list[int]:
@@ -640,7 +691,24 @@ def finalize(ctx: Context, job_id: int) -> bool:
         if job.state != S.BACKFILLING:
             return False
         g = get_gallery_row_by_id(s, job.gallery_id)
-        g.serving_version_id, g.plan = new.id, None
+        labelled = job.report.get("gate", {}).get("probe") or {}
+        keep = job.plan == "cascade" and bool(labelled.get("keep_old_at_100"))
+        job.report = {
+            **job.report,
+            "finalize": {
+                "keep_old": keep,
+                "fusion_gain": labelled.get("fusion_gain"),
+                "reason": (
+                    "the labelled probe measured a fusion gain worth keeping v1's vectors "
+                    "and encoder"
+                    if keep
+                    else "v1 retired: no labelled probe measured a fusion gain worth keeping it"
+                    if not labelled.get("r10_new_new")
+                    else "v1 retired: the fusion gain on the probe is under one point"
+                ),
+            },
+        }
+        g.serving_version_id, g.plan = new.id, "cascade" if keep else None
         job.items_done = _count_upgraded(s, job)
         versions.promote(s, ctx.registry, new.model, new.version, "serving")
         transition(job, S.DONE)

@@ -161,11 +161,11 @@ def _dedup_topk(ids: IdArray, scores: FloatArray, k: int) -> IdArray:
     mid-move appears once, with its best score); empty slots point at -inf entries."""
     order = np.argsort(-np.where(ids < 0, -np.inf, scores), axis=1, kind="stable")
     ranked = np.take_along_axis(ids, order, 1)
-    keep_first = np.argsort(_later_repeats(ranked) | (ranked < 0), axis=1, kind="stable")
+    keep_first = np.argsort(later_repeats(ranked) | (ranked < 0), axis=1, kind="stable")
     return np.take_along_axis(order, keep_first[:, :k], 1)
 
 
-def _later_repeats(ids: IdArray) -> npt.NDArray[np.bool_]:
+def later_repeats(ids: IdArray) -> npt.NDArray[np.bool_]:
     """True where a row's id already stood in an earlier column of that row."""
     by_id = np.argsort(ids, axis=1, kind="stable")  # equal ids keep their column order
     sorted_ids = np.take_along_axis(ids, by_id, 1)
@@ -217,7 +217,7 @@ def _cascade(
     sc_new = np.einsum("qcd,qd->qc", new_vecs.reshape(nq, 2 * kk, -1), q_new)
     sc_new[~new_found] = np.nan
     # a candidate proposed by both indexes appears twice: keep its first column only
-    dup = _later_repeats(cand)
+    dup = later_repeats(cand)
     sc_old[dup], sc_new[dup] = np.nan, np.nan
     alive = ~dup & (cand >= 0)
     if plan.merge == "rrf":

@@ -142,3 +142,21 @@ def test_each_plan_serves_mid_upgrade_with_its_paths(gallery: tuple, plan: str) 
     assert res.plan == expected and paths <= {"new", old_path} and old_path in paths
     assert all(len({h.item for h in row}) == len(row) == 10 for row in res.hits)
     assert _recall(ctx, queries, relevant, items) > 0.3
+
+
+def test_a_labelled_probe_sets_the_fusion_and_decides_whether_v1_is_kept(gallery: tuple) -> None:
+    ctx, queries, relevant, items = gallery
+    probe = [{"text": q, "relevant": [items[r].id]} for q, r in zip(queries, relevant, strict=True)]
+    job = upgrades.start_upgrade(ctx, "docs", "text", "v2", pairs=160, chunk_size=80, probe=probe)
+    done = upgrades.run_in_process(ctx, job.id)
+    measured = done.report["gate"]["probe"]
+    assert measured["queries"] >= 10 and measured["sub_gallery"] == 160
+    assert 0.0 <= measured["weight"] <= 1.0 and measured["cascade_k"] in (50, 100, 200)
+    assert measured["downgrade"] is False, measured
+    assert measured["fusion_gain"] == pytest.approx(
+        measured["r10_cascade"] - measured["r10_new_new"]
+    )
+    decision = done.report["finalize"]
+    assert decision["keep_old"] == measured["keep_old_at_100"]
+    res = search.search(ctx, "docs", texts=queries[:5], k=10)
+    assert res.plan == ("cascade" if decision["keep_old"] else "single"), decision

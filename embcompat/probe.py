@@ -1,0 +1,112 @@
+"""A labelled probe (queries with their relevant item ids) measured before the backfill.
+
+Before the backfill only the paired sample has both versions' vectors, so the probe is
+measured on that sub-gallery, with the probe queries whose relevant items are in it.
+Ranks scale with gallery size, so a cut-off K on the full gallery is measured as
+K·m/n on a sub-gallery of m of its n items. From it the gate learns:
+- whether the upgrade is a downgrade: M(new,new) below M(old,old) by more than noise
+  (queries v2 loses minus queries it wins above two standard deviations of a sign
+  test, as McNemar's test counts them): refused;
+- the cascade's fusion weight, and the fused quality at 100 % (keep v1 or retire it);
+- whether the old model's recall@K caps the cascade, and the K that lifts the cap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from adapters.metrics import hits_at_k, recall_at_k, search
+from embcompat.context import Context
+from index.merge import fit_weight, fuse_z, zscore_rows
+from index.plans import later_repeats
+from registry import versions
+from registry.schema import Item
+
+MIN_QUERIES = 10
+KS = (50, 100, 200)
+KEEP_OLD_MIN_GAIN = 0.01  # fused R@10 must beat v2 alone by a point to keep v1 running
+
+
+def measure(
+    ctx: Context,
+    gallery_id: int,
+    probe: list[dict[str, Any]],
+    pair_ids: np.ndarray,
+    g_old: np.ndarray,
+    g_new: np.ndarray,
+    old: Any,
+    new: Any,
+    n_gallery: int,
+) -> dict[str, Any]:
+    """pair_ids: (m,) item ids whose vectors g_old (m, d_old) and g_new (m, d_new) are known."""
+    wanted = sorted({r for q in probe for r in q.get("relevant", [])})
+    with ctx.session() as s:
+        by_ext = dict(
+            s.execute(
+                select(Item.external_id, Item.id).where(
+                    Item.gallery_id == gallery_id, Item.external_id.in_(wanted)
+                )
+            ).all()
+        )
+    row = {int(i): r for r, i in enumerate(pair_ids)}
+    texts, relevant = [], []
+    for q in probe:
+        rows = {row[by_ext[e]] for e in q.get("relevant", []) if by_ext.get(e) in row}
+        if rows and q.get("text"):
+            texts.append(q["text"])
+            relevant.append(rows)
+    out: dict[str, Any] = {"queries": len(texts), "sub_gallery": len(pair_ids)}
+    if len(texts) < MIN_QUERIES:
+        return {
+            **out,
+            "note": f"fewer than {MIN_QUERIES} probe queries have a relevant item "
+            "in the paired sample: nothing measured",
+        }
+    q_old = versions.load_encoder(ctx.registry, old).encode(texts)
+    q_new = versions.load_encoder(ctx.registry, new).encode(texts)
+    scale = len(pair_ids) / max(n_gallery, 1)
+    k10 = max(1, round(10 * scale)) if scale < 1 else 10
+    ranked_old, ranked_new = search(q_old, g_old, k10)[1], search(q_new, g_new, k10)[1]
+    r_oo = recall_at_k(ranked_old, relevant, k10)
+    r_nn = recall_at_k(ranked_new, relevant, k10)
+    hit_old, hit_new = hits_at_k(ranked_old, relevant, k10), hits_at_k(ranked_new, relevant, k10)
+    lost, won = int((hit_old & ~hit_new).sum()), int((hit_new & ~hit_old).sum())
+    old_recall = {
+        k: recall_at_k(
+            search(q_old, g_old, max(1, round(k * scale)))[1], relevant, max(1, round(k * scale))
+        )
+        for k in KS
+    }
+    cascade_k = next((k for k in KS if old_recall[k] >= r_nn), KS[-1])
+    kk = max(1, round(cascade_k * scale))
+    # at 100 %: the old index proposes its top K, the new index its own; both score all
+    cand = np.concatenate([search(q_old, g_old, kk)[1], search(q_new, g_new, kk)[1]], axis=1)
+    dup = later_repeats(cand)
+    zo = zscore_rows(np.where(dup, np.nan, np.einsum("qcd,qd->qc", g_old[cand], q_old)))
+    zn = zscore_rows(np.where(dup, np.nan, np.einsum("qcd,qd->qc", g_new[cand], q_new)))
+
+    def fused_recall(w: float) -> float:
+        order = np.argsort(-fuse_z(zo, zn, w), axis=1)[:, :k10]
+        return recall_at_k(np.take_along_axis(cand, order, 1), relevant, k10)
+
+    weight = fit_weight(fused_recall)
+    r_cascade = fused_recall(weight)
+    return {
+        **out,
+        "k_scaled": k10,
+        "r10_old_old": r_oo,
+        "r10_new_new": r_nn,
+        "queries_lost": lost,
+        "queries_won": won,
+        "downgrade": bool(lost - won > 2 * np.sqrt(lost + won)),
+        "weight": weight,
+        "r10_cascade": r_cascade,
+        "fusion_gain": r_cascade - r_nn,
+        "keep_old_at_100": r_cascade - r_nn >= KEEP_OLD_MIN_GAIN,
+        "old_recall_at_k": {str(k): v for k, v in old_recall.items()},
+        "cascade_k": cascade_k,
+        "capped": old_recall[KS[-1]] < r_nn,
+    }
