@@ -26,7 +26,7 @@ from embcompat.errors import (
     UnknownItem,
 )
 from index.faiss_index import IndexGenerations, IndexKind, SpaceSearcher
-from index.store import SpaceStore
+from index.store import SpaceStore, open_space
 from registry import versions
 from registry.records import ModelVersionRecord
 from registry.schema import EmbeddingModel, Gallery, Item, ModelVersion
@@ -61,7 +61,7 @@ def gallery_dir(ctx: Context, gallery: str) -> Path:
 
 
 def space_store(ctx: Context, gallery: str, version: ModelVersionRecord) -> SpaceStore:
-    return SpaceStore(gallery_dir(ctx, gallery) / "vectors" / space_name(version.id), version.dim)
+    return open_space(gallery_dir(ctx, gallery) / "vectors" / space_name(version.id), version.dim)
 
 
 def space_searcher(

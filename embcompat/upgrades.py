@@ -45,7 +45,7 @@ from embcompat.probe import measure as probe_measure
 from embcompat.schedule import BackfillSchedule
 from index.curve import fit_calibration
 from index.merge import Platt
-from index.store import SpaceStore
+from index.store import SpaceStore, open_space
 from registry import versions
 from registry.schema import (
     Adapter,
@@ -629,7 +629,7 @@ def backfill_chunk(ctx: Context, job_id: int, seq: int) -> int:
 def mapped_store(ctx: Context, gallery: str, old: Any, new: Any) -> SpaceStore:
     """Old vectors mapped into the new space: a space of its own, `v<old>-to-<new>`."""
     root = gallery_dir(ctx, gallery) / "vectors" / f"v{old.id}-to-{new.id}"
-    return SpaceStore(root, new.dim)
+    return open_space(root, new.dim)
 
 
 def map_chunk(ctx: Context, job_id: int, seq: int) -> int:

@@ -269,6 +269,21 @@ class SpaceStore:
         return removed
 
 
+_OPEN: dict[Path, SpaceStore] = {}
+
+
+def open_space(root: Path, dim: int | None = None) -> SpaceStore:
+    """The process's SpaceStore for `root`, so its snapshot cache (checked against the
+    manifest on every read) is shared by every caller instead of reloaded per call."""
+    key = Path(root).resolve()
+    store = _OPEN.get(key)
+    if store is None or not (key / MANIFEST).exists():
+        store = _OPEN[key] = SpaceStore(key, dim)
+    elif dim is not None and store.dim != dim:
+        raise DimensionMismatch(f"space {key.name!r} holds dim {store.dim}, not {dim}", field="dim")
+    return store
+
+
 class VectorStore:
     """All spaces of one gallery under `root/<space>/`."""
 
