@@ -32,6 +32,13 @@ class Metrics:
     def __init__(self) -> None:
         self.count: dict[tuple[str, str, int], int] = defaultdict(int)
         self.seconds: dict[tuple[str, str], float] = defaultdict(float)
+        self.encodes: dict[str, int] = defaultdict(int)
+
+    def observe_search(self, plan: str, encodes: int, seconds: float) -> None:
+        """Searches per plan, their on-the-fly encodes (read-through) and their time."""
+        self.count[("SEARCH", plan, 0)] += 1
+        self.seconds[("SEARCH", plan)] += seconds
+        self.encodes[plan] += encodes
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         self.count[(method, route, status)] += 1
@@ -42,11 +49,30 @@ class Metrics:
         lines += [
             f'embcompat_requests_total{{method="{m}",route="{r}",status="{s}"}} {n}'
             for (m, r, s), n in sorted(self.count.items())
+            if m != "SEARCH"
         ]
         lines.append("# TYPE embcompat_request_seconds_total counter")
         lines += [
             f'embcompat_request_seconds_total{{method="{m}",route="{r}"}} {v:.6f}'
             for (m, r), v in sorted(self.seconds.items())
+            if m != "SEARCH"
+        ]
+        lines.append("# TYPE embcompat_searches_total counter")
+        lines += [
+            f'embcompat_searches_total{{plan="{p}"}} {n}'
+            for (m, p, _), n in sorted(self.count.items())
+            if m == "SEARCH"
+        ]
+        lines.append("# TYPE embcompat_search_seconds_total counter")
+        lines += [
+            f'embcompat_search_seconds_total{{plan="{p}"}} {v:.6f}'
+            for (m, p), v in sorted(self.seconds.items())
+            if m == "SEARCH"
+        ]
+        lines.append("# TYPE embcompat_search_encodes_total counter")
+        lines += [
+            f'embcompat_search_encodes_total{{plan="{p}"}} {n}'
+            for p, n in sorted(self.encodes.items())
         ]
         lines.append("# TYPE embcompat_upgrade_progress gauge")
         with ctx.session() as s:

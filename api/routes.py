@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Path, status
+from fastapi import APIRouter, BackgroundTasks, Path, Request, status
 
 from api.deps import Admin, Ctx, Read
 from api.schemas import GalleryIn, ItemIdsIn, ItemsIn, SearchIn, UpgradeIn, VersionIn
@@ -92,8 +92,10 @@ def publish(name: str, ctx: Ctx) -> dict[str, int]:
 
 
 @gals.post("/{name}/search", dependencies=[Read])
-def search_gallery(name: str, body: SearchIn, ctx: Ctx) -> dict[str, Any]:
-    return search.search(ctx, name, body.texts, body.vectors, body.k, body.old_vectors).to_dict()
+def search_gallery(name: str, body: SearchIn, ctx: Ctx, request: Request) -> dict[str, Any]:
+    res = search.search(ctx, name, body.texts, body.vectors, body.k, body.old_vectors)
+    request.app.state.metrics.observe_search(res.plan, res.encodes, res.latency_ms / 1e3)
+    return res.to_dict()
 
 
 @gals.post("/{name}/upgrades/plan", dependencies=[Admin])
