@@ -8,19 +8,9 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from embcompat.context import Context
-from embcompat.errors import EmbcompatError
+from embcompat.errors import Forbidden, Unauthorized
 
 bearer = HTTPBearer(auto_error=False, description="a token from EMBCOMPAT_API_TOKENS")
-
-
-class Unauthorized(EmbcompatError):
-    code = "unauthorized"
-    http_status = 401
-
-
-class Forbidden(EmbcompatError):
-    code = "forbidden"
-    http_status = 403
 
 
 def get_context(request: Request) -> Context:

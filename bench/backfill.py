@@ -29,10 +29,10 @@ from adapters.io import load_adapter
 from embcompat import galleries, migrate, upgrades
 from embcompat.context import Context
 from embcompat.datasets import wordnet_task
+from embcompat.demo import register_text_pair
 from embcompat.settings import Settings
 from registry import versions
 from registry.schema import JobChunk
-from registry.shipped import MINILM_L6, MPNET
 
 REDIS = os.environ.get("EMBCOMPAT_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 
@@ -47,28 +47,7 @@ def _setup(root: Path, n: int) -> tuple[Context, list[str]]:
     )
     migrate.upgrade(settings.resolved_database_url)
     ctx = Context(settings)
-    models = Path(".embcompat/models").resolve()
-    with ctx.session() as s:
-        versions.register_version(
-            s,
-            ctx.registry,
-            model="text",
-            version="v1",
-            dim=384,
-            source="shipped",
-            location=MINILM_L6,
-            models_dir=models,
-        )
-        versions.register_version(
-            s,
-            ctx.registry,
-            model="text",
-            version="v2",
-            dim=768,
-            source="shipped",
-            location=MPNET,
-            models_dir=models,
-        )
+    register_text_pair(ctx, Path(".embcompat/models").resolve())
     task = wordnet_task(n_queries=n // 4, n_gallery=n, seed=11)
     galleries.create_gallery(ctx, "docs", "text", "v1")
     galleries.ingest(
@@ -142,7 +121,8 @@ def _worker_rate(ctx: Context, workers: int, pairs: int) -> tuple[float, int, fl
 
 def _map_ratio(ctx: Context, repeats: int = 3) -> tuple[float, float]:
     job = upgrades.latest_job(ctx, "docs")
-    assert job is not None
+    if job is None:
+        raise RuntimeError("the backfill run left no job to map")
     with ctx.session() as s:
         old = versions.get_version(s, ctx.registry, "text", "v1")
         new = versions.get_version(s, ctx.registry, "text", "v2")

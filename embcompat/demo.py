@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,8 +50,13 @@ class CachedTextEncoder:
         return np.stack([self.table[t] for t in items]).astype(np.float32)
 
 
-def _register(ctx: Context, console: Console) -> dict[str, Any]:
+def register_text_pair(
+    ctx: Context, models_dir: Path | None = None, say: Any = None
+) -> dict[str, Any]:
+    """text:v1 = all-MiniLM-L6-v2 (384) serving, text:v2 = all-mpnet-base-v2 (768), its
+    child; idempotent. Returns the two version records."""
     records = {}
+    say = say or (lambda _msg: None)
     with ctx.session() as s:
         for version, shipped, dim in MODELS:
             try:
@@ -62,12 +68,12 @@ def _register(ctx: Context, console: Console) -> dict[str, Any]:
                     dim=dim,
                     source="shipped",
                     location=shipped,
-                    models_dir=ctx.models_dir,
+                    models_dir=models_dir or ctx.models_dir,
                     parent="v1" if version == "v2" else None,
                 )
-                console.print(f"registered text:{version} ({shipped}, dim {dim}) in MLflow")
+                say(f"registered text:{version} ({shipped}, dim {dim}) in MLflow")
             except DuplicateVersion:
-                console.print(f"text:{version} already registered")
+                say(f"text:{version} already registered")
             records[version] = versions.get_version(s, ctx.registry, "text", version)
         if versions.serving_version(s, ctx.registry, "text") is None:
             versions.promote(s, ctx.registry, "text", "v1", "serving")
@@ -118,7 +124,7 @@ def run_demo(
     console = console or Console()
     migrate.upgrade(ctx.settings.resolved_database_url)
     console.rule("1. register v1 and v2 in the MLflow model registry")
-    recs = _register(ctx, console)
+    recs = register_text_pair(ctx, say=console.print)
     task = wordnet_task(n_queries, n_gallery)
     cache = ctx.data_dir / "cache" / "embeddings"
     vecs: dict[str, dict[str, FloatArray]] = {}

@@ -1,6 +1,8 @@
 """The one error tree of embcompat. Every error names what was wrong and how to fix it.
 
     EmbcompatError (code, http_status, hint, transient)
+    ├── Unauthorized                401 (no or unknown bearer token)
+    ├── Forbidden                   403 (the token lacks the scope)
     ├── NotFound                    404
     │   ├── UnknownModel
     │   ├── UnknownVersion
@@ -55,6 +57,16 @@ class EmbcompatError(Exception):
             problem["hint"] = self.hint
         problem.update({k: v for k, v in self.context.items() if v is not None})
         return problem
+
+
+class Unauthorized(EmbcompatError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class Forbidden(EmbcompatError):
+    code = "forbidden"
+    http_status = 403
 
 
 class NotFound(EmbcompatError):

@@ -30,6 +30,7 @@ from adapters.select import select_adapter
 from embcompat.context import Context
 from embcompat.errors import (
     InvalidTransition,
+    UnknownGallery,
     UnknownJob,
     UpgradeInProgress,
     UpgradeRefused,
@@ -51,6 +52,7 @@ from registry.schema import (
     Adapter,
     AdapterStatus,
     ChunkState,
+    Gallery,
     Item,
     Job,
     JobChunk,
@@ -171,10 +173,11 @@ def record(session: Session, job: Job) -> JobRecord:
     )
 
 
-def get_gallery_row_by_id(session: Session, gallery_id: int | None) -> Any:
-    from registry.schema import Gallery
-
-    return session.get(Gallery, gallery_id)
+def get_gallery_row_by_id(session: Session, gallery_id: int | None) -> Gallery:
+    row = session.get(Gallery, gallery_id)
+    if row is None:
+        raise UnknownGallery(f"gallery {gallery_id} is gone", gallery=gallery_id)
+    return row
 
 
 # -- planning and starting ---------------------------------------------------------------
@@ -186,7 +189,8 @@ def _validate(
     g = get_gallery_row(session, gallery)
     target = versions.get_version_row(session, model, to_version)
     source = session.get(ModelVersion, g.serving_version_id)
-    assert source is not None
+    if source is None:  # the FK forbids it; a clear error all the same
+        raise UpgradeRefused(f"gallery {gallery!r} has no serving version")
     if plan not in PLANS:
         raise UpgradeRefused(f"unknown plan {plan!r}", hint=f"one of {', '.join(PLANS)}")
     if target.model_id != g.model_id:

@@ -22,7 +22,6 @@ from typing import Literal
 
 import faiss
 import numpy as np
-import numpy.typing as npt
 
 from adapters.base import check_vectors
 from embcompat.errors import CorruptArtifact, InvalidInput
@@ -156,20 +155,17 @@ class SpaceSearcher:
         self.store = store
         self.generations = generations
         self.last_error: str | None = None
-        self._delta_key: tuple[int, int] | None = None
-        self._delta: tuple[IdArray, FloatArray, npt.NDArray[np.int64]] | None = None
+        self._delta: tuple[tuple[int, int], IdArray, FloatArray, IdArray] | None = None
 
     def _plan(self, gen: Generation | None) -> tuple[IdArray, FloatArray, IdArray]:
         """(ids added since the generation, their vectors, live ids) for this snapshot."""
         snap = self.store.snapshot()
         key = (gen.number if gen else -1, snap.seq)
-        if self._delta_key != key:
+        if self._delta is None or self._delta[0] != key:
             gen_ids = gen.ids if gen else np.zeros(0, np.int64)
             added = ~np.isin(snap.ids, gen_ids)
-            self._delta = (snap.ids[added], snap.vectors[added], np.sort(snap.ids))
-            self._delta_key = key
-        assert self._delta is not None
-        return self._delta
+            self._delta = (key, snap.ids[added], snap.vectors[added], np.sort(snap.ids))
+        return self._delta[1:]
 
     def search(
         self, queries: FloatArray, k: int, exclude: IdArray | None = None

@@ -91,20 +91,10 @@ def small_real_pair(models_dir: Path) -> dict[str, object]:
 
 
 def register_pair(ctx: Context, models_dir: Path) -> None:
-    """text:v1 = all-MiniLM-L6-v2 (384), text:v2 = all-mpnet-base-v2 (768), child of v1."""
-    from registry import versions
-    from registry.shipped import MINILM_L6, MPNET
+    """text:v1 = all-MiniLM-L6-v2 (384, serving), text:v2 = all-mpnet-base-v2 (768)."""
+    from embcompat.demo import register_text_pair
 
-    with ctx.session() as s:
-        versions.register_version(
-            s, ctx.registry, model="text", version="v1", dim=384, source="shipped",
-            location=MINILM_L6, models_dir=models_dir,
-        )  # fmt: skip
-        versions.register_version(
-            s, ctx.registry, model="text", version="v2", dim=768, source="shipped",
-            location=MPNET, parent="v1", models_dir=models_dir,
-        )  # fmt: skip
-        versions.promote(s, ctx.registry, "text", "v1", "serving")
+    register_text_pair(ctx, models_dir)
 
 
 @pytest.fixture(scope="session")
