@@ -81,6 +81,18 @@ def ingest(name: str, body: ItemsIn, ctx: Ctx) -> dict[str, int]:
     return galleries.ingest(ctx, name, items)
 
 
+@gals.post("/{name}/items/stage", status_code=status.HTTP_202_ACCEPTED, dependencies=[Admin])
+def stage_items(name: str, body: ItemsIn, ctx: Ctx, tasks: BackgroundTasks) -> dict[str, int]:
+    """Store texts now; the `ingest` task encodes them on the workers, in batches."""
+    from workers.app import dispatch_ingest
+
+    staged = galleries.stage(
+        ctx, name, [galleries.ItemIn(i.id, i.text, i.vector) for i in body.items]
+    )
+    tasks.add_task(dispatch_ingest, ctx.settings, name)
+    return {"staged": staged}
+
+
 @gals.post("/{name}/items/delete", dependencies=[Admin])
 def delete_items(name: str, body: ItemIdsIn, ctx: Ctx) -> dict[str, int]:
     return {"deleted": galleries.delete_items(ctx, name, body.ids)}

@@ -96,11 +96,12 @@ def _worker_rate(ctx: Context, workers: int, pairs: int) -> tuple[float, int, fl
         "--without-mingle",
         "--without-gossip",
     ]
+    # the job exists before the workers start, so each process loads v2 at its start
+    job = upgrades.start_upgrade(
+        ctx, "docs", "text", "v2", plan="dual", pairs=pairs, chunk_size=500
+    )
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
-        job = upgrades.start_upgrade(
-            ctx, "docs", "text", "v2", plan="dual", pairs=pairs, chunk_size=500
-        )
         dispatch_upgrade(s, job.id)
         while upgrades.get_job(ctx, job.id).state != "backfilling":
             time.sleep(0.1)

@@ -150,11 +150,7 @@ def encode_items(ctx: Context, version: ModelVersionRecord, items: Sequence[Item
     return encoder.encode([it.text for it in items], ctx.settings.encode_batch_size)  # type: ignore[misc]
 
 
-def ingest(ctx: Context, gallery: str, items: Sequence[ItemIn]) -> dict[str, int]:
-    """Add or update items (idempotent on item id). Everything is validated and encoded
-    before anything is written; vectors are stored before the DB commit."""
-    if not items:
-        return {"added": 0, "updated": 0}
+def _check_batch(ctx: Context, items: Sequence[ItemIn]) -> list[str]:
     if len(items) > ctx.settings.max_batch_items:
         raise InvalidInput(
             f"batch of {len(items)} items exceeds the limit of {ctx.settings.max_batch_items}",
@@ -164,6 +160,55 @@ def ingest(ctx: Context, gallery: str, items: Sequence[ItemIn]) -> dict[str, int
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise DuplicateItem(f"item id {dup!r} appears twice in one batch", item=dup)
+    return ids
+
+
+def stage(ctx: Context, gallery: str, items: Sequence[ItemIn]) -> int:
+    """Store raw items (texts) without vectors, for the `ingest` task to encode in chunks
+    on the workers; idempotent on item id. Returns how many are staged."""
+    ids = _check_batch(ctx, items)
+    missing = [it.id for it in items if not it.text or it.vector is not None]
+    if missing:
+        raise InvalidInput(f"staged item {missing[0]!r} needs a text and no vector", field="text")
+    with ctx.session() as s:
+        g = get_gallery_row(s, gallery)
+        existing = {
+            r.external_id: r
+            for r in s.scalars(
+                select(Item).where(Item.gallery_id == g.id, Item.external_id.in_(ids))
+            )
+        }
+        for it in items:
+            row = existing.get(it.id) or Item(gallery_id=g.id, external_id=it.id)
+            if row.payload != it.text or row.vector_version_id is None:
+                row.payload, row.vector_version_id = it.text, None
+            s.add(row)
+    return len(items)
+
+
+def encode_staged(ctx: Context, gallery: str, limit: int = 1000) -> int:
+    """Encode up to `limit` staged items and store their vectors; returns how many."""
+    with ctx.session() as s:
+        g = get_gallery_row(s, gallery)
+        rows = s.execute(
+            select(Item.external_id, Item.payload)
+            .where(
+                Item.gallery_id == g.id, Item.vector_version_id.is_(None), Item.payload.is_not(None)
+            )
+            .order_by(Item.id)
+            .limit(limit)
+        ).all()
+    if rows:
+        ingest(ctx, gallery, [ItemIn(ext, text) for ext, text in rows])
+    return len(rows)
+
+
+def ingest(ctx: Context, gallery: str, items: Sequence[ItemIn]) -> dict[str, int]:
+    """Add or update items (idempotent on item id). Everything is validated and encoded
+    before anything is written; vectors are stored before the DB commit."""
+    if not items:
+        return {"added": 0, "updated": 0}
+    ids = _check_batch(ctx, items)
     with ctx.session() as s:
         g = get_gallery_row(s, gallery)
         serving = version_record(ctx, s, g.serving_version_id)

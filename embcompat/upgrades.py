@@ -719,6 +719,20 @@ def finalize(ctx: Context, job_id: int) -> bool:
     return True
 
 
+def warm_active_encoders(ctx: Context) -> int:
+    """Load the new version's encoder of every upgrade that has not ended; returns how many."""
+    with ctx.session() as s:
+        rows = s.scalars(
+            select(Job).where(Job.kind == "upgrade", Job.state.not_in([t.value for t in TERMINAL]))
+        ).all()
+        targets = {r.to_version_id for r in rows if r.to_version_id is not None}
+        records = [version_record(ctx, s, v) for v in targets]
+    for rec in records:
+        if not rec.external:
+            versions.load_encoder(ctx.registry, rec)
+    return len(records)
+
+
 # -- control ---------------------------------------------------------------------------
 
 

@@ -41,3 +41,18 @@ def dispatch_upgrade(settings: Settings, job_id: int) -> str:
         return upgrades.run_in_process(Context(settings), job_id).state
     create_app(settings).send_task("workers.tasks.run_upgrade", args=[job_id])
     return "queued"
+
+
+def dispatch_ingest(settings: Settings, gallery: str) -> str:
+    """Hand a gallery's staged items to the workers; with no broker, encode them here."""
+    if settings.eager_tasks:
+        from embcompat import galleries
+        from embcompat.context import Context
+
+        ctx = Context(settings)
+        while galleries.encode_staged(ctx, gallery):
+            pass
+        galleries.publish(ctx, gallery)
+        return "done"
+    create_app(settings).send_task("workers.tasks.ingest", args=[gallery])
+    return "queued"

@@ -6,16 +6,27 @@ its step done and returns. Only transient errors are retried, with backoff.
 
 from __future__ import annotations
 
+import contextlib
+
 from celery import shared_task
+from celery.signals import worker_process_init
 from sqlalchemy import select
 
-from embcompat import upgrades
+from embcompat import galleries, upgrades
 from embcompat.context import Context
 from embcompat.errors import EmbcompatError, ServiceUnavailable
 from embcompat.schedule import chunks_due
 from registry.schema import Job, JobState
 
 RETRY = {"autoretry_for": (ServiceUnavailable,), "retry_backoff": True, "max_retries": 5}
+
+
+@worker_process_init.connect
+def warm_encoders(**_: object) -> None:
+    """Each worker process loads the encoders of the upgrades in flight before its first
+    task, so a chunk's time is encoding, not model loading."""
+    with contextlib.suppress(EmbcompatError):  # a failed warm-up must not refuse work
+        upgrades.warm_active_encoders(Context())
 
 
 @shared_task(name="workers.tasks.run_upgrade", **RETRY)
@@ -50,6 +61,17 @@ def backfill_chunk(job_id: int, seq: int) -> int:
     if upgrades.chunks_left(ctx, job_id) == 0:
         upgrades.finalize(ctx, job_id)
     return done
+
+
+@shared_task(name="workers.tasks.ingest", **RETRY)
+def ingest(gallery: str, batch: int = 1000) -> int:
+    """Encode a gallery's staged items with its serving version, a batch at a time."""
+    ctx = Context()
+    total = 0
+    while done := galleries.encode_staged(ctx, gallery, batch):
+        total += done
+    galleries.publish(ctx, gallery)
+    return total
 
 
 @shared_task(name="workers.tasks.map_chunk", **RETRY)

@@ -160,3 +160,17 @@ def test_a_labelled_probe_sets_the_fusion_and_decides_whether_v1_is_kept(gallery
     assert decision["keep_old"] == measured["keep_old_at_100"]
     res = search.search(ctx, "docs", texts=queries[:5], k=10)
     assert res.plan == ("cascade" if decision["keep_old"] else "single"), decision
+
+
+def test_staged_items_are_encoded_by_the_ingest_step(text_ctx: Context) -> None:
+    from workers.app import dispatch_ingest
+
+    items, queries, relevant = wordnet_items(80)
+    galleries.create_gallery(text_ctx, "staged", "text", "v1")
+    assert galleries.stage(text_ctx, "staged", items) == 80
+    assert galleries.stats(text_ctx, "staged")["items_per_version"] == {}
+    assert dispatch_ingest(text_ctx.settings, "staged") == "done"  # no broker: in-process
+    assert galleries.stats(text_ctx, "staged")["items_per_version"] == {"v1": 80}
+    hits = search.search(text_ctx, "staged", texts=queries[:1], k=10).hits[0]
+    assert items[relevant[0]].id in {h.item for h in hits}
+    assert galleries.encode_staged(text_ctx, "staged") == 0
