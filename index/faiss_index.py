@@ -22,6 +22,7 @@ from typing import Literal
 
 import faiss
 import numpy as np
+import numpy.typing as npt
 
 from adapters.base import check_vectors
 from embcompat.errors import CorruptArtifact, InvalidInput
@@ -167,12 +168,45 @@ class SpaceSearcher:
             self._delta = (key, snap.ids[added], snap.vectors[added], np.sort(snap.ids))
         return self._delta[1:]
 
+    def _search_generation(
+        self,
+        gen: Generation,
+        q: FloatArray,
+        k: int,
+        removed: int,
+        live: IdArray,
+        excluded: IdArray | None,
+    ) -> tuple[FloatArray, IdArray]:
+        """Over-fetch for the share of the index that is excluded and filter afterwards
+        (graph and list searches visit that many candidates anyway); rows left short are
+        searched again with the exclusion inside FAISS, which always fills k."""
+        n = gen.index.ntotal
+        share = len(excluded) / max(n, 1) if excluded is not None else 0.0
+        fetch = min(n, int(np.ceil((k + removed) / max(1.0 - share, 0.05) * 1.3)) + 8)
+        s, i = gen.index.search(q, fetch)
+        if self.generations.metric == "l2":
+            s = -s  # scores are "higher is better" everywhere
+        s, i = _filtered(s, i, live, removed, excluded)
+        short = (i >= 0).sum(1) < min(k, n - (len(excluded) if excluded is not None else 0))
+        if short.any() and excluded is not None:
+            params = _params(gen.index, excluded)
+            s2, i2 = gen.index.search(q[short], min(k + removed, n), params=params)
+            if self.generations.metric == "l2":
+                s2 = -s2
+            s2, i2 = _filtered(s2, i2, live, removed, None)
+            width = max(s.shape[1], s2.shape[1])
+            s = np.pad(s, ((0, 0), (0, width - s.shape[1])), constant_values=-np.inf)
+            i = np.pad(i, ((0, 0), (0, width - i.shape[1])), constant_values=-1)
+            s[short, : s2.shape[1]], i[short, : i2.shape[1]] = s2, i2
+            s[short, s2.shape[1] :], i[short, i2.shape[1] :] = -np.inf, -1
+        return s, i
+
     def search(
         self, queries: FloatArray, k: int, exclude: IdArray | None = None
     ) -> tuple[FloatArray, IdArray]:
         """queries: (nq, d) → scores, ids: (nq, k), best first (L2: negated distances);
         missing slots get id -1 and score -inf. `exclude`: ids never returned (items
-        served from another space), filtered inside FAISS so k stays full."""
+        served from another space); k stays full while enough other items exist."""
         q = check_vectors(queries, self.store.dim, f"search of space {self.store.root.name!r}")
         try:
             gen = self.generations.load()
@@ -180,19 +214,15 @@ class SpaceSearcher:
         except CorruptArtifact as exc:
             gen, self.last_error = None, exc.message  # answer exactly from the store
         added_ids, added_vecs, live = self._plan(gen)
+        excluded = np.sort(exclude) if exclude is not None and len(exclude) else None
         parts_s, parts_i = [], []
         if gen is not None and gen.index is not None:
-            removed = len(gen.ids) - (len(live) - len(added_ids))
-            params = _params(gen.index, exclude)
-            s, i = gen.index.search(q, min(k + max(removed, 0), gen.index.ntotal), params=params)
-            if self.generations.metric == "l2":
-                s = -s  # scores are "higher is better" everywhere
-            dead = ~np.isin(i, live)
-            s[dead], i[dead] = -np.inf, -1
+            removed = max(len(gen.ids) - (len(live) - len(added_ids)), 0)
+            s, i = self._search_generation(gen, q, k, removed, live, excluded)
             parts_s.append(s)
             parts_i.append(i)
-        if exclude is not None and len(exclude) and len(added_ids):
-            keep = ~np.isin(added_ids, exclude)
+        if excluded is not None and len(added_ids):
+            keep = ~member(excluded, added_ids)
             added_ids, added_vecs = added_ids[keep], added_vecs[keep]
         if len(added_ids):
             scores = q @ added_vecs.T if self.generations.metric == "ip" else -_l2(q, added_vecs)
@@ -200,6 +230,14 @@ class SpaceSearcher:
             parts_s.append(np.take_along_axis(scores, top, 1))
             parts_i.append(added_ids[top])
         return _topk(parts_s, parts_i, len(q), k)
+
+
+def member(sorted_ids: IdArray, ids: IdArray) -> npt.NDArray[np.bool_]:
+    """ids (any shape) → whether each is in `sorted_ids` (sorted, 1-d), by binary search."""
+    if len(sorted_ids) == 0:
+        return np.zeros(np.shape(ids), bool)
+    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return sorted_ids[pos] == ids
 
 
 def _params(index: faiss.Index, exclude: IdArray | None) -> faiss.SearchParameters | None:
@@ -216,6 +254,21 @@ def _params(index: faiss.Index, exclude: IdArray | None) -> faiss.SearchParamete
         params = faiss.SearchParameters(sel=selector)
     params.keepalive = selector  # the C++ object must outlive the search
     return params
+
+
+def _filtered(
+    s: FloatArray, i: IdArray, live: IdArray, removed: int, excluded: IdArray | None
+) -> tuple[FloatArray, IdArray]:
+    """Blank out ids no longer live and ids served from another space."""
+    drop = np.zeros(i.shape, bool)
+    if removed:
+        drop |= ~member(live, i)
+    if excluded is not None:
+        drop |= member(excluded, i)
+    drop |= i < 0
+    s, i = s.copy(), i.copy()
+    s[drop], i[drop] = -np.inf, -1
+    return s, i
 
 
 def _l2(q: FloatArray, x: FloatArray) -> FloatArray:

@@ -107,3 +107,18 @@ def test_query_of_the_wrong_dim_is_refused(
     gens.publish(store)
     with pytest.raises(DimensionMismatch, match="expects dim 16, got 8"):
         SpaceSearcher(store, gens).search(np.zeros((1, 8), np.float32), 5)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 0.97])
+def test_excluded_ids_never_come_back_and_k_stays_full(
+    space: tuple[SpaceStore, np.ndarray], tmp_path: Path, share: float
+) -> None:
+    store, x = space
+    gens = IndexGenerations(tmp_path / "idx")
+    gens.publish(store)
+    rng = np.random.default_rng(1)
+    excluded_rows = rng.permutation(1000)[: int(share * 1000)]
+    kept = np.setdiff1d(np.arange(1000), excluded_rows)
+    _, ids = SpaceSearcher(store, gens).search(x[:20], 10, exclude=excluded_rows * 3)
+    truth = kept[np.argsort(-(x[:20] @ x[kept].T), axis=1)[:, :10]] * 3
+    np.testing.assert_array_equal(ids, truth)
