@@ -36,6 +36,7 @@ demo: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy --ignore-missing-imports embcompat registry adapters index workers api
 
 clean:
 	rm -rf $(VENV) .embcompat

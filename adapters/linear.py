@@ -34,8 +34,8 @@ class _AffineMap(Adapter):
     normalize_output: bool
 
     def _apply(self, x: FloatArray) -> FloatArray:
-        out = (x - self.mu_x) @ self.weight + self.mu_y
-        return l2_normalize(out) if self.normalize_output else out.astype(np.float32)
+        out: FloatArray = ((x - self.mu_x) @ self.weight + self.mu_y).astype(np.float32)
+        return l2_normalize(out) if self.normalize_output else out
 
     def arrays(self) -> dict[str, npt.NDArray[Any]]:
         return {"weight": self.weight, "mu_x": self.mu_x, "mu_y": self.mu_y}

@@ -60,9 +60,10 @@ class ResidualMLPAdapter(Adapter):
         with torch.no_grad():
             linear.weight.copy_(torch.from_numpy(affine.weight.T.copy()))
             linear.bias.copy_(torch.from_numpy(affine.mu_y - affine.mu_x @ affine.weight))
-        mlp = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.GELU(), nn.Linear(hidden, y.shape[1]))
-        nn.init.zeros_(mlp[2].weight)
-        nn.init.zeros_(mlp[2].bias)
+        last = nn.Linear(hidden, y.shape[1])
+        nn.init.zeros_(last.weight)  # the residual starts at zero: training starts at affine
+        nn.init.zeros_(last.bias)
+        mlp = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.GELU(), last)
         params = [*linear.parameters(), *mlp.parameters()]
         opt = torch.optim.Adam(params, lr=lr)
         xt, yt = torch.from_numpy(x), torch.nn.functional.normalize(torch.from_numpy(y), dim=1)

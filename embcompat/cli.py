@@ -207,7 +207,8 @@ def gallery_ingest(
     items = [galleries.ItemIn(str(r["id"]), r.get("text"), r.get("vector")) for r in rows]
     added = updated = 0
     for start in track(range(0, len(items), batch), description="ingest"):
-        out = _guard(lambda s=start: galleries.ingest(ctx, name, items[s : s + batch]))
+        part = items[start : start + batch]
+        out = _guard(lambda: galleries.ingest(ctx, name, part))  # noqa: B023 - called at once
         added, updated = added + out["added"], updated + out["updated"]
     _guard(lambda: galleries.publish(ctx, name))
     console.print(f"{added} added, {updated} updated; index published")

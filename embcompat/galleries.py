@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from sqlalchemy import func, select
@@ -25,7 +25,7 @@ from embcompat.errors import (
     UnknownGallery,
     UnknownItem,
 )
-from index.faiss_index import IndexGenerations, IndexKind, SpaceSearcher
+from index.faiss_index import IndexGenerations, IndexKind, IndexMetric, SpaceSearcher
 from index.store import SpaceStore, open_space
 from registry import versions
 from registry.records import ModelVersionRecord
@@ -68,11 +68,10 @@ def space_searcher(
     ctx: Context, gallery: str, version: ModelVersionRecord, kind: str = "flat"
 ) -> SpaceSearcher:
     store = space_store(ctx, gallery, version)
-    metric = "l2" if version.metric == "l2" else "ip"
+    metric: IndexMetric = "l2" if version.metric == "l2" else "ip"
+    index_kind = cast(IndexKind, kind)  # validated when the gallery was created
     gens = IndexGenerations(
-        gallery_dir(ctx, gallery) / "indexes" / space_name(version.id),
-        kind,
-        metric,  # type: ignore[arg-type]
+        gallery_dir(ctx, gallery) / "indexes" / space_name(version.id), index_kind, metric
     )
     return SpaceSearcher(store, gens)
 
@@ -84,8 +83,8 @@ def get_gallery_row(session: Session, name: str) -> Gallery:
     return row
 
 
-def version_record(ctx: Context, session: Session, version_id: int) -> ModelVersionRecord:
-    row = session.get(ModelVersion, version_id)
+def version_record(ctx: Context, session: Session, version_id: int | None) -> ModelVersionRecord:
+    row = session.get(ModelVersion, version_id) if version_id is not None else None
     if row is None:
         raise InvalidInput(f"model version id {version_id} is gone")
     return versions.get_version(session, ctx.registry, row.model.name, row.version)

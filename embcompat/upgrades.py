@@ -559,7 +559,7 @@ def _measure_probe(
     with ctx.session() as s:
         job = _job(s, job_id)
         probe, gallery_id, total = job.params.get("probe") or [], job.gallery_id, job.items_total
-    if not probe:
+    if not probe or gallery_id is None:
         return None
     return probe_measure(ctx, gallery_id, probe, ids, x_old, x_new, old, new, total)
 
@@ -786,7 +786,9 @@ def rollback(ctx: Context, job_id: int) -> JobRecord:
         job = _job(s, job_id, lock=True)
         transition(job, S.ROLLED_BACK)
         g = get_gallery_row_by_id(s, job.gallery_id)
-        g.serving_version_id, g.plan = job.from_version_id, None
+        if job.from_version_id is not None:
+            g.serving_version_id = job.from_version_id
+        g.plan = None
         return record(s, job)
 
 

@@ -18,7 +18,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import faiss
 import numpy as np
@@ -55,11 +55,11 @@ def build_index(
         if kind == "hnsw"
         else faiss.IndexFlat(d, faiss_metric)
     )
-    if kind == "hnsw":
+    if isinstance(base, faiss.IndexHNSWFlat):
         base.hnsw.efSearch = 128
-    index = faiss.IndexIDMap2(base)
-    index.add_with_ids(x, ids)
-    return index
+    mapped = faiss.IndexIDMap2(base)
+    mapped.add_with_ids(x, ids)
+    return mapped
 
 
 def _sha(path: Path) -> str:
@@ -73,7 +73,7 @@ def _sha(path: Path) -> str:
 @dataclass(frozen=True)
 class Generation:
     number: int
-    index: faiss.Index
+    index: faiss.Index | None  # None for an empty space
     ids: IdArray  # sorted ids the index holds
     store_seq: int
 
@@ -170,7 +170,7 @@ class SpaceSearcher:
 
     def _search_generation(
         self,
-        gen: Generation,
+        index: faiss.Index,
         q: FloatArray,
         k: int,
         removed: int,
@@ -180,17 +180,17 @@ class SpaceSearcher:
         """Over-fetch for the share of the index that is excluded and filter afterwards
         (graph and list searches visit that many candidates anyway); rows left short are
         searched again with the exclusion inside FAISS, which always fills k."""
-        n = gen.index.ntotal
+        n = index.ntotal
         share = len(excluded) / max(n, 1) if excluded is not None else 0.0
         fetch = min(n, int(np.ceil((k + removed) / max(1.0 - share, 0.05) * 1.3)) + 8)
-        s, i = gen.index.search(q, fetch)
+        s, i = index.search(q, fetch)
         if self.generations.metric == "l2":
             s = -s  # scores are "higher is better" everywhere
         s, i = _filtered(s, i, live, removed, excluded)
         short = (i >= 0).sum(1) < min(k, n - (len(excluded) if excluded is not None else 0))
         if short.any() and excluded is not None:
-            params = _params(gen.index, excluded)
-            s2, i2 = gen.index.search(q[short], min(k + removed, n), params=params)
+            params = _params(index, excluded)
+            s2, i2 = index.search(q[short], min(k + removed, n), params=params)
             if self.generations.metric == "l2":
                 s2 = -s2
             s2, i2 = _filtered(s2, i2, live, removed, None)
@@ -218,7 +218,7 @@ class SpaceSearcher:
         parts_s, parts_i = [], []
         if gen is not None and gen.index is not None:
             removed = max(len(gen.ids) - (len(live) - len(added_ids)), 0)
-            s, i = self._search_generation(gen, q, k, removed, live, excluded)
+            s, i = self._search_generation(gen.index, q, k, removed, live, excluded)
             parts_s.append(s)
             parts_i.append(i)
         if excluded is not None and len(added_ids):
@@ -246,12 +246,14 @@ def _params(index: faiss.Index, exclude: IdArray | None) -> faiss.SearchParamete
         return None
     selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.ascontiguousarray(exclude, np.int64)))
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    # faiss' bundled type stubs lag its Python API (keyword arguments, HNSW parameters)
+    params: Any
     if isinstance(inner, faiss.IndexIVF):
-        params = faiss.SearchParametersIVF(sel=selector, nprobe=inner.nprobe)
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=inner.nprobe)  # type: ignore[call-arg]
     elif isinstance(inner, faiss.IndexHNSW):
-        params = faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
+        params = faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)  # type: ignore[attr-defined]
     else:
-        params = faiss.SearchParameters(sel=selector)
+        params = faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
     params.keepalive = selector  # the C++ object must outlive the search
     return params
 

@@ -131,7 +131,8 @@ def _two_part(
     elif plan.name == "dual":
         s_old, i_old = index.old.search(q_old, k, exclude=upgraded)  # type: ignore[arg-type]
     else:
-        s_old, i_old = index.old.search(q_new @ plan.basis_head, k, exclude=upgraded)
+        head = plan.basis_head if plan.basis_head is not None else np.eye(q_new.shape[1])
+        s_old, i_old = index.old.search((q_new @ head).astype(np.float32), k, exclude=upgraded)
     old_path = "old" if plan.name == "dual" else plan.name
     f_new = _merge_part(plan, "new", s_new)
     f_old = _merge_part(plan, old_path, s_old)
@@ -256,10 +257,8 @@ def _within_budget(
     key = np.where(missing, np.nan_to_num(sc_old, nan=-np.inf), -np.inf)
     wanted = np.zeros(cand.shape, bool)
     for r in range(len(cand)):
-        cols = np.argsort(-key[r], kind="stable")
-        cols = [c for c in cols if missing[r, c]]
         seen: set[int] = set()
-        for c in cols:
+        for c in (c for c in np.argsort(-key[r], kind="stable") if missing[r, c]):
             if len(seen) == budget:
                 break
             if int(cand[r, c]) not in seen:

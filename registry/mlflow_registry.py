@@ -124,7 +124,9 @@ class MlflowRegistry:
         except MlflowException:
             return None
 
-    def aliases_of(self, registered_name: str, version: str) -> list[str]:
+    def aliases_of(self, registered_name: str, version: str | None) -> list[str]:
+        if version is None:
+            return []
         return sorted(self.get_version(registered_name, version).aliases or [])
 
     def set_tag(self, registered_name: str, version: str, key: str, value: str) -> None:

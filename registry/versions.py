@@ -118,25 +118,26 @@ def register_version(
         **({"parent_version": parent} if parent else {}),
         **(tags or {}),
     }
+    loc = location or ""  # validated above for every source that needs one
+    if source == "shipped" and loc == PARAPHRASE_L3:
+        raise InvalidInput(
+            f"{PARAPHRASE_L3} ships as ONNX; register it with source 'external' and "
+            "encode with registry.encoders.OnnxEncoder, or log it as a pyfunc first",
+            field="location",
+        )
     if source == "external":
         mlflow_version = registry.log_external(model, {"dim": dim, "metric": str(metric)}, meta)
         encoder_uri = EXTERNAL
     elif source in ("dir", "shipped"):
-        path = Path(location) if source == "dir" else shipped_model_path(location, models_dir)
-        if source == "shipped" and location == PARAPHRASE_L3:
-            raise InvalidInput(
-                f"{PARAPHRASE_L3} ships as ONNX; register it with source 'external' and "
-                "encode with registry.encoders.OnnxEncoder, or log it as a pyfunc first",
-                field="location",
-            )
-        encoder = SentenceTransformerEncoder.from_dir(path, normalize=normalized)
-        check_dim(encoder, dim, f"{model}:{version}")
-        mlflow_version = registry.log_sentence_transformer(encoder.model, model, meta)
+        path = Path(loc) if source == "dir" else shipped_model_path(loc, models_dir)
+        st_encoder = SentenceTransformerEncoder.from_dir(path, normalize=normalized)
+        check_dim(st_encoder, dim, f"{model}:{version}")
+        mlflow_version = registry.log_sentence_transformer(st_encoder.model, model, meta)
         encoder_uri = f"models:/{model}/{mlflow_version}"
     else:
-        encoder = _load_from_mlflow(registry, location, dim, normalized)
+        encoder = _load_from_mlflow(registry, loc, dim, normalized)
         check_dim(encoder, dim, f"{model}:{version}")
-        mlflow_version = registry.register(location, model, meta)
+        mlflow_version = registry.register(loc, model, meta)
         encoder_uri = f"models:/{model}/{mlflow_version}"
 
     try:
@@ -196,6 +197,8 @@ def promote(
 ) -> ModelVersionRecord:
     """Point `alias` at `model:version`; promoting to serving records what it replaces."""
     row = _get_row(session, model, version)
+    if row.mlflow_version is None:
+        raise InvalidInput(f"{model}:{version} has no MLflow model version to alias")
     previous = registry.alias_version(model, alias)
     registry.set_alias(model, alias, row.mlflow_version)
     if alias == "serving" and previous and previous != row.mlflow_version:
