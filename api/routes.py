@@ -10,6 +10,7 @@ from api.deps import Admin, Ctx, Read
 from api.schemas import GalleryIn, ItemIdsIn, ItemsIn, SearchIn, UpgradeIn, VersionIn
 from embcompat import galleries, search, upgrades
 from embcompat.errors import InvalidInput
+from embcompat.schedule import BackfillSchedule
 from registry import adapter_records, versions
 
 Id = Annotated[int, Path(ge=1, le=2**31 - 1)]
@@ -120,8 +121,9 @@ def start_upgrade(name: str, body: UpgradeIn, ctx: Ctx, tasks: BackgroundTasks) 
     from workers.app import dispatch_upgrade
 
     probe = [q.model_dump() for q in body.probe] if body.probe else None
+    schedule = BackfillSchedule(**body.schedule.model_dump()) if body.schedule else None
     job = upgrades.start_upgrade(
-        ctx, name, body.model, body.version, body.plan, body.pairs, body.chunk_size, probe=probe
+        ctx, name, body.model, body.version, body.plan, body.pairs, body.chunk_size, schedule, probe
     )
     tasks.add_task(dispatch_upgrade, ctx.settings, job.id)  # in-process runs after the reply
     return job.to_dict()

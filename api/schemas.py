@@ -55,6 +55,12 @@ class ProbeQuery(Body):
     relevant: list[str] = Field(min_length=1, max_length=1000)
 
 
+class ScheduleIn(Body):
+    max_items_per_hour: int | None = Field(default=None, ge=1, le=10**9)
+    window_start_hour: int | None = Field(default=None, ge=0, le=23)
+    window_end_hour: int | None = Field(default=None, ge=0, le=23)
+
+
 class UpgradeIn(Body):
     model: str = Name
     version: str = Name
@@ -62,3 +68,4 @@ class UpgradeIn(Body):
     pairs: int = Field(default=2000, ge=50, le=1_000_000)
     chunk_size: int = Field(default=1000, ge=1, le=1_000_000)
     probe: list[ProbeQuery] | None = Field(default=None, max_length=100_000)
+    schedule: ScheduleIn | None = None
