@@ -120,3 +120,25 @@ def test_plans_refuse_missing_parts(world: dict) -> None:
         search(world["mixed"], Plan("dual"), world["new"][:1], None)
     with pytest.raises(InvalidInput, match="unknown plan 'magic'"):
         Plan("magic")  # type: ignore[arg-type]
+
+
+def test_a_crash_mid_read_through_leaves_the_store_consistent(world: dict) -> None:
+    """The encoder stores what it encoded, then the query dies before using it: the
+    stored vectors are whole and unique, and a later backfill adds only the rest."""
+    mixed, new, old = world["mixed"], world["new"], world["old"]
+
+    class CrashAfterWrite(CountingReadThrough):
+        def encode(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            super().encode(ids)
+            raise RuntimeError("process killed mid-query")
+
+    rt = CrashAfterWrite(mixed.new.store, new)
+    res = search(
+        mixed, Plan("cascade", "rrf", cascade_k=20, encode_budget=4), new[:6], old[:6], 10, rt
+    )
+    assert res.warnings and "killed mid-query" in res.warnings[0]
+    stored = mixed.new.store.snapshot().ids
+    assert len(stored) == len(np.unique(stored)) > 0
+    np.testing.assert_array_equal(mixed.new.store.get(stored)[0], new[stored])
+    added = mixed.new.store.add_missing(np.arange(N), new)
+    assert len(added) == N - len(stored) and not set(added.tolist()) & set(stored.tolist())
