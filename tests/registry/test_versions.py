@@ -4,6 +4,7 @@ encoders, and refused registrations that leave both stores unchanged."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -53,6 +54,20 @@ def reg(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> tuple[Con
             models_dir=models_dir,
         )
     return ctx, models_dir
+
+
+def _register_minilm(ctx: Context, s: Any, models_dir: Path, version: str, dim: int) -> None:
+    """Register all-MiniLM-L6-v2 as text:<version> declaring `dim`."""
+    versions.register_version(
+        s,
+        ctx.registry,
+        model="text",
+        version=version,
+        dim=dim,
+        source="shipped",
+        location=MINILM_L6,
+        models_dir=models_dir,
+    )
 
 
 def _state(ctx: Context) -> tuple[int, int, dict[str, list[str]]]:
@@ -110,16 +125,7 @@ def test_duplicate_version_is_refused_and_nothing_changes(reg: tuple[Context, Pa
     before = _state(ctx)
     with pytest.raises(DuplicateVersion, match="'text' already has a version 'v1'"):
         with ctx.session() as s:
-            versions.register_version(
-                s,
-                ctx.registry,
-                model="text",
-                version="v1",
-                dim=384,
-                source="shipped",
-                location=MINILM_L6,
-                models_dir=models_dir,
-            )
+            _register_minilm(ctx, s, models_dir, "v1", 384)
     assert _state(ctx) == before
 
 
@@ -128,16 +134,7 @@ def test_wrong_declared_dim_is_refused_and_nothing_changes(reg: tuple[Context, P
     before = _state(ctx)
     with pytest.raises(DimensionMismatch, match="declares dim 768 but its encoder outputs 384"):
         with ctx.session() as s:
-            versions.register_version(
-                s,
-                ctx.registry,
-                model="text",
-                version="v3",
-                dim=768,
-                source="shipped",
-                location=MINILM_L6,
-                models_dir=models_dir,
-            )
+            _register_minilm(ctx, s, models_dir, "v3", 768)
     assert _state(ctx) == before
 
 
