@@ -2,11 +2,13 @@
 
 Every adapter is fitted by `Kind.fit(source, target, direction=...)` (a new object),
 applied by `transform(x)` (never aliasing its input) and round-trips through
-`state_dict()` / `from_state_dict()`; `adapters.io` saves one to a folder.
+`state_dict()` / `from_state_dict()`; `adapters.io` saves one to a folder. Binarizers
+(`adapters.binary`) are adapters too, fitted on one space's vectors.
 """
 
 from adapters.base import Adapter, Direction, check_vectors
 from adapters.basis import BasisAdapter
+from adapters.binary import BINARIZERS, Binarizer, ITQBinarizer, RecurrentBinarizer
 from adapters.linear import AffineAdapter, LowRankAdapter, ProcrustesAdapter
 from adapters.mlp import ResidualMLPAdapter
 
@@ -22,19 +24,24 @@ KINDS: dict[str, type[Adapter]] = {
 def adapter_class(kind: str) -> type[Adapter]:
     from embcompat.errors import InvalidInput
 
-    if kind not in KINDS:
-        raise InvalidInput(f"unknown adapter kind {kind!r}", hint=f"one of {', '.join(KINDS)}")
-    return KINDS[kind]
+    known: dict[str, type[Adapter]] = {**KINDS, **BINARIZERS}
+    if kind not in known:
+        raise InvalidInput(f"unknown adapter kind {kind!r}", hint=f"one of {', '.join(known)}")
+    return known[kind]
 
 
 __all__ = [
+    "BINARIZERS",
     "KINDS",
     "AffineAdapter",
     "Adapter",
     "BasisAdapter",
+    "Binarizer",
     "Direction",
+    "ITQBinarizer",
     "LowRankAdapter",
     "ProcrustesAdapter",
+    "RecurrentBinarizer",
     "ResidualMLPAdapter",
     "adapter_class",
     "check_vectors",

@@ -4,7 +4,8 @@ An adapter maps vectors of a source space (n, d_source) into a target space
 (n, d_target). `direction` records which side of the search it serves:
 - `query: new->old`: new-model queries bridged into the old gallery's space;
 - `gallery: old->new`: stored old vectors mapped into the new space;
-- `basis: new->compatible`: the new space rotated so its head is compatible with old.
+- `basis: new->compatible`: the new space rotated so its head is compatible with old;
+- `binary: vectors->codes`: a binarizer, vectors to ±1 codes (bits = target_dim).
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ import numpy.typing as npt
 from embcompat.errors import DimensionMismatch, InsufficientPairs, InvalidVectors
 
 FloatArray = npt.NDArray[np.float32]
-Direction = Literal["query: new->old", "gallery: old->new", "basis: new->compatible"]
+Direction = Literal[
+    "query: new->old", "gallery: old->new", "basis: new->compatible", "binary: vectors->codes"
+]
 DIRECTIONS: tuple[Direction, ...] = (
     "query: new->old",
     "gallery: old->new",
     "basis: new->compatible",
+    "binary: vectors->codes",
 )
 MIN_PAIRS = 16
 

@@ -78,6 +78,18 @@ class Snapshot:
         return self.order[pos], sorted_ids[pos] == ids
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """Where each live id sits on disk: shard number and row, shards memory-mapped."""
+
+    dim: int
+    ids: IdArray
+    order: IdArray
+    shard: IdArray
+    row: IdArray
+    shards: list[np.memmap[Any, Any]]
+
+
 class SpaceStore:
     """The vectors of one space (a model version, or a mapped copy) of one gallery."""
 
@@ -85,6 +97,7 @@ class SpaceStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._cache: tuple[tuple[int, int], Snapshot] | None = None
+        self._layout_cache: tuple[tuple[int, int], _Layout] | None = None
         manifest = self._read_manifest()
         if manifest is None:
             if dim is None:
@@ -145,6 +158,48 @@ class SpaceStore:
 
     def __len__(self) -> int:
         return len(self.snapshot())
+
+    def read(self, ids: IdArray) -> tuple[FloatArray, npt.NDArray[np.bool_]]:
+        """As `get`, but reading only the asked rows from the memory-mapped shard files,
+        never loading the space: the float re-ranking of a binary index keeps vectors on
+        disk and touches a few hundred rows per query."""
+        layout = self._layout()
+        ids = np.asarray(ids, np.int64).ravel()
+        out = np.zeros((len(ids), layout.dim), np.float32)
+        found = np.zeros(len(ids), dtype=bool)
+        if len(layout.ids) == 0 or len(ids) == 0:
+            return out, found
+        sorted_ids = layout.ids[layout.order]
+        pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+        found = sorted_ids[pos] == ids
+        rows = layout.order[pos]
+        shard, local = layout.shard[rows], layout.row[rows]
+        for k in np.unique(shard[found]):
+            sel = found & (shard == k)
+            order = np.argsort(local[sel])  # ascending rows: sequential page reads
+            picked = np.flatnonzero(sel)[order]
+            out[picked] = layout.shards[k][local[sel][order]]
+        return out, found
+
+    def _layout(self) -> _Layout:
+        st = (self.root / MANIFEST).stat()
+        key = (st.st_ino, st.st_mtime_ns)
+        if self._layout_cache and self._layout_cache[0] == key:
+            return self._layout_cache[1]
+        m = self._manifest()
+        ids = [np.load(self.root / f"{s}.ids.npy") for s in m["shards"]]
+        shards = [np.load(self.root / f"{s}.npy", mmap_mode="r") for s in m["shards"]]
+        all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        layout = _Layout(
+            m["dim"],
+            all_ids,
+            np.argsort(all_ids, kind="stable"),
+            np.concatenate([np.full(len(x), k) for k, x in enumerate(ids)]) if ids else all_ids,
+            np.concatenate([np.arange(len(x)) for x in ids]) if ids else all_ids,
+            shards,
+        )
+        self._layout_cache = (key, layout)
+        return layout
 
     # -- writing ---------------------------------------------------------------
     @contextmanager

@@ -1,0 +1,170 @@
+"""Binary serving stage: Hamming candidates from a faiss binary index, float re-ranking.
+
+The in-memory part is the packed codes (bits / 8 bytes per item) in a faiss
+`IndexBinaryFlat` (exact Hamming) or `IndexBinaryHNSW` (graph), plus the row→item-id
+map. The float vectors stay in the gallery's vector store on disk: a search takes the
+`rerank` best Hamming candidates and re-scores them exactly with the floats read from
+the memory-mapped shards (`SpaceStore.read`), so quality comes back at the cost of a few
+hundred row reads per query.
+
+A mixed gallery mid-upgrade is one binary index holding codes of both versions (one
+shared binarizer: see `adapters.binary.fit_shared`); re-ranking reads each item from the
+first store that holds it (new space first, then the mapped copy of the old space).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import faiss
+import numpy as np
+import numpy.typing as npt
+
+from adapters.binary import Binarizer, CodeArray
+from embcompat.errors import CorruptArtifact, DimensionMismatch, InvalidInput
+from index.store import FloatArray, IdArray, SpaceStore, atomic_write
+
+BinaryKind = Literal["flat", "hnsw"]
+BINARY_KINDS: tuple[BinaryKind, ...] = ("flat", "hnsw")
+HNSW_M = 32
+
+
+class BinaryIndex:
+    """Packed codes of one gallery (or of a mixed one) and the item ids of their rows."""
+
+    def __init__(self, index: faiss.IndexBinary, ids: IdArray, kind: BinaryKind) -> None:
+        self.index, self.ids, self.kind = index, ids, kind
+
+    @classmethod
+    def build(
+        cls, codes: CodeArray, ids: IdArray, kind: BinaryKind = "flat", ef_search: int = 128
+    ) -> BinaryIndex:
+        """codes: (n, bytes) uint8 packed bits, ids: (n,) int64 → a searchable index."""
+        if kind not in BINARY_KINDS:
+            raise InvalidInput(
+                f"unknown binary index kind {kind!r}", hint=f"one of {', '.join(BINARY_KINDS)}"
+            )
+        codes = np.ascontiguousarray(codes, dtype=np.uint8)
+        ids = np.asarray(ids, np.int64)
+        if codes.ndim != 2 or len(codes) != len(ids):
+            raise InvalidInput(f"binary index needs (n, bytes) codes for n ids, got {codes.shape}")
+        if len(np.unique(ids)) != len(ids):
+            raise InvalidInput("binary index got an item id twice: code each item once")
+        bits = codes.shape[1] * 8
+        if kind == "hnsw":
+            index = faiss.IndexBinaryHNSW(bits, HNSW_M)
+            index.hnsw.efSearch = ef_search
+        else:
+            index = faiss.IndexBinaryFlat(bits)
+        if len(codes):
+            index.add(codes)
+        return cls(index, ids, kind)
+
+    @property
+    def bits(self) -> int:
+        return int(self.index.d)
+
+    def memory_bytes(self) -> int:
+        """Bytes the index holds in memory: its serialised form (codes and graph) + ids."""
+        return int(faiss.serialize_index_binary(self.index).nbytes + self.ids.nbytes)
+
+    def search(self, codes: CodeArray, k: int) -> tuple[npt.NDArray[np.int32], IdArray]:
+        """codes: (nq, bytes) → Hamming distances and item ids (nq, k), nearest first;
+        missing slots get id -1."""
+        codes = np.ascontiguousarray(codes, dtype=np.uint8)
+        if codes.ndim != 2 or codes.shape[1] * 8 != self.bits:
+            raise DimensionMismatch(
+                f"binary index holds {self.bits}-bit codes, got codes of shape {codes.shape}",
+                field="dim",
+            )
+        k = min(k, len(self.ids))
+        if k == 0:
+            return np.zeros((len(codes), 0), np.int32), np.zeros((len(codes), 0), np.int64)
+        params = None
+        if self.kind == "hnsw":  # the graph search keeps at least k candidates in play
+            params = faiss.SearchParametersHNSW()
+            params.efSearch = max(int(self.index.hnsw.efSearch), k)
+        dist, rows = self.index.search(codes, k, params=params)
+        return dist, np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
+
+    def save(self, folder: Path) -> None:
+        """Write index + ids atomically; `load` checks the index against its checksum."""
+        blob = faiss.serialize_index_binary(self.index).tobytes()
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / "binary.faiss", blob)
+        atomic_write(folder / "binary.ids.npy", _npy(self.ids))
+        meta = {"kind": self.kind, "sha256": hashlib.sha256(blob).hexdigest()}
+        atomic_write(folder / "binary.json", json.dumps(meta).encode())
+
+    @classmethod
+    def load(cls, folder: Path) -> BinaryIndex:
+        try:
+            meta = json.loads((folder / "binary.json").read_text())
+            blob = (folder / "binary.faiss").read_bytes()
+            ids = np.load(folder / "binary.ids.npy")
+        except (OSError, ValueError) as exc:
+            raise CorruptArtifact(f"binary index in {folder} is unreadable: {exc}") from exc
+        if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
+            raise CorruptArtifact(f"binary index in {folder} fails its checksum")
+        index = faiss.deserialize_index_binary(np.frombuffer(blob, np.uint8))
+        return cls(index, ids, meta["kind"])
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+class TwoStageSearcher:
+    """Binary candidates, then exact float scores from the stores (rerank > 0)."""
+
+    def __init__(
+        self, binarizer: Binarizer, index: BinaryIndex, stores: Sequence[SpaceStore] = ()
+    ) -> None:
+        if index.bits != binarizer.bits:
+            raise DimensionMismatch(
+                f"binarizer emits {binarizer.bits} bits, the index holds {index.bits}-bit codes"
+            )
+        for store in stores:
+            if store.dim != binarizer.source_dim:
+                raise DimensionMismatch(
+                    f"re-ranking store {store.root.name!r} holds dim {store.dim}, "
+                    f"the binarizer codes dim {binarizer.source_dim}"
+                )
+        self.binarizer, self.index, self.stores = binarizer, index, list(stores)
+
+    def search(self, queries: FloatArray, k: int, rerank: int = 100) -> tuple[FloatArray, IdArray]:
+        """queries: (nq, d) float → scores, ids (nq, k), best first. rerank = 0 ranks by
+        Hamming alone (score = −distance); otherwise the top `rerank` candidates are
+        re-scored by inner product with their float vectors."""
+        q = np.asarray(queries, np.float32)
+        codes = self.binarizer.codes(q)  # validates dim and finiteness
+        if rerank <= 0 or not self.stores:
+            dist, ids = self.index.search(codes, k)
+            return -dist.astype(np.float32), ids
+        _, cand = self.index.search(codes, max(k, rerank))
+        vectors, found = self._read(cand.ravel())
+        vectors = vectors.reshape(*cand.shape, -1)
+        scores = np.einsum("qd,qcd->qc", q, vectors)
+        scores[~found.reshape(cand.shape) | (cand < 0)] = -np.inf
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, top, 1), np.take_along_axis(cand, top, 1)
+
+    def _read(self, ids: IdArray) -> tuple[FloatArray, npt.NDArray[np.bool_]]:
+        out = np.zeros((len(ids), self.binarizer.source_dim), np.float32)
+        found = np.zeros(len(ids), dtype=bool)
+        for store in self.stores:
+            need = ~found & (ids >= 0)
+            if not need.any():
+                break
+            vecs, hit = store.read(ids[need])
+            rows = np.flatnonzero(need)[hit]
+            out[rows], found[rows] = vecs[hit], True
+        return out, found
