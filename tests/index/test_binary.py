@@ -52,7 +52,9 @@ def test_reranking_recovers_exact_float_search(
     exact = ids[np.argsort(-(q @ x.T), axis=1)[:, :10]]
     _, hamming = searcher.search(q, 10, rerank=0)
     scores, reranked = searcher.search(q, 10, rerank=300)
-    assert overlap(reranked, exact) >= 0.9 and overlap(reranked, exact) > overlap(hamming, exact) + 0.1
+    assert (
+        overlap(reranked, exact) >= 0.9 and overlap(reranked, exact) > overlap(hamming, exact) + 0.1
+    )
     assert (reranked >= 0).all() and np.all(np.diff(scores, axis=1) <= 0)
     vectors, _ = store.get(reranked[0])
     assert np.allclose(scores[0], vectors @ q[0], atol=1e-5)  # exact float scores
@@ -66,7 +68,9 @@ def test_mixed_stores_rerank_each_item_from_the_store_holding_it(tmp_path: Path)
     mapped.add(ids[200:300], x[200:300] * 0.5)  # mid-move: in both stores; new wins
     mapped.add(ids[300:], x[300:])
     binarizer = ITQBinarizer.fit(x, 1.0)
-    searcher = TwoStageSearcher(binarizer, BinaryIndex.build(binarizer.codes(x), ids), [new, mapped])
+    searcher = TwoStageSearcher(
+        binarizer, BinaryIndex.build(binarizer.codes(x), ids), [new, mapped]
+    )
     scores, got = searcher.search(x[[250, 450]], 1, rerank=50)
     assert got[:, 0].tolist() == [250, 450]
     assert np.allclose(scores[:, 0], [1.0, 1.0], atol=1e-5)
@@ -92,7 +96,9 @@ def test_save_load_and_corruption(
         BinaryIndex.load(tmp_path / "bin")
 
 
-def test_wrong_dims_are_refused(gallery: tuple[SpaceStore, np.ndarray, np.ndarray], tmp_path: Path) -> None:
+def test_wrong_dims_are_refused(
+    gallery: tuple[SpaceStore, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
     store, ids, x = gallery
     binarizer = ITQBinarizer.fit(x, 1.0)
     index = BinaryIndex.build(binarizer.codes(x), ids)
