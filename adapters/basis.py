@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from adapters.base import Adapter, FloatArray, check_pairs, check_vectors
 from adapters.linear import ProcrustesAdapter
+from embcompat.errors import InvalidInput
 
 
 def zero_pad(x: FloatArray, dim: int) -> FloatArray:
@@ -42,6 +43,17 @@ class BasisAdapter(Adapter):
         obj = cls(d_new, dim, "basis: new->compatible")
         obj.old_dim = d_old
         obj.basis = q.astype(np.float32)
+        return obj
+
+    @classmethod
+    def identity(cls, d_new: int, d_old: int) -> BasisAdapter:
+        """The basis of a new model trained compatible with extra dims (BT², OCA): its
+        first d_old coordinates already are the old space, so no rotation is applied."""
+        if d_new < d_old:
+            raise InvalidInput(f"a compatible basis needs d_new >= d_old, got {d_new} < {d_old}")
+        obj = cls(d_new, d_new, "basis: new->compatible")
+        obj.old_dim = d_old
+        obj.basis = np.eye(d_new, dtype=np.float32)
         return obj
 
     def _apply(self, x: FloatArray) -> FloatArray:

@@ -318,6 +318,22 @@ def _versions(ctx: Context, job_id: int) -> tuple[Any, Any, str, str]:
         )
 
 
+def declared_compatible(old: Any, new: Any) -> bool:
+    """The new version was trained to be compatible with the old one (BCT, BT², OCA,
+    d-Simplex: `training/`): its `compatible_with` tag names the old version, and its
+    first old.dim coordinates live in the old space."""
+    return new.tags.get("compatible_with") == old.ref and new.dim >= old.dim
+
+
+def _serves_compatible(ctx: Context, job_id: int) -> bool:
+    """Plan `basis` (or `auto`) to a declared-compatible version: served at once with
+    old vectors zero-padded and no adapter, so nothing is paired, fitted or re-embedded."""
+    old, new, _, _ = _versions(ctx, job_id)
+    with ctx.session() as s:
+        requested = _job(s, job_id).params["plan"]
+    return requested in ("basis", "auto") and declared_compatible(old, new)
+
+
 def _enter(ctx: Context, job_id: int, expected: JobState, to: JobState) -> bool:
     """Move the job from `expected` to `to`; False when it is elsewhere (already past
     this step, paused or cancelled), so a re-delivered task does nothing."""
@@ -362,7 +378,7 @@ def step_pair(ctx: Context, job_id: int) -> None:
     old, new, gallery, _ = _versions(ctx, job_id)
     with ctx.session() as s:
         job = _job(s, job_id)
-        n = int(job.params["pairs"])
+        n = 0 if _serves_compatible(ctx, job_id) else int(job.params["pairs"])
     ids = space_store(ctx, gallery, old).snapshot().ids
     sample = np.sort(
         np.random.default_rng(job_id).choice(ids, size=min(n, len(ids)), replace=False)
@@ -406,6 +422,15 @@ def step_train(ctx: Context, job_id: int) -> None:
         if _job(s, job_id).state != S.TRAINING:
             return
     old, new, gallery, _ = _versions(ctx, job_id)
+    if _serves_compatible(ctx, job_id):
+        folder = job_dir(ctx, job_id)
+        save_adapter(BasisAdapter.identity(new.dim, old.dim), folder / "basis", new.ref, old.ref)
+        with ctx.session() as s:
+            job = _job(s, job_id, lock=True)
+            job.report = {**job.report, "bridge": {"kind": "none", "compatible_by": new.tags}}
+            if job.state == S.TRAINING:
+                transition(job, S.GATED)
+        return
     ids, x_old, x_new = _paired_vectors(ctx, job_id)
     cut = int(0.8 * len(x_old))
     fit_old, fit_new = x_old[:cut], x_new[:cut]
@@ -480,6 +505,14 @@ def step_gate(ctx: Context, job_id: int) -> None:
             return
         requested = job.params["plan"]
     old, new, gallery, _ = _versions(ctx, job_id)
+    if _serves_compatible(ctx, job_id):
+        reason = (
+            f"{new.ref} was trained compatible with {old.ref} "
+            f"(method {new.tags.get('method', '?')}): old vectors are served zero-padded, "
+            "with no adapter and nothing re-embedded"
+        )
+        _serve(ctx, job_id, "basis", {"plan": "basis", "reason": reason})
+        return
     ids, x_old, x_new = _paired_vectors(ctx, job_id)
     h_old, h_new = x_old[int(0.8 * len(x_old)) :], x_new[int(0.8 * len(x_new)) :]
     bridge = load_adapter(job_dir(ctx, job_id) / "bridge", source=new.ref, target=old.ref)
@@ -539,11 +572,17 @@ def step_gate(ctx: Context, job_id: int) -> None:
         if adapter is not None:
             adapter.status = AdapterStatus.ACCEPTED if bridge_ok else AdapterStatus.REFUSED
             adapter.metrics = {**adapter.metrics, **gate}
+    _serve(ctx, job_id, plan if plan != "backfill" else "dual", gate)
+
+
+def _serve(ctx: Context, job_id: int, plan: str, gate: dict[str, Any]) -> None:
+    """Record the gate's verdict and start serving the mixed gallery with `plan`."""
+    with ctx.session() as s:
         job = _job(s, job_id, lock=True)
         job.report = {**job.report, "gate": gate}
         if job.state == S.GATED:
-            job.plan = plan if plan != "backfill" else "dual"
-            get_gallery_row_by_id(s, job.gallery_id).plan = job.plan
+            job.plan = plan
+            get_gallery_row_by_id(s, job.gallery_id).plan = plan
             transition(job, S.SERVING_BRIDGE)
 
 

@@ -132,9 +132,17 @@ class PyfuncEncoder:
         return _l2_normalize(out) if self.normalize else out
 
 
-def check_dim(encoder: Encoder, declared: int, what: str) -> None:
+def probe_item(input_kind: str) -> Any:
+    """One item an encoder of this input kind accepts: text, or `image:HxW` (zeros)."""
+    if input_kind.startswith("image:"):
+        h, w = (int(v) for v in input_kind.removeprefix("image:").split("x"))
+        return np.zeros((h, w), np.uint8)
+    return "a probe sentence to check the output dimension"
+
+
+def check_dim(encoder: Encoder, declared: int, what: str, input_kind: str = "text") -> None:
     """Encode a probe and refuse an encoder whose output disagrees with the declared dim."""
-    got = encoder.encode(["a probe sentence to check the output dimension"]).shape[1]
+    got = encoder.encode([probe_item(input_kind)]).shape[1]
     if got != declared:
         raise DimensionMismatch(
             f"{what} declares dim {declared} but its encoder outputs {got}",

@@ -136,7 +136,7 @@ def register_version(
         encoder_uri = f"models:/{model}/{mlflow_version}"
     else:
         encoder = _load_from_mlflow(registry, loc, dim, normalized)
-        check_dim(encoder, dim, f"{model}:{version}")
+        check_dim(encoder, dim, f"{model}:{version}", (tags or {}).get("input", "text"))
         mlflow_version = registry.register(loc, model, meta)
         encoder_uri = f"models:/{model}/{mlflow_version}"
 
