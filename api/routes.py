@@ -78,7 +78,7 @@ def gallery_stats(name: str, ctx: Ctx) -> dict[str, Any]:
 
 @gals.post("/{name}/items", dependencies=[Admin])
 def ingest(name: str, body: ItemsIn, ctx: Ctx) -> dict[str, int]:
-    items = [galleries.ItemIn(i.id, i.text, i.vector) for i in body.items]
+    items = [galleries.ItemIn(i.id, i.text, i.vector, i.metadata) for i in body.items]
     return galleries.ingest(ctx, name, items)
 
 
@@ -88,7 +88,7 @@ def stage_items(name: str, body: ItemsIn, ctx: Ctx, tasks: BackgroundTasks) -> d
     from workers.app import dispatch_ingest
 
     staged = galleries.stage(
-        ctx, name, [galleries.ItemIn(i.id, i.text, i.vector) for i in body.items]
+        ctx, name, [galleries.ItemIn(i.id, i.text, i.vector, i.metadata) for i in body.items]
     )
     tasks.add_task(dispatch_ingest, ctx.settings, name)
     return {"staged": staged}
@@ -106,7 +106,9 @@ def publish(name: str, ctx: Ctx) -> dict[str, int]:
 
 @gals.post("/{name}/search", dependencies=[Read])
 def search_gallery(name: str, body: SearchIn, ctx: Ctx, request: Request) -> dict[str, Any]:
-    res = search.search(ctx, name, body.texts, body.vectors, body.k, body.old_vectors)
+    res = search.search(
+        ctx, name, body.texts, body.vectors, body.k, body.old_vectors, filters=body.filters
+    )
     request.app.state.metrics.observe_search(res.plan, res.encodes, res.latency_ms / 1e3)
     return res.to_dict()
 

@@ -33,6 +33,7 @@ class ItemBody(Body):
     id: str = Field(min_length=1, max_length=500)
     text: str | None = Field(default=None, max_length=100_000)
     vector: list[float] | None = Field(default=None, max_length=65536)
+    metadata: dict[str, str | int | float | bool] | None = Field(default=None, max_length=100)
 
 
 class ItemsIn(Body):
@@ -48,6 +49,9 @@ class SearchIn(Body):
     vectors: list[list[float]] | None = Field(default=None, min_length=1, max_length=1000)
     old_vectors: list[list[float]] | None = Field(default=None, min_length=1, max_length=1000)
     k: int = Field(default=10, ge=1, le=1000)
+    filters: dict[str, str | int | float | bool | list[str | int | float | bool]] | None = Field(
+        default=None, max_length=20, description="item metadata {key: value or [values]}"
+    )
 
 
 class ProbeQuery(Body):

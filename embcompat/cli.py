@@ -204,7 +204,10 @@ def gallery_ingest(
     """Add or update items from a JSON-lines file, in batches, with a progress bar."""
     ctx = Context()
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    items = [galleries.ItemIn(str(r["id"]), r.get("text"), r.get("vector")) for r in rows]
+    items = [
+        galleries.ItemIn(str(r["id"]), r.get("text"), r.get("vector"), r.get("metadata"))
+        for r in rows
+    ]
     added = updated = 0
     for start in track(range(0, len(items), batch), description="ingest"):
         part = items[start : start + batch]

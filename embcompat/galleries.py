@@ -37,6 +37,7 @@ class ItemIn:
     id: str
     text: str | None = None
     vector: Sequence[float] | None = None
+    metadata: dict[str, Any] | None = None  # flat attributes for filtered search
 
 
 @dataclass(frozen=True)
@@ -131,13 +132,16 @@ def list_galleries(ctx: Context) -> list[GalleryRecord]:
 
 
 def encode_items(ctx: Context, version: ModelVersionRecord, items: Sequence[ItemIn]) -> np.ndarray:
-    """Vectors for items in `version`'s space: sent vectors for an external version,
-    else the version's encoder over the texts."""
-    if version.external:
+    """Vectors for items in `version`'s space: sent vectors for an external version or
+    one whose input is not text (an image model: items keep text payloads only, so the
+    client sends the vectors), else the version's encoder over the texts."""
+    text_input = version.tags.get("input", "text") == "text"
+    if version.external or not text_input:
         missing = [it.id for it in items if it.vector is None]
         if missing:
+            why = "is external" if version.external else f"encodes {version.tags['input']}"
             raise InvalidInput(
-                f"{version.ref} is external: item {missing[0]!r} needs a vector", field="vector"
+                f"{version.ref} {why}: item {missing[0]!r} needs a vector", field="vector"
             )
         return check_vectors([it.vector for it in items], version.dim, f"vectors for {version.ref}")
     missing = [it.id for it in items if not it.text]
@@ -156,10 +160,70 @@ def _check_batch(ctx: Context, items: Sequence[ItemIn]) -> list[str]:
             field="items",
         )
     ids = [it.id for it in items]
+    for it in items:
+        _check_metadata(it)
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise DuplicateItem(f"item id {dup!r} appears twice in one batch", item=dup)
     return ids
+
+
+MetaValue = str | int | float | bool
+Filters = dict[str, MetaValue | list[MetaValue]]
+
+
+def _check_metadata(item: ItemIn) -> None:
+    meta = item.metadata
+    if meta is None:
+        return
+    if not isinstance(meta, dict):
+        raise InvalidInput(f"item {item.id!r}: metadata must be an object", field="metadata")
+    for key, value in meta.items():
+        if not isinstance(key, str) or not 0 < len(key) <= 100:
+            raise InvalidInput(f"item {item.id!r}: metadata key {key!r} is not allowed")
+        if not isinstance(value, MetaValue):  # type: ignore[arg-type]
+            raise InvalidInput(
+                f"item {item.id!r}: metadata {key!r} must be a string, number or bool, "
+                f"not {type(value).__name__}",
+                field="metadata",
+            )
+
+
+def excluded_by(ctx: Context, gallery: str, filters: Filters | None) -> np.ndarray | None:
+    """The item ids a search with `filters` must never return (None: no filter).
+
+    filters: {key: value} (equal) or {key: [values]} (any of), all keys must hold;
+    the key `id` matches item ids. Items without the key do not match."""
+    if not filters:
+        return None
+    if not isinstance(filters, dict):
+        raise InvalidInput("filters must be an object of key: value or [values]", field="filters")
+    wanted: dict[str, set[MetaValue]] = {}
+    for key, value in filters.items():
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, MetaValue) for v in values):  # type: ignore[arg-type]
+            raise InvalidInput(
+                f"filter {key!r} needs a string, number or bool, or a non-empty list of them",
+                field="filters",
+            )
+        wanted[key] = set(values)
+    with ctx.session() as s:
+        g = get_gallery_row(s, gallery)
+        rows = s.execute(
+            select(Item.id, Item.external_id, Item.meta).where(Item.gallery_id == g.id)
+        ).all()
+    out = [
+        i
+        for i, ext, meta in rows
+        if not all(
+            (ext if key == "id" else (meta or {}).get(key, _MISSING)) in values
+            for key, values in wanted.items()
+        )
+    ]
+    return np.array(sorted(out), np.int64)
+
+
+_MISSING = object()
 
 
 def stage(ctx: Context, gallery: str, items: Sequence[ItemIn]) -> int:
@@ -181,6 +245,8 @@ def stage(ctx: Context, gallery: str, items: Sequence[ItemIn]) -> int:
             row = existing.get(it.id) or Item(gallery_id=g.id, external_id=it.id)
             if row.payload != it.text or row.vector_version_id is None:
                 row.payload, row.vector_version_id = it.text, None
+            if it.metadata is not None:
+                row.meta = it.metadata
             s.add(row)
     return len(items)
 
@@ -228,6 +294,8 @@ def ingest(ctx: Context, gallery: str, items: Sequence[ItemIn]) -> dict[str, int
         for it in items:
             row = existing.get(it.id) or Item(gallery_id=g.id, external_id=it.id)
             row.payload = it.text
+            if it.metadata is not None:
+                row.meta = it.metadata
             row.vector_version_id = targets[-1].id
             s.add(row)
             rows.append(row)

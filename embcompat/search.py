@@ -20,7 +20,13 @@ from adapters.io import load_adapter
 from embcompat import upgrades
 from embcompat.context import Context
 from embcompat.errors import InvalidInput
-from embcompat.galleries import get_gallery_row, space_searcher, version_record
+from embcompat.galleries import (
+    Filters,
+    excluded_by,
+    get_gallery_row,
+    space_searcher,
+    version_record,
+)
 from index.faiss_index import IndexGenerations, SpaceSearcher
 from index.plans import PATHS, MixedIndex, Plan
 from index.plans import search as plan_search
@@ -80,16 +86,20 @@ def search(
     k: int = 10,
     old_vectors: Any = None,
     read_through: bool = True,
+    filters: Filters | None = None,
 ) -> SearchResponse:
     """texts (nq) or vectors (nq, d of the version queries are encoded with) → hits.
 
     Mid-upgrade, vectors are in the new version's space; plans that also search with the
-    old version (`dual`, `cascade`) take the old encoding as `old_vectors` or encode text."""
+    old version (`dual`, `cascade`) take the old encoding as `old_vectors` or encode text.
+    `filters` ({key: value or [values]} on item metadata, `id` on item ids) restrict the
+    hits; k stays full while enough matching items exist."""
     if (texts is None) == (vectors is None):
         raise InvalidInput("give either query texts or query vectors", field="query")
     if not 1 <= k <= 1000:
         raise InvalidInput(f"k must be between 1 and 1000, got {k}", field="k")
     t0 = time.perf_counter()
+    excluded = excluded_by(ctx, gallery, filters)
     with ctx.session() as s:
         g = get_gallery_row(s, gallery)
         serving = version_record(ctx, s, g.serving_version_id)
@@ -108,7 +118,7 @@ def search(
         gate = dict((job.report or {}).get("gate", {})) if job else {}
     if mixed_plan is None or target is None:
         q = _queries(ctx, serving, texts, vectors)
-        scores, ids = space_searcher(ctx, gallery, serving, kind).search(q, k)
+        scores, ids = space_searcher(ctx, gallery, serving, kind).search(q, k, exclude=excluded)
         hits = _hits(ctx, ids, scores, lambda r, c: (serving.version, "index", None, None, False))
         return SearchResponse(gallery, "single", hits, latency_ms=_ms(t0))
     needs_old = mixed_plan in ("dual", "cascade")
@@ -144,7 +154,10 @@ def search(
         gens = IndexGenerations(store.root.parent.parent / "indexes" / store.root.name, kind)  # type: ignore[arg-type]
         mapped = SpaceSearcher(store, gens)
     index = MixedIndex(
-        space_searcher(ctx, gallery, old, kind), space_searcher(ctx, gallery, target, kind), mapped
+        space_searcher(ctx, gallery, old, kind),
+        space_searcher(ctx, gallery, target, kind),
+        mapped,
+        excluded,
     )
     writer = (
         StoreReadThrough(ctx, gallery, target) if read_through and mixed_plan == "cascade" else None

@@ -176,18 +176,19 @@ class SpaceSearcher:
         removed: int,
         live: IdArray,
         excluded: IdArray | None,
+        n_excluded: int,
     ) -> tuple[FloatArray, IdArray]:
         """Over-fetch for the share of the index that is excluded and filter afterwards
         (graph and list searches visit that many candidates anyway); rows left short are
         searched again with the exclusion inside FAISS, which always fills k."""
         n = index.ntotal
-        share = len(excluded) / max(n, 1) if excluded is not None else 0.0
+        share = n_excluded / max(n, 1)
         fetch = min(n, int(np.ceil((k + removed) / max(1.0 - share, 0.05) * 1.3)) + 8)
         s, i = index.search(q, fetch)
         if self.generations.metric == "l2":
             s = -s  # scores are "higher is better" everywhere
         s, i = _filtered(s, i, live, removed, excluded)
-        short = (i >= 0).sum(1) < min(k, n - (len(excluded) if excluded is not None else 0))
+        short = (i >= 0).sum(1) < min(k, n - removed - n_excluded)
         if short.any() and excluded is not None:
             params = _params(index, excluded)
             s2, i2 = index.search(q[short], min(k + removed, n), params=params)
@@ -218,7 +219,9 @@ class SpaceSearcher:
         parts_s, parts_i = [], []
         if gen is not None and gen.index is not None:
             removed = max(len(gen.ids) - (len(live) - len(added_ids)), 0)
-            s, i = self._search_generation(gen.index, q, k, removed, live, excluded)
+            # only excluded ids this index holds make it short (a filter spans all spaces)
+            n_ex = int(member(excluded, gen.ids).sum()) if excluded is not None else 0
+            s, i = self._search_generation(gen.index, q, k, removed, live, excluded, n_ex)
             parts_s.append(s)
             parts_i.append(i)
         if excluded is not None and len(added_ids):

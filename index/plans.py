@@ -47,9 +47,15 @@ class MixedIndex:
     old: SpaceSearcher
     new: SpaceSearcher
     mapped: SpaceSearcher | None = None
+    exclude: IdArray | None = None  # items filtered out of this search, sorted
 
     def upgraded(self) -> IdArray:
         return self.new.store.snapshot().ids
+
+    def old_exclude(self) -> IdArray:
+        """The old side never returns upgraded items (served from the new space)."""
+        up = self.upgraded()
+        return up if self.exclude is None else np.union1d(up, self.exclude)
 
 
 @dataclass
@@ -120,8 +126,8 @@ def _merge_part(plan: Plan, path: str, scores: FloatArray) -> FloatArray:
 def _two_part(
     index: MixedIndex, plan: Plan, q_new: FloatArray, q_old: FloatArray | None, k: int
 ) -> Results:
-    upgraded = index.upgraded()
-    s_new, i_new = index.new.search(q_new, k)
+    upgraded = index.old_exclude()
+    s_new, i_new = index.new.search(q_new, k, exclude=index.exclude)
     if plan.name == "bridge":
         s_old, i_old = index.old.search(plan.bridge.transform(q_new), k, exclude=upgraded)  # type: ignore[union-attr]
     elif plan.name == "mapped":
@@ -186,8 +192,8 @@ def _cascade(
     read_through: ReadThrough | None,
 ) -> Results:
     nq, kk = len(q_new), plan.cascade_k
-    s_old, i_old = index.old.search(q_old, kk)
-    _, i_new = index.new.search(q_new, kk)
+    s_old, i_old = index.old.search(q_old, kk, exclude=index.exclude)
+    _, i_new = index.new.search(q_new, kk, exclude=index.exclude)
     cand = np.concatenate([i_old, i_new], axis=1)  # (nq, 2K), may repeat ids
     old_vecs, old_found = index.old.store.get(cand.ravel())
     sc_old = np.einsum("qcd,qd->qc", old_vecs.reshape(nq, 2 * kk, -1), q_old)

@@ -155,6 +155,8 @@ class Item(Base):
     external_id: Mapped[str] = mapped_column(String(500))
     # the raw item (text, or a reference) kept so the item can be re-embedded later
     payload: Mapped[str | None] = mapped_column(Text)
+    # flat key -> value attributes that searches filter on (category, tenant, ...)
+    meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     vector_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -14,6 +14,8 @@
   old space, old vectors are zero-padded, and the extra coordinates carry what is new.
 - `alignment_loss` (OCA): 1 − cos between the first d_old coordinates and the frozen old
   model's feature of the same image.
+- `cross_model_contrastive`: new heads against the old features of the batch, same class
+  as positives: the objective that new-to-old retrieval measures.
 - `DSimplexClassifier` (stationary representations, Biondi et al. CVPR'24): fixed weights
   at the vertices of a regular simplex; models trained against the same simplex share
   their class directions without ever seeing each other.
@@ -117,6 +119,23 @@ class OrthogonalLayer(nn.Module):
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return self.linear(f)
+
+
+def cross_model_contrastive(
+    z_head: torch.Tensor, old_features: torch.Tensor, labels: torch.Tensor, tau: float = 0.1
+) -> torch.Tensor:
+    """The cross-model retrieval objective itself: each new embedding's head must score
+    the old features of its own class (in the batch) above those of other classes,
+    i.e. new queries must find their class in an old gallery (supervised contrastive,
+    old side frozen)."""
+    logits = (
+        nn.functional.normalize(z_head, dim=1)
+        @ nn.functional.normalize(old_features, dim=1).T
+        / tau
+    )
+    same = (labels[:, None] == labels[None, :]).float()
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    return -((log_prob * same).sum(1) / same.sum(1).clamp(min=1)).mean()
 
 
 def alignment_loss(z_head: torch.Tensor, old_features: torch.Tensor) -> torch.Tensor:

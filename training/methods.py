@@ -34,6 +34,7 @@ from training.components import (
     InfluenceLoss,
     OrthogonalLayer,
     alignment_loss,
+    cross_model_contrastive,
 )
 from training.fashion import to_tensor_batch
 from training.nets import ConvEmbedder
@@ -126,7 +127,7 @@ def train_model(
     old.dim + extra_dims dimensions and `dim` is ignored."""
     classes = sorted(int(c) for c in np.unique(labels))
     _check(method, old, classes, extra_dims)
-    w = {"influence": 1.0, "align": 1.0, **(weights or {})}
+    w = {"influence": 1.0, "align": 1.0, "contrast": 0.0, **(weights or {})}
     if method in EXTRA_DIM_METHODS:
         assert old is not None
         dim = old.dim + extra_dims
@@ -160,6 +161,8 @@ def train_model(
                 loss = loss + w["influence"] * influence(z_head, yb)
             if method in EXTRA_DIM_METHODS:
                 loss = loss + w["align"] * alignment_loss(z_head, old_feats[idx])
+            if w["contrast"]:
+                loss = loss + w["contrast"] * cross_model_contrastive(z_head, old_feats[idx], yb)
         return loss
 
     vx, vy = val if val is not None else (images[:0], labels[:0])

@@ -79,7 +79,7 @@ def train(
         with torch.no_grad():
             score = validate()
         state["history"].append({"epoch": epoch + 1, "loss": total / len(x), "val": score})
-        if score > state["best"]:
+        if score >= state["best"]:  # ties go to the later epoch (e.g. no validation set)
             state.update(best=score, best_epoch=epoch + 1, bad=0)
             state["best_state"] = copy.deepcopy(module.state_dict())
         else:

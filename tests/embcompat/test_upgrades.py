@@ -80,6 +80,9 @@ def test_upgrade_end_to_end_with_search_at_every_step(gallery: tuple) -> None:
     partial = upgrades.run_in_process(ctx, job.id, on_chunk, stop_after=2)
     assert partial.state == "backfilling" and partial.plan == "cascade"
     assert partial.report["gate"]["held_out_pairs"] == 16
+    subset = [it.id for it in items[1::3]]  # the cascade keeps a filter on both proposers
+    res = search.search(ctx, "docs", texts=queries[:10], k=10, filters={"id": subset})
+    assert all(len(row) == 10 and {h.item for h in row} <= set(subset) for row in res.hits)
     with ctx.session() as s:
         attempts_before = {c.seq: c.attempts for c in s.query(JobChunk).filter_by(job_id=job.id)}
     final = upgrades.run_in_process(ctx, job.id, on_chunk)
@@ -142,6 +145,11 @@ def test_each_plan_serves_mid_upgrade_with_its_paths(gallery: tuple, plan: str) 
     assert res.plan == expected and paths <= {"new", old_path} and old_path in paths
     assert all(len({h.item for h in row}) == len(row) == 10 for row in res.hits)
     assert _recall(ctx, queries, relevant, items) > 0.3
+    # a filter holds on both sides of the mixed gallery, and k stays full
+    subset = [it.id for it in items[::4]]
+    res = search.search(ctx, "docs", texts=queries[:20], k=10, filters={"id": subset})
+    assert all(len(row) == 10 and {h.item for h in row} <= set(subset) for row in res.hits)
+    assert {h.path for row in res.hits for h in row} == {"new", old_path}
 
 
 def test_a_labelled_probe_sets_the_fusion_and_decides_whether_v1_is_kept(gallery: tuple) -> None:

@@ -1,0 +1,26 @@
+"""item metadata, for filtered search
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-11-26 01:30:00
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0002"
+down_revision: str | None = "0001"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("items") as batch:
+        batch.add_column(sa.Column("meta", sa.JSON(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("items") as batch:
+        batch.drop_column("meta")
