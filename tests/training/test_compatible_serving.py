@@ -55,11 +55,8 @@ def test_bt2_version_serves_the_v1_gallery_without_reembedding(
     gallery_x, gallery_y, qx, qy = xt[:1500], yt[:1500], xt[1500:1800], yt[1500:1800]
     create_gallery(ctx, "shop", "fashion", "v1")
     g_vectors = v1.embed(gallery_x)  # type: ignore[attr-defined]
-    ingest(
-        ctx,
-        "shop",
-        [ItemIn(f"{i}-{c}", vector=v.tolist()) for i, (c, v) in enumerate(zip(gallery_y, g_vectors))],
-    )
+    pairs = enumerate(zip(gallery_y, g_vectors, strict=True))
+    ingest(ctx, "shop", [ItemIn(f"{i}-{c}", vector=v.tolist()) for i, (c, v) in pairs])
     enc1 = versions.load_encoder(ctx.registry, r1)
     old_old = top1(search(ctx, "shop", vectors=enc1.encode(list(qx))).hits, qy)
 
