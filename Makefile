@@ -36,7 +36,7 @@ demo: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy --ignore-missing-imports embcompat registry adapters index workers api
+	$(VENV)/bin/mypy --ignore-missing-imports embcompat registry adapters index workers api training
 
 clean:
 	rm -rf $(VENV) .embcompat

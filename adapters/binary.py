@@ -131,7 +131,7 @@ class ITQBinarizer(Binarizer):
         self._projection = np.ascontiguousarray(arrays["projection"], dtype=np.float32)
 
 
-def _gelu(x: FloatArray) -> FloatArray:
+def _gelu(x: npt.NDArray[Any]) -> FloatArray:
     from scipy.special import erf
 
     return (0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))).astype(np.float32)

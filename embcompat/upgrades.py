@@ -12,6 +12,7 @@ makes every backfill chunk happen once: a chunk re-run skips items already upgra
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -23,6 +24,7 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from adapters import Adapter as AdapterBase
 from adapters import BasisAdapter
 from adapters.io import load_adapter, save_adapter
 from adapters.metrics import neighbour_recall, search
@@ -44,7 +46,7 @@ from embcompat.galleries import (
 )
 from embcompat.probe import measure as probe_measure
 from embcompat.schedule import BackfillSchedule
-from index.curve import fit_calibration
+from index.curve import curve_summary, fit_calibration, plot_curves, proxy_curve
 from index.merge import Platt
 from index.store import SpaceStore, open_space
 from registry import versions
@@ -416,8 +418,9 @@ def _paired_vectors(ctx: Context, job_id: int) -> tuple[np.ndarray, np.ndarray, 
 
 
 def step_train(ctx: Context, job_id: int) -> None:
-    """Fit the query-side bridge (auto selection), the basis and the score calibration on
-    80 % of the pairs; save them to the job folder and log the bridge to MLflow."""
+    """Fit the query-side bridge and the gallery-side mapper (auto selection), the basis
+    and the score calibration on 80 % of the pairs; save each adapter to the job folder
+    with its upgrade curve on the held-out 20 %, and log and register each in MLflow."""
     with ctx.session() as s:
         if _job(s, job_id).state != S.TRAINING:
             return
@@ -438,59 +441,86 @@ def step_train(ctx: Context, job_id: int) -> None:
         fit_new, fit_old, "query: new->old", fit_kwargs={"residual_mlp": {"max_steps": 200}}
     )
     folder = job_dir(ctx, job_id)
-    save_adapter(selection.adapter, folder / "bridge", source=new.ref, target=old.ref)
-    if new.dim >= old.dim:
-        save_adapter(BasisAdapter.fit(fit_new, fit_old), folder / "basis", new.ref, old.ref)
     mapper = select_adapter(fit_old, fit_new, "gallery: old->new", kinds=("procrustes", "affine"))
-    save_adapter(mapper.adapter, folder / "mapper", source=old.ref, target=new.ref)
     calibration = fit_calibration(
         fit_old, fit_new, selection.adapter, mapper.adapter, n_queries=500
     )
     (folder / "calibration.json").write_text(
         json.dumps({k: {"a": v.a, "b": v.b} for k, v in calibration.items()})
     )
-    metrics = {f"proxy_r10_{k}": v for k, v in selection.scores.items()}
-    uri = _log_adapter(ctx, folder / "bridge", selection.kind, old, new, metrics, len(fit_old))
+    fitted: list[tuple[str, str, AdapterBase, Any, Any, dict[str, float]]] = [
+        ("bridge", "bridge", selection.adapter, new, old,
+         {f"proxy_r10_{k}": v for k, v in selection.scores.items()}),
+        ("mapper", "mapped", mapper.adapter, old, new,
+         {f"proxy_r10_{k}": v for k, v in mapper.scores.items()}),
+    ]  # fmt: skip
+    if new.dim >= old.dim:
+        fitted.append(("basis", "basis", BasisAdapter.fit(fit_new, fit_old), new, old, {}))
+    pairs_hash = hashlib.sha256(np.ascontiguousarray(ids).tobytes()).hexdigest()[:16]
+    logged: dict[str, dict[str, Any]] = {}
+    for name, plan, adapter, source, target, metrics in fitted:
+        save_adapter(adapter, folder / name, source=source.ref, target=target.ref)
+        curve = proxy_curve(x_old[cut:], x_new[cut:], plan, adapter, calibration)
+        plot_curves(curve, folder / f"{name}-curve.png")
+        (summary,) = curve_summary([{**r, "pair": ""} for r in curve])
+        metrics = {**metrics, "curve_auc": summary["auc"], "curve_min_r10": summary["min_r10"]}
+        uri = _log_adapter(ctx, folder, name, adapter, source, target, metrics, pairs_hash)
+        logged[name] = {"kind": adapter.kind, "uri": uri, "metrics": metrics}
     with ctx.session() as s:
-        s.add(
-            Adapter(
-                from_version_id=new.id,
-                to_version_id=old.id,
-                kind=selection.kind,
-                direction="query: new->old",
-                mlflow_model_uri=uri,
-                metrics=metrics,
-                status=AdapterStatus.TRAINED,
+        for name, _, adapter, source, target, _ in fitted:
+            s.add(
+                Adapter(
+                    from_version_id=source.id,
+                    to_version_id=target.id,
+                    kind=adapter.kind,
+                    direction=adapter.direction,
+                    mlflow_model_uri=logged[name]["uri"],
+                    metrics=logged[name]["metrics"],
+                    status=AdapterStatus.TRAINED,
+                )
             )
-        )
         job = _job(s, job_id, lock=True)
         job.report = {
             **job.report,
-            "bridge": {"kind": selection.kind, "scores": selection.scores, "mlflow_uri": uri},
+            "bridge": {
+                "kind": selection.kind,
+                "scores": selection.scores,
+                "mlflow_uri": logged["bridge"]["uri"],
+            },
+            "adapters": logged,
         }
         if job.state == S.TRAINING:
             transition(job, S.GATED)
 
 
 def _log_adapter(
-    ctx: Context, folder: Path, kind: str, old: Any, new: Any, metrics: dict[str, float], pairs: int
+    ctx: Context,
+    folder: Path,
+    name: str,
+    adapter: AdapterBase,
+    source: Any,
+    target: Any,
+    metrics: dict[str, float],
+    pairs_hash: str,
 ) -> str:
-    """Log the adapter folder to MLflow with its metrics and register it as a model."""
+    """Log one adapter folder and its upgrade-curve plot to MLflow with its metrics, and
+    register it as a model version tagged from/to/direction/pairs hash."""
     registry = ctx.registry
-    name = f"{new.model}-adapter"
     tags = {
-        "from": new.ref,
-        "to": old.ref,
-        "direction": "query: new->old",
-        "kind": kind,
-        "pairs": str(pairs),
+        "from": source.ref,
+        "to": target.ref,
+        "direction": adapter.direction,
+        "kind": adapter.kind,
+        "pairs_hash": pairs_hash,
     }
-    with registry.run(f"adapter {new.ref} -> {old.ref}", tags) as run:
+    with registry.run(f"{name} {source.ref} -> {target.ref}", tags) as run:
         registry.mlflow.log_metrics(metrics)
-        registry.mlflow.log_artifacts(str(folder), artifact_path="adapter")
-        source = f"{run.info.artifact_uri}/adapter"
+        registry.mlflow.log_artifacts(str(folder / name), artifact_path="adapter")
+        registry.mlflow.log_artifact(str(folder / f"{name}-curve.png"), artifact_path="adapter")
+        source_uri = f"{run.info.artifact_uri}/adapter"
         run_id = run.info.run_id
-    return registry.create_version(name, source, run_id, tags)
+    registered = f"{source.model}-{name}"
+    return f"models:/{registered}/{registry.create_version(registered, source_uri, run_id, tags)}"
 
 
 def step_gate(ctx: Context, job_id: int) -> None:
@@ -566,7 +596,11 @@ def step_gate(ctx: Context, job_id: int) -> None:
     with ctx.session() as s:
         adapter = s.scalars(
             select(Adapter)
-            .where(Adapter.from_version_id == new.id, Adapter.to_version_id == old.id)
+            .where(
+                Adapter.from_version_id == new.id,
+                Adapter.to_version_id == old.id,
+                Adapter.direction == "query: new->old",
+            )
             .order_by(Adapter.id.desc())
         ).first()
         if adapter is not None:

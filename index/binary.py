@@ -31,6 +31,7 @@ from index.store import FloatArray, IdArray, SpaceStore, atomic_write
 BinaryKind = Literal["flat", "hnsw"]
 BINARY_KINDS: tuple[BinaryKind, ...] = ("flat", "hnsw")
 HNSW_M = 32
+RERANK_CHUNK = 128  # queries re-ranked together: (128, rerank, dim) floats at a time
 
 
 class BinaryIndex:
@@ -55,6 +56,7 @@ class BinaryIndex:
         if len(np.unique(ids)) != len(ids):
             raise InvalidInput("binary index got an item id twice: code each item once")
         bits = codes.shape[1] * 8
+        index: faiss.IndexBinary
         if kind == "hnsw":
             index = faiss.IndexBinaryHNSW(bits, HNSW_M)
             index.hnsw.efSearch = ef_search
@@ -86,8 +88,8 @@ class BinaryIndex:
             return np.zeros((len(codes), 0), np.int32), np.zeros((len(codes), 0), np.int64)
         params = None
         if self.kind == "hnsw":  # the graph search keeps at least k candidates in play
-            params = faiss.SearchParametersHNSW()
-            params.efSearch = max(int(self.index.hnsw.efSearch), k)
+            params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # stub gap
+            params.efSearch = max(int(self.index.hnsw.efSearch), k)  # type: ignore[attr-defined]
         dist, rows = self.index.search(codes, k, params=params)
         return dist, np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
 
@@ -150,12 +152,19 @@ class TwoStageSearcher:
             dist, ids = self.index.search(codes, k)
             return -dist.astype(np.float32), ids
         _, cand = self.index.search(codes, max(k, rerank))
-        vectors, found = self._read(cand.ravel())
-        vectors = vectors.reshape(*cand.shape, -1)
-        scores = np.einsum("qd,qcd->qc", q, vectors)
-        scores[~found.reshape(cand.shape) | (cand < 0)] = -np.inf
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(scores, top, 1), np.take_along_axis(cand, top, 1)
+        out_s = np.full((len(q), min(k, cand.shape[1])), -np.inf, np.float32)
+        out_i = np.full(out_s.shape, -1, np.int64)
+        for start in range(0, len(q), RERANK_CHUNK):  # bounded temporaries per chunk
+            rows = slice(start, start + RERANK_CHUNK)
+            c = cand[rows]
+            unique, inverse = np.unique(c, return_inverse=True)  # each row read once
+            vectors, found = self._read(unique)
+            scores = np.matmul(vectors[inverse.reshape(c.shape)], q[rows, :, None])[..., 0]
+            scores[~found[inverse.reshape(c.shape)] | (c < 0)] = -np.inf
+            top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            out_s[rows] = np.take_along_axis(scores, top, 1)
+            out_i[rows] = np.where(np.isfinite(out_s[rows]), np.take_along_axis(c, top, 1), -1)
+        return out_s, out_i
 
     def _read(self, ids: IdArray) -> tuple[FloatArray, npt.NDArray[np.bool_]]:
         out = np.zeros((len(ids), self.binarizer.source_dim), np.float32)

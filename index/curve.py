@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from adapters.base import Adapter
-from adapters.metrics import search
+from adapters.metrics import neighbour_recall, search
 from index.merge import Platt
 from index.store import FloatArray
 
@@ -54,6 +54,56 @@ def fit_calibration(
         labels = np.array([[i in t for i in row] for row, t in zip(ids, truth_sets, strict=True)])
         out[name] = Platt.fit(scores[not_self], labels[not_self])
     return out
+
+
+def proxy_curve(
+    old: FloatArray,
+    new: FloatArray,
+    plan: str,
+    adapter: Adapter,
+    calibration: dict[str, Platt] | None = None,
+    steps: int = 10,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """The upgrade curve of one adapter on held-out pairs (old, new: (n, d) of the same
+    items), label-free: the truth of each item is its 10 nearest other items by the new
+    model (so M(new,new) = 1), and `r10` is how much of it the mixed gallery returns when
+    a fraction of items (random order) is upgraded and the rest is served by `plan`
+    (`bridge`, `mapped` or `basis`). Rows fit `plot_curves`."""
+    n = len(new)
+    _, truth = search(new, new, 11)
+    truth = truth[:, 1:]
+    r10_old_old = neighbour_recall(search(old, old, 11)[1][:, 1:], truth)
+    if plan == "bridge":
+        q_old, g_old = adapter.transform(new), old
+    elif plan == "mapped":
+        q_old, g_old = new, adapter.transform(old)
+    else:  # basis: the head scores new queries against old vectors
+        q_old, g_old = new @ adapter.head, old  # type: ignore[attr-defined]
+    cal = calibration or {}
+    rank = np.random.default_rng(seed).permutation(n)
+    rows = []
+    for f in np.linspace(0.0, 1.0, steps + 1):
+        upgraded = rank < round(f * n)
+        s_new = np.where(upgraded[None, :], new @ new.T, -np.inf)
+        s_old = np.where(~upgraded[None, :], q_old @ g_old.T, -np.inf)
+        if plan in cal and "new" in cal:
+            s_new, s_old = cal["new"](s_new), cal[plan](s_old)
+        scores = np.maximum(s_new, s_old)
+        np.fill_diagonal(scores, -np.inf)  # an item is not its own neighbour
+        top = np.argsort(-scores, axis=1)[:, :10]
+        rows.append(
+            {
+                "plan": plan,
+                "merge": "calibrated" if plan in cal and "new" in cal else "raw",
+                "order": "random",
+                "fraction": float(f),
+                "r10": neighbour_recall(top, truth),
+                "r10_old_old": r10_old_old,
+                "r10_new_new": 1.0,
+            }
+        )
+    return rows
 
 
 def curve_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -50,6 +50,7 @@ class DSimplexClassifier(nn.Module):
 
     def __init__(self, dim: int, classes: int, scale: float = 16.0) -> None:
         super().__init__()
+        self.weight: torch.Tensor
         if dim < classes - 1:
             raise InvalidInput(
                 f"a d-Simplex of {classes} classes needs dim >= {classes - 1}, got {dim}"
@@ -91,10 +92,12 @@ class InfluenceLoss(nn.Module):
                 rows.append(old_weight[old_classes.index(c)])
             else:
                 rows.append(extra[c])
-        weight = nn.functional.normalize(torch.stack(rows).detach(), dim=1)
-        self.register_buffer("weight", weight)
-        self.register_buffer("label_map", torch.full((max(classes) + 1,), -1, dtype=torch.long))
-        self.label_map[torch.tensor(classes)] = torch.arange(len(classes))
+        self.weight: torch.Tensor
+        self.label_map: torch.Tensor
+        self.register_buffer("weight", nn.functional.normalize(torch.stack(rows).detach(), dim=1))
+        label_map = torch.full((max(classes) + 1,), -1, dtype=torch.long)
+        label_map[torch.tensor(classes)] = torch.arange(len(classes))
+        self.register_buffer("label_map", label_map)
         self.scale = scale
 
     def forward(self, z_head: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -115,7 +118,7 @@ class OrthogonalLayer(nn.Module):
 
     @property
     def matrix(self) -> torch.Tensor:
-        return self.linear.weight
+        return torch.as_tensor(self.linear.weight)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return self.linear(f)

@@ -185,7 +185,7 @@ def train_model(
 
     result = train(module, loss_fn, x, y, validate, config, name=f"{method} {channels}")
     with torch.no_grad():
-        weight = head.weight.detach().clone()
+        weight = torch.as_tensor(head.weight).detach().clone()
         if method == "oca":  # the classifier lives on f; z = W f, so its z-space rows are W w
             weight = net.transform(weight)
     return TrainedModel(

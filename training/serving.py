@@ -25,7 +25,7 @@ from training.methods import TrainedModel, load_model, save_model
 IMAGE_INPUT = "image:28x28"
 
 
-class ImageEmbedder(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+class ImageEmbedder(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defined]
     """pyfunc wrapper: predict(images) → embeddings."""
 
     def load_context(self, context: Any) -> None:

@@ -88,6 +88,17 @@ def test_register_ingest_upgrade_search_over_http(tmp_path: Path) -> None:
         and adapters[0]["from"] == "text:v2"
         and adapters[0]["status"] in ("accepted", "refused")
     )
+    # every fitted adapter is registered in MLflow with its metrics and upgrade-curve plot
+    by_direction = {a["direction"]: a for a in adapters}
+    assert set(by_direction) == {"query: new->old", "gallery: old->new", "basis: new->compatible"}
+    for a in adapters:
+        assert 0.0 <= a["metrics"]["curve_min_r10"] <= a["metrics"]["curve_auc"] + 1e-9
+        _, name, number = a["mlflow_model_uri"].rsplit("/", 2)
+        mv = ctx.registry.get_version(name, number)
+        assert mv.tags["direction"] == a["direction"] and len(mv.tags["pairs_hash"]) == 16
+        files = {f.path for f in ctx.registry.client.list_artifacts(mv.run_id, "adapter")}
+        assert {"adapter/manifest.json", "adapter/weights.safetensors"} <= files
+        assert any(f.endswith("-curve.png") for f in files)
     ready = client.get("/ready").json()
     assert ready["ready"], ready
     metrics = client.get("/metrics", headers=READ).text
