@@ -223,10 +223,32 @@ def gallery_stats(name: str) -> None:
     _print_json(_guard(lambda: galleries.stats(Context(), name)))
 
 
+def _parse_filters(specs: list[str]) -> dict[str, Any] | None:
+    """`key=value` (repeat a key for any-of) → the filters of `search.search`."""
+    out: dict[str, list[str]] = {}
+    for spec in specs:
+        key, sep, value = spec.partition("=")
+        if not sep or not key:
+            raise EmbcompatError(f"filter {spec!r} is not key=value")
+        out.setdefault(key, []).append(value)
+    return {k: v if len(v) > 1 else v[0] for k, v in out.items()} or None
+
+
 @app.command("search")
-def search_cmd(gallery: str, query: str, k: int = 10) -> None:
+def search_cmd(
+    gallery: str,
+    query: str,
+    k: int = 10,
+    filter: Annotated[
+        list[str] | None, typer.Option(help="key=value on item metadata; repeat for more")
+    ] = None,
+) -> None:
     """Search a gallery with a text query; shows the version and path of each hit."""
-    res = _guard(lambda: search.search(Context(), gallery, texts=[query], k=k))
+    res = _guard(
+        lambda: search.search(
+            Context(), gallery, texts=[query], k=k, filters=_parse_filters(filter or [])
+        )
+    )
     table = Table("item", "score", "version", "path", "old", "new", "on the fly")
     for h in res.hits[0]:
         fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731

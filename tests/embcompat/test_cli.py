@@ -61,3 +61,14 @@ def test_gallery_ingest_search_and_upgrade_refusal_from_the_cli(
     assert refused.exit_code == 2 and "already serves vendor:a" in refused.output
     missing = runner.invoke(app, ["upgrade", "status", "42"])
     assert missing.exit_code == 2 and "no upgrade job 42" in missing.output
+
+
+def test_search_filters_parse_from_key_value_options() -> None:
+    from embcompat.cli import _parse_filters
+    from embcompat.errors import EmbcompatError
+
+    got = _parse_filters(["color=red", "size=M", "color=blue", "note=a=b"])
+    assert got == {"color": ["red", "blue"], "size": "M", "note": "a=b"}
+    assert _parse_filters([]) is None
+    with pytest.raises(EmbcompatError, match="'color' is not key=value"):
+        _parse_filters(["color"])
