@@ -26,6 +26,7 @@ a gallery-side adapter.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 import numpy as np
@@ -94,6 +95,25 @@ class Binarizer(Adapter):
         """x: (n, source_dim) → packed codes (n, bits / 8) uint8, for faiss binary indexes."""
         return np.packbits(self.transform(x) > 0, axis=1)
 
+    def query_projection(self, q: Any) -> FloatArray:
+        """q: (nq, source_dim) float queries → (nq, bits) such that ⟨projection, code⟩ with
+        a ±1 code ranks items as ⟨q, decoded item⟩ does: asymmetric scoring, the query
+        kept in floats and only the items binary."""
+        return self._project(check_vectors(q, self.source_dim, f"binarizer {self.name}"))
+
+    def asymmetric_scores(self, q: Any, codes: CodeArray, chunk: int = 16) -> FloatArray:
+        """q: (nq, source_dim), codes: (nq, c, bits / 8) packed → (nq, c) scores; codes are
+        unpacked `chunk` queries at a time to bound the temporary (chunk, c, bits)."""
+        proj = self.query_projection(q)
+        out = np.empty(codes.shape[:2], np.float32)
+        for s in range(0, len(proj), chunk):
+            signs = np.unpackbits(codes[s : s + chunk], axis=-1).astype(np.float32) * 2 - 1
+            out[s : s + chunk] = np.matmul(signs, proj[s : s + chunk, :, None])[..., 0]
+        return out
+
+    @abstractmethod
+    def _project(self, q: FloatArray) -> FloatArray: ...
+
 
 class ITQBinarizer(Binarizer):
     kind = "itq"
@@ -123,6 +143,9 @@ class ITQBinarizer(Binarizer):
     def _apply(self, x: FloatArray) -> FloatArray:
         return _sign((x - self._mu) @ self._projection)
 
+    def _project(self, q: FloatArray) -> FloatArray:
+        return ((q - self._mu) @ self._projection).astype(np.float32)
+
     def arrays(self) -> dict[str, npt.NDArray[Any]]:
         return {"mu": self._mu, "projection": self._projection}
 
@@ -151,7 +174,8 @@ class RecurrentBinarizer(Binarizer):
         batch_size: int = 512,
         lr: float = 5e-4,
         temperature: float = 0.05,
-        rank_weight: float = 1.0,
+        rank_weight: float = 0.0,
+        patience: int = 3,
         seed: int = 0,
     ) -> RecurrentBinarizer:
         """vectors: (n, d) a sample of the space → `bits_per_dim` stages of d bits each."""
@@ -166,6 +190,10 @@ class RecurrentBinarizer(Binarizer):
                 field="bits_per_dim",
             )
         _n_bits(d, bits_per_dim)
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(x))
+        n_val = max(MIN_VECTORS // 2, min(len(x) // 10, 2000))  # held out: early stopping
+        val, x = x[order[:n_val]], x[order[n_val:]]
         stages = _itq_residual_init(x, int(bits_per_dim), seed, hidden)
         torch.manual_seed(seed)
         params = {
@@ -177,7 +205,18 @@ class RecurrentBinarizer(Binarizer):
         logit_scale = nn.Parameter(torch.tensor(float(np.log(1.0 / temperature))))
         opt.add_param_group({"params": [logit_scale]})
         xt = torch.from_numpy(x)
-        rng = np.random.default_rng(seed)
+        config = {"stages": len(stages), "hidden": hidden}
+        truth = np.argsort(-(val @ val.T) + np.eye(len(val)) * 1e9, axis=1)[:, :10]
+
+        def snapshot() -> tuple[float, RecurrentBinarizer]:
+            """The current weights as a binarizer, and its held-out asymmetric recall."""
+            obj = cls(d, d * len(stages))
+            obj._load(config, {n: p.detach().numpy().copy() for n, p in params.items()})
+            scores = obj.query_projection(val) @ obj.transform(val).T
+            np.fill_diagonal(scores, -np.inf)
+            top = np.argsort(-scores, axis=1)[:, :10]
+            hits = [len(set(a) & set(b)) for a, b in zip(top.tolist(), truth.tolist(), strict=True)]
+            return float(np.mean(hits)) / 10, obj
 
         def forward(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             residual, recon, codes = batch, torch.zeros_like(batch), []
@@ -192,32 +231,37 @@ class RecurrentBinarizer(Binarizer):
                 codes.append(b)
             return recon, torch.cat(codes, dim=1)
 
+        best_score, best = snapshot()  # epoch 0: the residual-ITQ start
+        bad = 0
         for _ in range(epochs):
-            order = torch.from_numpy(rng.permutation(len(x)))
+            perm = torch.from_numpy(rng.permutation(len(x)))
             for start in range(0, len(x) - MIN_VECTORS // 2, batch_size):
-                idx = order[start : start + batch_size]
+                idx = perm[start : start + batch_size]
                 batch = xt[idx]
                 recon, code = forward(batch)
-                mse = ((recon - batch) ** 2).sum(1).mean()
-                sim_f = batch @ batch.T / temperature
-                sim_c = code @ code.T / code.shape[1] * logit_scale.exp()
-                eye = torch.eye(len(idx), dtype=torch.bool)
-                sim_f, sim_c = sim_f.masked_fill(eye, -1e9), sim_c.masked_fill(eye, -1e9)
-                rank = nn.functional.kl_div(
-                    nn.functional.log_softmax(sim_c, 1),
-                    nn.functional.log_softmax(sim_f, 1),
-                    log_target=True,
-                    reduction="batchmean",
-                )
+                loss = ((recon - batch) ** 2).sum(1).mean()
+                if rank_weight:
+                    sim_f = batch @ batch.T / temperature
+                    sim_c = code @ code.T / code.shape[1] * logit_scale.exp()
+                    eye = torch.eye(len(idx), dtype=torch.bool)
+                    sim_f, sim_c = sim_f.masked_fill(eye, -1e9), sim_c.masked_fill(eye, -1e9)
+                    loss = loss + rank_weight * nn.functional.kl_div(
+                        nn.functional.log_softmax(sim_c, 1),
+                        nn.functional.log_softmax(sim_f, 1),
+                        log_target=True,
+                        reduction="batchmean",
+                    )
                 opt.zero_grad()
-                (mse + rank_weight * rank).backward()
+                loss.backward()
                 opt.step()
-        obj = cls(d, d * int(bits_per_dim))
-        obj._load(
-            {"stages": len(stages), "hidden": hidden},
-            {name: p.detach().numpy() for name, p in params.items()},
-        )
-        return obj
+            score, obj = snapshot()
+            if score > best_score:
+                best_score, best, bad = score, obj, 0
+            else:
+                bad += 1
+                if bad >= patience:
+                    break
+        return best
 
     def _stage_outputs(self, x: FloatArray) -> tuple[list[FloatArray], FloatArray]:
         residual, codes = x, []
@@ -233,6 +277,11 @@ class RecurrentBinarizer(Binarizer):
 
     def _apply(self, x: FloatArray) -> FloatArray:
         return np.concatenate(self._stage_outputs(x)[0], axis=1)
+
+    def _project(self, q: FloatArray) -> FloatArray:
+        """⟨q, Σ_k b_k D_k + c⟩ = Σ_k ⟨q D_kᵀ, b_k⟩ + const: BEBR's decoded-space score."""
+        decoders = [self._arrays[f"{k}.dec"] for k in range(self.stages)]
+        return np.concatenate([q @ d.T for d in decoders], axis=1).astype(np.float32)
 
     def reconstruct(self, x: Any) -> FloatArray:
         """x: (n, d) → the decoder's reconstruction Σ x̂_k (n, d), to measure what bits keep."""

@@ -3,8 +3,10 @@
 On the WordNet task (3,000 labelled queries over a 12,000-document gallery) embedded by
 the new model of the primary pair (MPNet, 768-d), fits ITQ and the recurrent binarizer
 at 1, 2 and 4 bits per dimension on 8,000 other documents, and for a flat and an HNSW
-index measures, with and without float re-ranking of the top 100 binary candidates (the
-floats read from a vector store on disk):
+index measures (floats for re-ranking read from a vector store on disk):
+Three stages per row: `hamming` (binary index alone), `codes` (its top 200 re-scored
+asymmetrically from the codes: the float query against the binary items, no float read;
+how BEBR reads multi-bit codes) and `float` (its top 100 re-scored with the floats).
 - recall10_rel: labelled R@10 over that of float exact search; nn_recall10: the share
   of float exact search's top 10 that comes back;
 - bytes_per_vector (code bytes), memory_ratio (float index bytes / binary index bytes,
@@ -38,10 +40,15 @@ from index.faiss_index import build_index
 from index.store import SpaceStore
 
 RERANK = 100
+CODE_RERANK = 200
+# (float re-rank depth, code re-score depth): Hamming only; Hamming then asymmetric
+# scores from the codes (no float read); Hamming then exact floats from disk
+STAGES = {"hamming": (0, 0), "codes": (0, CODE_RERANK), "float": (RERANK, 0)}
 COLUMNS = [
     "method",
     "bits_per_dim",
     "index",
+    "stage",
     "rerank",
     "mixed",
     "r10",
@@ -90,15 +97,19 @@ def _rows_for(
     for kind, base in baselines.items():
         index = BinaryIndex.build(codes, np.arange(len(codes), dtype=np.int64), kind)  # type: ignore[arg-type]
         searcher = TwoStageSearcher(binarizer, index, stores)
-        for rerank in (0, RERANK):
-            ranked = searcher.search(queries, 10, rerank)[1]
-            secs = _median_seconds(lambda s=searcher, r=rerank: s.search(queries, 10, r), repeats)
+        for stage, (rerank, code_rerank) in STAGES.items():
+            ranked = searcher.search(queries, 10, rerank, code_rerank)[1]
+            secs = _median_seconds(
+                lambda s=searcher, r=rerank, c=code_rerank: s.search(queries, 10, r, c), repeats
+            )
             r10 = recall_at_k(ranked, relevant)
             rows.append(
                 {
                     **common,
                     "index": kind,
+                    "stage": stage,
                     "rerank": rerank,
+                    "code_rerank": code_rerank,
                     "r10": r10,
                     "recall10_rel": r10 / r10_exact,
                     "nn_recall10": neighbour_recall(ranked, exact),
@@ -182,15 +193,16 @@ def main() -> None:
     print()
     print_table(rows, COLUMNS)
     for bpd in sorted({r["bits_per_dim"] for r in rows}):
-        pick = {
-            r["method"]: r["recall10_rel"]
-            for r in rows
-            if r["bits_per_dim"] == bpd and r["index"] == "flat" and not r["rerank"]
-            if not r["mixed"]
-        }
-        if len(pick) == 2:
-            better = "recurrent" if pick["recurrent"] > pick["itq"] else "itq"
-            print(f"{bpd} bit/dim, Hamming only: {better} keeps more ({pick})")
+        for stage in ("hamming", "codes"):
+            pick = {
+                r["method"]: r["recall10_rel"]
+                for r in rows
+                if r["bits_per_dim"] == bpd and r["index"] == "flat" and r["stage"] == stage
+                if not r["mixed"]
+            }
+            if len(pick) == 2:
+                better = "recurrent" if pick["recurrent"] > pick["itq"] else "itq"
+                print(f"{bpd} bit/dim, no float re-rank ({stage}): {better} keeps more {pick}")
     write_json(args.json, rows)
     print(f"took {time.perf_counter() - t0:.0f}s")
 

@@ -76,11 +76,11 @@ def run(quick: bool, seed: int = 0) -> list[dict[str, Any]]:
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(x))
     if quick:
-        order, xt, yt = order[:6000], xt[:2000], yt[:2000]
+        order, xt, yt = order[:3000], xt[:1000], yt[:1000]
     n_val = len(order) // 12
     val_idx, train_idx = order[:n_val], order[n_val:]
     val = (x[val_idx], y[val_idx])
-    epochs = 2 if quick else 6
+    epochs = 2 if quick else 5
     cfg = TrainConfig(epochs=epochs, seed=seed, patience=2)
 
     def fit(

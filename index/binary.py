@@ -1,6 +1,9 @@
 """Binary serving stage: Hamming candidates from a faiss binary index, float re-ranking.
 
-The in-memory part is the packed codes (bits / 8 bytes per item) in a faiss
+Candidates can be re-scored from the codes alone (asymmetric: the float query against
+the binary items, `Binarizer.asymmetric_scores`), which is how a multi-bit recurrent
+code is read (its stages carry residuals of decreasing size, which plain Hamming weighs
+equally). The in-memory part is the packed codes (bits / 8 bytes per item) in a faiss
 `IndexBinaryFlat` (exact Hamming) or `IndexBinaryHNSW` (graph), plus the row→item-id
 map. The float vectors stay in the gallery's vector store on disk: a search takes the
 `rerank` best Hamming candidates and re-scores them exactly with the floats read from
@@ -77,6 +80,11 @@ class BinaryIndex:
     def search(self, codes: CodeArray, k: int) -> tuple[npt.NDArray[np.int32], IdArray]:
         """codes: (nq, bytes) → Hamming distances and item ids (nq, k), nearest first;
         missing slots get id -1."""
+        dist, rows = self.search_rows(codes, k)
+        return dist, np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
+
+    def search_rows(self, codes: CodeArray, k: int) -> tuple[npt.NDArray[np.int32], IdArray]:
+        """As `search`, returning index rows (for `stored_codes`) instead of item ids."""
         codes = np.ascontiguousarray(codes, dtype=np.uint8)
         if codes.ndim != 2 or codes.shape[1] * 8 != self.bits:
             raise DimensionMismatch(
@@ -91,7 +99,15 @@ class BinaryIndex:
             params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # stub gap
             params.efSearch = max(int(self.index.hnsw.efSearch), k)  # type: ignore[attr-defined]
         dist, rows = self.index.search(codes, k, params=params)
-        return dist, np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
+        return dist, rows
+
+    def stored_codes(self) -> CodeArray:
+        """(n, bytes) view of the codes inside the faiss index (no copy, no second set)."""
+        flat = self.index if self.kind == "flat" else faiss.downcast_IndexBinary(self.index.storage)  # type: ignore[attr-defined]
+        n, width = len(self.ids), self.bits // 8
+        if n == 0:
+            return np.zeros((0, width), np.uint8)
+        return np.asarray(faiss.rev_swig_ptr(flat.xb.data(), n * width)).reshape(n, width)
 
     def save(self, folder: Path) -> None:
         """Write index + ids atomically; `load` checks the index against its checksum."""
@@ -142,16 +158,33 @@ class TwoStageSearcher:
                 )
         self.binarizer, self.index, self.stores = binarizer, index, list(stores)
 
-    def search(self, queries: FloatArray, k: int, rerank: int = 100) -> tuple[FloatArray, IdArray]:
-        """queries: (nq, d) float → scores, ids (nq, k), best first. rerank = 0 ranks by
-        Hamming alone (score = −distance); otherwise the top `rerank` candidates are
-        re-scored by inner product with their float vectors."""
+    def search(
+        self, queries: FloatArray, k: int, rerank: int = 100, code_rerank: int = 0
+    ) -> tuple[FloatArray, IdArray]:
+        """queries: (nq, d) float → scores, ids (nq, k), best first.
+
+        Stage 1: Hamming candidates from the binary index. `code_rerank` > 0: the top
+        `code_rerank` are re-scored asymmetrically from their codes (float query against
+        binary items: no float vector read). `rerank` > 0: the top `rerank` are re-scored
+        exactly with their float vectors from the stores. Scores are those of the last
+        stage run (Hamming: −distance)."""
         q = np.asarray(queries, np.float32)
         codes = self.binarizer.codes(q)  # validates dim and finiteness
+        depth = max(k, rerank if self.stores else 0, code_rerank)
+        dist, rows = self.index.search_rows(codes, depth)
+        scores = -dist.astype(np.float32)
+        if code_rerank > 0 and rows.shape[1]:
+            rows, scores = rows[:, :code_rerank], scores[:, :code_rerank]
+            stored = self.index.stored_codes()[np.maximum(rows, 0)]
+            scores = np.where(rows >= 0, self.binarizer.asymmetric_scores(q, stored), -np.inf)
+            order = np.argsort(-scores, axis=1, kind="stable")
+            rows, scores = np.take_along_axis(rows, order, 1), np.take_along_axis(scores, order, 1)
+        ids = np.where(rows >= 0, self.index.ids[np.maximum(rows, 0)], -1)
         if rerank <= 0 or not self.stores:
-            dist, ids = self.index.search(codes, k)
-            return -dist.astype(np.float32), ids
-        _, cand = self.index.search(codes, max(k, rerank))
+            return scores[:, :k].astype(np.float32), ids[:, :k]
+        return self._rerank(q, ids[:, :rerank], k)
+
+    def _rerank(self, q: FloatArray, cand: IdArray, k: int) -> tuple[FloatArray, IdArray]:
         out_s = np.full((len(q), min(k, cand.shape[1])), -np.inf, np.float32)
         out_i = np.full(out_s.shape, -1, np.int64)
         for start in range(0, len(q), RERANK_CHUNK):  # bounded temporaries per chunk

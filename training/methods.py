@@ -18,7 +18,7 @@ Served vectors are L2-normalised; an old vector enters the new space zero-padded
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +77,7 @@ class TrainedModel:
     channels: list[int]
     dim: int
     extra_dims: int = 0
-    compatible_with: str | None = None
     result: TrainResult | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
 
     @torch.no_grad()
     def embed(self, images: npt.NDArray[Any], batch_size: int = 1024) -> npt.NDArray[np.float32]:
@@ -196,7 +194,6 @@ def train_model(
         channels=list(channels),
         dim=dim,
         extra_dims=extra_dims if method in EXTRA_DIM_METHODS else 0,
-        compatible_with=old.meta.get("name") if old is not None else None,
         result=result,
     )
 
@@ -213,8 +210,6 @@ def save_model(model: TrainedModel, path: Path) -> None:
         "channels": model.channels,
         "dim": model.dim,
         "extra_dims": model.extra_dims,
-        "compatible_with": model.compatible_with,
-        "meta": model.meta,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -235,6 +230,4 @@ def load_model(path: Path) -> TrainedModel:
         channels=blob["channels"],
         dim=blob["dim"],
         extra_dims=blob["extra_dims"],
-        compatible_with=blob["compatible_with"],
-        meta=blob["meta"],
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapters.binary import ITQBinarizer
+from adapters.binary import ITQBinarizer, RecurrentBinarizer
 from embcompat.errors import CorruptArtifact, DimensionMismatch, InvalidInput
 from index.binary import BinaryIndex, TwoStageSearcher
 from index.store import SpaceStore
@@ -113,3 +113,21 @@ def test_wrong_dims_are_refused(
         TwoStageSearcher(binarizer, BinaryIndex.build(ITQBinarizer.fit(x, 2.0).codes(x), ids))
     with pytest.raises(InvalidInput, match="unknown binary index kind 'ivf'"):
         BinaryIndex.build(binarizer.codes(x), ids, "ivf")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_codes_rescored_from_the_index_without_float_reads(
+    gallery: tuple[SpaceStore, np.ndarray, np.ndarray], kind: str
+) -> None:
+    _, ids, x = gallery
+    binarizer = RecurrentBinarizer.fit(x, 2, hidden=16, epochs=2)
+    index = BinaryIndex.build(binarizer.codes(x), ids, kind)  # type: ignore[arg-type]
+    assert np.array_equal(index.stored_codes(), binarizer.codes(x))  # a view, same bytes
+    searcher = TwoStageSearcher(binarizer, index)  # no stores: codes only
+    q = clustered(100, d=32, seed=2)
+    exact = ids[np.argsort(-(q @ x.T), axis=1)[:, :10]]
+    _, hamming = searcher.search(q, 10, rerank=0)
+    scores, rescored = searcher.search(q, 10, rerank=0, code_rerank=200)
+    assert overlap(rescored, exact) > overlap(hamming, exact)
+    want = binarizer.asymmetric_scores(q[:1], binarizer.codes(x[rescored[0] - 1000])[None])[0]
+    assert np.allclose(scores[0], want, atol=1e-4) and np.all(np.diff(scores, axis=1) <= 1e-6)
