@@ -21,7 +21,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import faiss
 import numpy as np
@@ -103,7 +103,9 @@ class BinaryIndex:
 
     def stored_codes(self) -> CodeArray:
         """(n, bytes) view of the codes inside the faiss index (no copy, no second set)."""
-        flat = self.index if self.kind == "flat" else faiss.downcast_IndexBinary(self.index.storage)  # type: ignore[attr-defined]
+        flat: Any = self.index
+        if self.kind == "hnsw":  # the graph keeps its codes in a flat storage index
+            flat = faiss.downcast_IndexBinary(flat.storage)
         n, width = len(self.ids), self.bits // 8
         if n == 0:
             return np.zeros((0, width), np.uint8)
