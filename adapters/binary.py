@@ -13,11 +13,13 @@ Hamming ranking is a ranking by the codes' inner product.
   as the recurrent kind.
 - `recurrent` (BEBR's recurrent binarization, Tencent KDD'23): stage k encodes the
   residual r_k with a light residual MLP, b_k = sign(·), a linear decoder reconstructs
-  x̂_k from b_k, and r_{k+1} = r_k − x̂_k; k stages give k bits per dimension. Training
-  is embedding-to-embedding with a straight-through estimator: reconstruction of x from
-  Σ x̂_k, plus a listwise term that makes the in-batch code inner products (what Hamming
-  search sees) rank neighbours as the float inner products do. Stages start from ITQ on
-  each residual, so training starts at a residual ITQ and only moves where it helps.
+  x̂_k from b_k, and r_{k+1} = r_k − x̂_k; k stages give k bits per dimension. Stages
+  start from ITQ on each residual with least-squares decoders; training is
+  embedding-to-embedding with a straight-through estimator (reconstruction of x from
+  Σ x̂_k, optionally a listwise term on the in-batch code inner products) and keeps the
+  epoch with the best held-out recall of asymmetric code scores. The codes are read
+  asymmetrically (`asymmetric_scores`: ⟨q, decoded item⟩): plain Hamming weighs the
+  small residual bits as much as the first stage's and loses what they add.
 
 Codes of two versions are comparable when one binarizer codes both: see
 `fit_shared`, which trains on new vectors plus old vectors brought into the new space by
@@ -170,9 +172,9 @@ class RecurrentBinarizer(Binarizer):
         vectors: Any,
         bits_per_dim: int = 2,
         hidden: int = 256,
-        epochs: int = 30,
+        epochs: int = 10,
         batch_size: int = 512,
-        lr: float = 5e-4,
+        lr: float = 2e-5,
         temperature: float = 0.05,
         rank_weight: float = 0.0,
         patience: int = 3,
