@@ -26,7 +26,7 @@ class GalleryIn(Body):
     name: str = Name
     model: str = Name
     version: str = Name
-    index_kind: Literal["flat", "ivf", "hnsw"] = "flat"
+    index_kind: Literal["flat", "ivf", "hnsw", "binary", "binary-hnsw"] = "flat"
 
 
 class ItemBody(Body):

@@ -25,11 +25,14 @@ from embcompat.errors import (
     UnknownGallery,
     UnknownItem,
 )
+from index.binary import binarizer_metrics
+from index.faiss_index import KINDS as INDEX_KINDS
 from index.faiss_index import IndexGenerations, IndexKind, IndexMetric, SpaceSearcher
 from index.store import SpaceStore, open_space
 from registry import versions
 from registry.records import ModelVersionRecord
-from registry.schema import EmbeddingModel, Gallery, Item, ModelVersion
+from registry.schema import Adapter as AdapterRow
+from registry.schema import AdapterStatus, EmbeddingModel, Gallery, Item, ModelVersion
 
 
 @dataclass(frozen=True)
@@ -65,16 +68,26 @@ def space_store(ctx: Context, gallery: str, version: ModelVersionRecord) -> Spac
     return open_space(gallery_dir(ctx, gallery) / "vectors" / space_name(version.id), version.dim)
 
 
+_SEARCHERS: dict[tuple[Path, str, str], SpaceSearcher] = {}
+
+
 def space_searcher(
     ctx: Context, gallery: str, version: ModelVersionRecord, kind: str = "flat"
 ) -> SpaceSearcher:
+    """The process's searcher of one space: kept, so its loaded index generation and its
+    view of the rows added since are shared by every search instead of re-read per call
+    (both are re-checked against the files on every search)."""
     store = space_store(ctx, gallery, version)
     metric: IndexMetric = "l2" if version.metric == "l2" else "ip"
-    index_kind = cast(IndexKind, kind)  # validated when the gallery was created
-    gens = IndexGenerations(
-        gallery_dir(ctx, gallery) / "indexes" / space_name(version.id), index_kind, metric
-    )
-    return SpaceSearcher(store, gens)
+    root = gallery_dir(ctx, gallery) / "indexes" / space_name(version.id)
+    key = (root.resolve(), kind, metric)
+    searcher = _SEARCHERS.get(key)
+    if searcher is None or searcher.store is not store:
+        index_kind = cast(IndexKind, kind)  # validated when the gallery was created
+        searcher = _SEARCHERS[key] = SpaceSearcher(
+            store, IndexGenerations(root, index_kind, metric)
+        )
+    return searcher
 
 
 def get_gallery_row(session: Session, name: str) -> Gallery:
@@ -110,8 +123,12 @@ def create_gallery(
     with ctx.session() as s:
         if s.scalars(select(Gallery).where(Gallery.name == name)).first() is not None:
             raise Conflict(f"a gallery named {name!r} already exists", gallery=name)
-        if index_kind not in ("flat", "ivf", "hnsw"):
-            raise InvalidInput(f"unknown index kind {index_kind!r}", field="index_kind")
+        if index_kind not in INDEX_KINDS:
+            raise InvalidInput(
+                f"unknown index kind {index_kind!r}",
+                hint=f"one of {', '.join(INDEX_KINDS)}",
+                field="index_kind",
+            )
         mv = versions.get_version_row(s, model, version)
         row = Gallery(
             name=name, model_id=mv.model_id, serving_version_id=mv.id, index_kind=index_kind
@@ -339,8 +356,43 @@ def publish(ctx: Context, gallery: str) -> dict[str, int]:
         with ctx.session() as s:
             rec = version_record(ctx, s, version_id)
         searcher = space_searcher(ctx, gallery, rec, kind)
-        out[space.name] = searcher.generations.publish(searcher.store)
+        gens = searcher.generations
+        out[space.name] = gens.publish(searcher.store)
+        if gens.fitted_binarizer is not None:
+            _register_binarizer(ctx, gens, rec, searcher.store.snapshot().vectors)
     return out
+
+
+def _register_binarizer(
+    ctx: Context, gens: IndexGenerations, version: ModelVersionRecord, vectors: np.ndarray
+) -> None:
+    """A binary index fitted its binarizer: register it in MLflow beside the adapters,
+    with what it keeps of the space's own float neighbours."""
+    binarizer = gens.fitted_binarizer
+    assert binarizer is not None
+    tags = {
+        "from": version.ref,
+        "to": f"{binarizer.kind}:{binarizer.bits}bits",
+        "direction": binarizer.direction,
+        "kind": binarizer.kind,
+        "bits_per_dim": str(binarizer.bits_per_dim),
+    }
+    metrics = binarizer_metrics(binarizer, np.asarray(vectors))
+    uri = ctx.registry.log_folder_version(
+        f"{version.model}-binarizer", gens.root / "binarizer", tags, metrics
+    )
+    with ctx.session() as s:
+        s.add(
+            AdapterRow(
+                from_version_id=version.id,
+                to_version_id=version.id,
+                kind=binarizer.kind,
+                direction=binarizer.direction,
+                mlflow_model_uri=uri,
+                metrics=metrics,
+                status=AdapterStatus.ACCEPTED,
+            )
+        )
 
 
 def stats(ctx: Context, gallery: str) -> dict[str, Any]:

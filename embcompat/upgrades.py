@@ -505,7 +505,6 @@ def _log_adapter(
 ) -> str:
     """Log one adapter folder and its upgrade-curve plot to MLflow with its metrics, and
     register it as a model version tagged from/to/direction/pairs hash."""
-    registry = ctx.registry
     tags = {
         "from": source.ref,
         "to": target.ref,
@@ -513,14 +512,9 @@ def _log_adapter(
         "kind": adapter.kind,
         "pairs_hash": pairs_hash,
     }
-    with registry.run(f"{name} {source.ref} -> {target.ref}", tags) as run:
-        registry.mlflow.log_metrics(metrics)
-        registry.mlflow.log_artifacts(str(folder / name), artifact_path="adapter")
-        registry.mlflow.log_artifact(str(folder / f"{name}-curve.png"), artifact_path="adapter")
-        source_uri = f"{run.info.artifact_uri}/adapter"
-        run_id = run.info.run_id
-    registered = f"{source.model}-{name}"
-    return f"models:/{registered}/{registry.create_version(registered, source_uri, run_id, tags)}"
+    return ctx.registry.log_folder_version(
+        f"{source.model}-{name}", folder / name, tags, metrics, (folder / f"{name}-curve.png",)
+    )
 
 
 def step_gate(ctx: Context, job_id: int) -> None:

@@ -212,3 +212,92 @@ class TwoStageSearcher:
             rows = np.flatnonzero(need)[hit]
             out[rows], found[rows] = vecs[hit], True
         return out, found
+
+
+BINARIZER = "binarizer"
+FIT_SAMPLE = 20000
+
+
+class BinaryRerankIndex:
+    """A published binary generation as SpaceSearcher uses it: Hamming candidates of the
+    binary index, re-ranked exactly with the floats of the space's store (on disk)."""
+
+    def __init__(self, searcher: TwoStageSearcher, rerank: int = 100) -> None:
+        self.searcher, self.rerank = searcher, rerank
+
+    @property
+    def ntotal(self) -> int:
+        return len(self.searcher.index.ids)
+
+    def search_excluding(
+        self, q: FloatArray, k: int, live: IdArray, excluded: IdArray | None
+    ) -> tuple[FloatArray, IdArray]:
+        """Top k of the live, not excluded items; the candidate depth doubles for rows
+        left short until they fill or the whole index was re-ranked."""
+        from index.faiss_index import member  # index.faiss_index imports this module
+
+        depth = max(self.rerank, k)
+        rows = np.arange(len(q))
+        out_s = np.full((len(q), k), -np.inf, np.float32)
+        out_i = np.full((len(q), k), -1, np.int64)
+        while len(rows):
+            s, i = self.searcher.search(q[rows], depth, rerank=depth)
+            bad = (i < 0) | ~member(live, i)
+            if excluded is not None:
+                bad |= member(excluded, i)
+            s, i = np.where(bad, -np.inf, s), np.where(bad, -1, i)
+            order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+            s, i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+            out_s[rows, : s.shape[1]], out_i[rows, : i.shape[1]] = s, i
+            full = (i >= 0).sum(1) >= k
+            if depth >= self.ntotal:
+                break
+            rows, depth = rows[~full], min(depth * 4, self.ntotal)
+        return out_s, out_i
+
+
+def ensure_binarizer(root: Path, vectors: FloatArray, seed: int = 0) -> tuple[Binarizer, bool]:
+    """The binarizer of a space's binary generations (root/binarizer), fitted once (ITQ,
+    1 bit per dimension, on up to FIT_SAMPLE of its vectors) and kept, so every later
+    generation codes with the same bits. Returns it and whether it was fitted now."""
+    from adapters.binary import ITQBinarizer
+    from adapters.io import save_adapter
+
+    if (root / BINARIZER).exists():
+        return load_binarizer(root), False
+    rng = np.random.default_rng(seed)
+    sample = vectors[np.sort(rng.permutation(len(vectors))[:FIT_SAMPLE])]
+    binarizer = ITQBinarizer.fit(sample, 1.0, seed=seed)
+    save_adapter(binarizer, root / BINARIZER, source=root.name, target="codes")
+    return binarizer, True
+
+
+def load_binarizer(root: Path) -> Binarizer:
+    """The binarizer kept beside a space's binary generations."""
+    from adapters.io import load_adapter
+
+    if not (root / BINARIZER).exists():
+        raise CorruptArtifact(f"binary generations in {root} lost their binarizer")
+    binarizer = load_adapter(root / BINARIZER)
+    if not isinstance(binarizer, Binarizer):
+        raise CorruptArtifact(f"{root / BINARIZER} holds a {binarizer.kind}, not a binarizer")
+    return binarizer
+
+
+def binarizer_metrics(binarizer: Binarizer, vectors: FloatArray, n: int = 1000) -> dict[str, float]:
+    """Label-free: of each sampled vector's 10 nearest others by float inner product, the
+    share Hamming ranking finds, and the share a float re-rank of its top 100 finds."""
+    x = vectors[: min(len(vectors), 20 * n)]
+    q = x[:n]
+    truth = np.argsort(-(q @ x.T), axis=1)[:, 1:11]
+    cq, cx = binarizer.transform(q), binarizer.transform(x)
+    ham = np.argsort(-(cq @ cx.T), axis=1, kind="stable")[:, :101]
+    exact = np.take_along_axis(q @ x.T, ham, 1)
+    reranked = np.take_along_axis(ham, np.argsort(-exact, axis=1), 1)
+
+    def share(ranked: npt.NDArray[np.int64]) -> float:
+        pairs = enumerate(zip(ranked, truth, strict=True))
+        hits = [len(set(r[r != i][:10]) & set(t)) for i, (r, t) in pairs]
+        return float(np.mean(hits)) / 10
+
+    return {"nn_recall10_hamming": share(ham), "nn_recall10_rerank100": share(reranked)}

@@ -25,20 +25,34 @@ import numpy as np
 import numpy.typing as npt
 
 from adapters.base import check_vectors
+from adapters.binary import MIN_VECTORS, Binarizer
 from embcompat.errors import CorruptArtifact, InvalidInput
+from index.binary import (
+    BinaryIndex,
+    BinaryKind,
+    BinaryRerankIndex,
+    TwoStageSearcher,
+    ensure_binarizer,
+    load_binarizer,
+)
 from index.store import FloatArray, IdArray, SpaceStore, atomic_write
 
-IndexKind = Literal["flat", "ivf", "hnsw"]
+IndexKind = Literal["flat", "ivf", "hnsw", "binary", "binary-hnsw"]
 IndexMetric = Literal["ip", "l2"]
-KINDS: tuple[IndexKind, ...] = ("flat", "ivf", "hnsw")
+FLOAT_KINDS = ("flat", "ivf", "hnsw")
+# binary: 1-bit ITQ codes in memory (faiss IndexBinaryFlat / IndexBinaryHNSW), the top
+# 100 candidates re-ranked with the floats read from the store on disk (index.binary)
+KINDS: tuple[IndexKind, ...] = ("flat", "ivf", "hnsw", "binary", "binary-hnsw")
 
 
 def build_index(
     vectors: FloatArray, ids: IdArray, kind: IndexKind, metric: IndexMetric
 ) -> faiss.Index:
     """vectors: (n, d) float32, ids: (n,) int64 → a FAISS index returning those ids."""
-    if kind not in KINDS:
-        raise InvalidInput(f"unknown index kind {kind!r}", hint=f"one of {', '.join(KINDS)}")
+    if kind not in FLOAT_KINDS:
+        raise InvalidInput(
+            f"unknown float index kind {kind!r}", hint=f"one of {', '.join(FLOAT_KINDS)}"
+        )
     d = vectors.shape[1]
     faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
     x = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -73,7 +87,7 @@ def _sha(path: Path) -> str:
 @dataclass(frozen=True)
 class Generation:
     number: int
-    index: faiss.Index | None  # None for an empty space
+    index: faiss.Index | BinaryRerankIndex | None  # None for an empty space
     ids: IdArray  # sorted ids the index holds
     store_seq: int
 
@@ -86,6 +100,7 @@ class IndexGenerations:
         self.kind, self.metric = kind, metric
         self._loaded: Generation | None = None
         self._lock = threading.Lock()
+        self.fitted_binarizer: Binarizer | None = None  # set by a publish that fitted one
 
     def current_number(self) -> int | None:
         try:
@@ -101,19 +116,31 @@ class IndexGenerations:
         tmp = self.root / f".gen-{number:06d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        if len(snap):
+        built, checksum = self.kind, None
+        binary = self.kind.startswith("binary") and len(snap) >= MIN_VECTORS
+        if binary:
+            binarizer, fresh = ensure_binarizer(self.root, snap.vectors)
+            self.fitted_binarizer = binarizer if fresh else None
+            graph: BinaryKind = "hnsw" if self.kind == "binary-hnsw" else "flat"
+            BinaryIndex.build(binarizer.codes(snap.vectors), snap.ids, graph).save(tmp)
+            checksum = _sha(tmp / "binary.faiss")
+        elif len(snap):
+            if self.kind.startswith("binary"):  # too few vectors to fit codes yet
+                built = "flat"
             faiss.write_index(
-                build_index(snap.vectors, snap.ids, self.kind, self.metric),
+                build_index(snap.vectors, snap.ids, built, self.metric),  # type: ignore[arg-type]
                 str(tmp / "index.faiss"),
             )
+            checksum = _sha(tmp / "index.faiss")
         np.save(tmp / "ids.npy", np.sort(snap.ids))
         meta = {
-            "kind": self.kind,
+            "kind": built,
+            "binary": binary,
             "metric": self.metric,
             "store_seq": snap.seq,
             "dim": snap.dim,
             "count": len(snap),
-            "sha256": _sha(tmp / "index.faiss") if len(snap) else None,
+            "sha256": checksum,
         }
         (tmp / "meta.json").write_text(json.dumps(meta))
         shutil.rmtree(folder, ignore_errors=True)
@@ -123,8 +150,9 @@ class IndexGenerations:
             shutil.rmtree(old, ignore_errors=True)
         return number
 
-    def load(self) -> Generation | None:
-        """The current generation, loaded once and shared (read-only) by searches."""
+    def load(self, store: SpaceStore | None = None) -> Generation | None:
+        """The current generation, loaded once and shared (read-only) by searches; a
+        binary generation re-ranks with the floats of `store`."""
         number = self.current_number()
         if number is None:
             return None
@@ -135,12 +163,17 @@ class IndexGenerations:
             try:
                 meta = json.loads((folder / "meta.json").read_text())
                 ids = np.load(folder / "ids.npy")
-                if meta["count"]:
+                index: faiss.Index | BinaryRerankIndex | None = None
+                if meta.get("binary"):
+                    binarizer = load_binarizer(self.root)
+                    stages = TwoStageSearcher(
+                        binarizer, BinaryIndex.load(folder), [store] if store else []
+                    )
+                    index = BinaryRerankIndex(stages)
+                elif meta["count"]:
                     if _sha(folder / "index.faiss") != meta["sha256"]:
                         raise CorruptArtifact(f"index file of {folder} fails its checksum")
                     index = faiss.read_index(str(folder / "index.faiss"))
-                else:
-                    index = None
             except CorruptArtifact:
                 raise
             except (OSError, ValueError, RuntimeError, KeyError) as exc:
@@ -210,7 +243,7 @@ class SpaceSearcher:
         served from another space); k stays full while enough other items exist."""
         q = check_vectors(queries, self.store.dim, f"search of space {self.store.root.name!r}")
         try:
-            gen = self.generations.load()
+            gen = self.generations.load(self.store)
             self.last_error = None
         except CorruptArtifact as exc:
             gen, self.last_error = None, exc.message  # answer exactly from the store
@@ -221,7 +254,10 @@ class SpaceSearcher:
             removed = max(len(gen.ids) - (len(live) - len(added_ids)), 0)
             # only excluded ids this index holds make it short (a filter spans all spaces)
             n_ex = int(member(excluded, gen.ids).sum()) if excluded is not None else 0
-            s, i = self._search_generation(gen.index, q, k, removed, live, excluded, n_ex)
+            if isinstance(gen.index, BinaryRerankIndex):
+                s, i = gen.index.search_excluding(q, k, live, excluded)
+            else:
+                s, i = self._search_generation(gen.index, q, k, removed, live, excluded, n_ex)
             parts_s.append(s)
             parts_i.append(i)
         if excluded is not None and len(added_ids):

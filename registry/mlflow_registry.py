@@ -67,6 +67,26 @@ class MlflowRegistry:
             run_id = active.info.run_id
         return self.create_version(registered_name, source, run_id, tags)
 
+    def log_folder_version(
+        self,
+        registered_name: str,
+        folder: Path,
+        tags: dict[str, str],
+        metrics: dict[str, float],
+        extra_files: tuple[Path, ...] = (),
+    ) -> str:
+        """Log an artifact folder (an adapter, a binarizer) with its metrics in one run
+        and register it as a version of `registered_name`; returns its models:/ URI."""
+        with self.run(f"{registered_name} {tags.get('from', '')}", tags) as active:
+            self.mlflow.log_metrics(metrics)
+            self.mlflow.log_artifacts(str(folder), artifact_path="adapter")
+            for extra in extra_files:
+                self.mlflow.log_artifact(str(extra), artifact_path="adapter")
+            source = f"{active.info.artifact_uri}/adapter"
+            run_id = active.info.run_id
+        version = self.create_version(registered_name, source, run_id, tags)
+        return f"models:/{registered_name}/{version}"
+
     def create_version(
         self, registered_name: str, source: str, run_id: str, tags: dict[str, str]
     ) -> str:
