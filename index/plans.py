@@ -17,8 +17,10 @@ backfill), and the two rankings are fused.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -127,18 +129,21 @@ def _two_part(
     index: MixedIndex, plan: Plan, q_new: FloatArray, q_old: FloatArray | None, k: int
 ) -> Results:
     upgraded = index.old_exclude()
-    s_new, i_new = index.new.search(q_new, k, exclude=index.exclude)
     if plan.name == "bridge":
-        s_old, i_old = index.old.search(plan.bridge.transform(q_new), k, exclude=upgraded)  # type: ignore[union-attr]
+        old_side, q_side = index.old, plan.bridge.transform(q_new)  # type: ignore[union-attr]
     elif plan.name == "mapped":
         if index.mapped is None:
             raise InvalidInput("plan 'mapped' needs a mapped space (run the map job first)")
-        s_old, i_old = index.mapped.search(q_new, k, exclude=upgraded)
+        old_side, q_side = index.mapped, q_new
     elif plan.name == "dual":
-        s_old, i_old = index.old.search(q_old, k, exclude=upgraded)  # type: ignore[arg-type]
+        old_side, q_side = index.old, q_old  # type: ignore[assignment]
     else:
         head = plan.basis_head if plan.basis_head is not None else np.eye(q_new.shape[1])
-        s_old, i_old = index.old.search((q_new @ head).astype(np.float32), k, exclude=upgraded)
+        old_side, q_side = index.old, (q_new @ head).astype(np.float32)
+    (s_new, i_new), (s_old, i_old) = both(
+        lambda: index.new.search(q_new, k, exclude=index.exclude),
+        lambda: old_side.search(q_side, k, exclude=upgraded),
+    )
     old_path = "old" if plan.name == "dual" else plan.name
     f_new = _merge_part(plan, "new", s_new)
     f_old = _merge_part(plan, old_path, s_old)
@@ -161,6 +166,18 @@ def _two_part(
         on_the_fly=np.zeros(raw_k.shape, bool),
         encodes=np.zeros(len(q_new), np.int64),
     )
+
+
+_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="embcompat-space")
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+def both(first: Callable[[], T], second: Callable[[], U]) -> tuple[T, U]:
+    """Run the two spaces' searches side by side: FAISS and BLAS release the GIL, so a
+    mixed query costs about the slower of its two searches instead of their sum."""
+    pending = _POOL.submit(second)
+    return first(), pending.result()
 
 
 def _dedup_topk(ids: IdArray, scores: FloatArray, k: int) -> IdArray:
@@ -192,8 +209,10 @@ def _cascade(
     read_through: ReadThrough | None,
 ) -> Results:
     nq, kk = len(q_new), plan.cascade_k
-    s_old, i_old = index.old.search(q_old, kk, exclude=index.exclude)
-    _, i_new = index.new.search(q_new, kk, exclude=index.exclude)
+    (s_old, i_old), (_, i_new) = both(
+        lambda: index.old.search(q_old, kk, exclude=index.exclude),
+        lambda: index.new.search(q_new, kk, exclude=index.exclude),
+    )
     cand = np.concatenate([i_old, i_new], axis=1)  # (nq, 2K), may repeat ids
     old_vecs, old_found = index.old.store.get(cand.ravel())
     sc_old = np.einsum("qcd,qd->qc", old_vecs.reshape(nq, 2 * kk, -1), q_old)
