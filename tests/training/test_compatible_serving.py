@@ -22,11 +22,11 @@ from training.trainer import TrainConfig
 def trained() -> dict[str, object]:
     x, y = load_fashion_mnist("train")
     rng = np.random.default_rng(0)
-    idx = rng.permutation(len(x))[:8000]
+    idx = rng.permutation(len(x))[:20000]
     x, y = x[idx], y[idx]
-    cfg = TrainConfig(epochs=3, progress=False)
+    cfg = TrainConfig(epochs=4, progress=False)
     old = y < 5
-    v1 = train_model("independent", x[old], y[old], (8, 16, 32), 32, cfg)
+    v1 = train_model("independent", x[old], y[old], (16, 32, 64), 32, cfg)
     v2 = train_model("bt2", x, y, (16, 32, 64), 0, cfg, old=v1, extra_dims=32)
     return {"v1": v1, "v2": v2}
 
@@ -74,7 +74,7 @@ def test_bt2_version_serves_the_v1_gallery_without_reembedding(
     res = search(ctx, "shop", vectors=q2, k=5)
     assert res.plan == "basis" and {h.path for hits in res.hits for h in hits} == {"basis"}
     new_old = top1(res.hits, qy)
-    assert new_old > 0.6 and new_old > old_old - 0.05, (new_old, old_old)
+    assert new_old > old_old, (new_old, old_old)  # the compatibility criterion, no re-embedding
     assert len(space_store(ctx, "shop", r2)) == 0  # nothing re-embedded
     # a wrong-width query is refused with the version's dim named
     with pytest.raises(Exception, match="dim 64"):
