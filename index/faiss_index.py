@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import threading
 from dataclasses import dataclass
@@ -101,12 +102,19 @@ class IndexGenerations:
         self._loaded: Generation | None = None
         self._lock = threading.Lock()
         self.fitted_binarizer: Binarizer | None = None  # set by a publish that fitted one
+        self._current: tuple[tuple[int, int], int] | None = None
 
     def current_number(self) -> int | None:
+        """The published number; CURRENT is re-read only when its inode or mtime changed
+        (publish replaces it by rename), since every search asks."""
         try:
-            return int((self.root / "CURRENT").read_text())
+            st = os.stat(self.root / "CURRENT")
         except FileNotFoundError:
             return None
+        key = (st.st_ino, st.st_mtime_ns)
+        if self._current is None or self._current[0] != key:
+            self._current = (key, int((self.root / "CURRENT").read_text()))
+        return self._current[1]
 
     def publish(self, store: SpaceStore, keep: int = 2) -> int:
         """Build from the store's snapshot and switch readers to it; returns its number."""
@@ -190,6 +198,7 @@ class SpaceSearcher:
         self.generations = generations
         self.last_error: str | None = None
         self._delta: tuple[tuple[int, int], IdArray, FloatArray, IdArray] | None = None
+        self._n_excluded: tuple[int, IdArray, int] | None = None
 
     def _plan(self, gen: Generation | None) -> tuple[IdArray, FloatArray, IdArray]:
         """(ids added since the generation, their vectors, live ids) for this snapshot."""
@@ -198,8 +207,18 @@ class SpaceSearcher:
         if self._delta is None or self._delta[0] != key:
             gen_ids = gen.ids if gen else np.zeros(0, np.int64)
             added = ~np.isin(snap.ids, gen_ids)
-            self._delta = (key, snap.ids[added], snap.vectors[added], np.sort(snap.ids))
+            self._delta = (key, snap.ids[added], snap.vectors[added], snap.sorted_ids)
         return self._delta[1:]
+
+    def _excluded_in(self, gen: Generation, excluded: IdArray | None) -> int:
+        """How many excluded ids the generation holds; kept while the same exclusion
+        array (a store snapshot's ids, the same object until the store changes) repeats."""
+        if excluded is None:
+            return 0
+        cached = self._n_excluded
+        if cached is None or cached[0] != gen.number or cached[1] is not excluded:
+            cached = self._n_excluded = (gen.number, excluded, int(member(excluded, gen.ids).sum()))
+        return cached[2]
 
     def _search_generation(
         self,
@@ -210,6 +229,7 @@ class SpaceSearcher:
         live: IdArray,
         excluded: IdArray | None,
         n_excluded: int,
+        budget: float,
     ) -> tuple[FloatArray, IdArray]:
         """Over-fetch for the share of the index that is excluded and filter afterwards
         (graph and list searches visit that many candidates anyway); rows left short are
@@ -217,7 +237,7 @@ class SpaceSearcher:
         n = index.ntotal
         share = n_excluded / max(n, 1)
         fetch = min(n, int(np.ceil((k + removed) / max(1.0 - share, 0.05) * 1.3)) + 8)
-        s, i = index.search(q, fetch)
+        s, i = index.search(q, fetch, params=_budget_params(index, budget, fetch))
         if self.generations.metric == "l2":
             s = -s  # scores are "higher is better" everywhere
         s, i = _filtered(s, i, live, removed, excluded)
@@ -236,11 +256,14 @@ class SpaceSearcher:
         return s, i
 
     def search(
-        self, queries: FloatArray, k: int, exclude: IdArray | None = None
+        self, queries: FloatArray, k: int, exclude: IdArray | None = None, budget: float = 1.0
     ) -> tuple[FloatArray, IdArray]:
         """queries: (nq, d) → scores, ids: (nq, k), best first (L2: negated distances);
         missing slots get id -1 and score -inf. `exclude`: ids never returned (items
-        served from another space); k stays full while enough other items exist."""
+        served from another space); k stays full while enough other items exist.
+        `budget` < 1: this space holds that share of a mixed gallery's live items, and a
+        graph index explores that share of its usual breadth (efSearch), so the parts of a
+        mixed search together cost about what one index of the whole gallery does."""
         q = check_vectors(queries, self.store.dim, f"search of space {self.store.root.name!r}")
         try:
             gen = self.generations.load(self.store)
@@ -248,16 +271,20 @@ class SpaceSearcher:
         except CorruptArtifact as exc:
             gen, self.last_error = None, exc.message  # answer exactly from the store
         added_ids, added_vecs, live = self._plan(gen)
-        excluded = np.sort(exclude) if exclude is not None and len(exclude) else None
+        excluded = exclude if exclude is not None and len(exclude) else None
+        if excluded is not None and not (excluded[1:] >= excluded[:-1]).all():
+            excluded = np.sort(excluded)
         parts_s, parts_i = [], []
         if gen is not None and gen.index is not None:
             removed = max(len(gen.ids) - (len(live) - len(added_ids)), 0)
             # only excluded ids this index holds make it short (a filter spans all spaces)
-            n_ex = int(member(excluded, gen.ids).sum()) if excluded is not None else 0
+            n_ex = self._excluded_in(gen, excluded)
             if isinstance(gen.index, BinaryRerankIndex):
                 s, i = gen.index.search_excluding(q, k, live, excluded)
             else:
-                s, i = self._search_generation(gen.index, q, k, removed, live, excluded, n_ex)
+                s, i = self._search_generation(
+                    gen.index, q, k, removed, live, excluded, n_ex, budget
+                )
             parts_s.append(s)
             parts_i.append(i)
         if excluded is not None and len(added_ids):
@@ -294,6 +321,20 @@ def _params(index: faiss.Index, exclude: IdArray | None) -> faiss.SearchParamete
     else:
         params = faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
     params.keepalive = selector  # the C++ object must outlive the search
+    return params
+
+
+MIN_EF = 32
+
+
+def _budget_params(index: faiss.Index, budget: float, fetch: int) -> faiss.SearchParameters | None:
+    """HNSW search parameters with efSearch scaled by `budget` (never below MIN_EF or the
+    number of results asked); None (the index's own settings) for other kinds."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    if budget >= 1.0 or not isinstance(inner, faiss.IndexHNSW):
+        return None
+    params: Any = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # stub gap
+    params.efSearch = max(MIN_EF, fetch, round(inner.hnsw.efSearch * budget))
     return params
 
 

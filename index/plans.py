@@ -52,7 +52,16 @@ class MixedIndex:
     exclude: IdArray | None = None  # items filtered out of this search, sorted
 
     def upgraded(self) -> IdArray:
-        return self.new.store.snapshot().ids
+        """Sorted ids already in the new space (the same array until it changes)."""
+        return self.new.store.snapshot().sorted_ids
+
+    def budgets(self) -> tuple[float, float]:
+        """(old side, new side) shares of the live items: how a mixed search splits the
+        breadth of its graph searches between the two spaces."""
+        n_new = len(self.new.store.snapshot())
+        n_old = max(len(self.old.store.snapshot()) - n_new, 0)  # upgraded ones are excluded
+        total = max(n_new + n_old, 1)
+        return n_old / total, n_new / total
 
     def old_exclude(self) -> IdArray:
         """The old side never returns upgraded items (served from the new space)."""
@@ -140,9 +149,10 @@ def _two_part(
     else:
         head = plan.basis_head if plan.basis_head is not None else np.eye(q_new.shape[1])
         old_side, q_side = index.old, (q_new @ head).astype(np.float32)
+    b_old, b_new = index.budgets()
     (s_new, i_new), (s_old, i_old) = both(
-        lambda: index.new.search(q_new, k, exclude=index.exclude),
-        lambda: old_side.search(q_side, k, exclude=upgraded),
+        lambda: index.new.search(q_new, k, exclude=index.exclude, budget=b_new),
+        lambda: old_side.search(q_side, k, exclude=upgraded, budget=b_old),
     )
     old_path = "old" if plan.name == "dual" else plan.name
     f_new = _merge_part(plan, "new", s_new)
@@ -209,9 +219,10 @@ def _cascade(
     read_through: ReadThrough | None,
 ) -> Results:
     nq, kk = len(q_new), plan.cascade_k
+    b_old, b_new = index.budgets()
     (s_old, i_old), (_, i_new) = both(
-        lambda: index.old.search(q_old, kk, exclude=index.exclude),
-        lambda: index.new.search(q_new, kk, exclude=index.exclude),
+        lambda: index.old.search(q_old, kk, exclude=index.exclude, budget=b_old),
+        lambda: index.new.search(q_new, kk, exclude=index.exclude, budget=b_new),
     )
     cand = np.concatenate([i_old, i_new], axis=1)  # (nq, 2K), may repeat ids
     old_vecs, old_found = index.old.store.get(cand.ravel())

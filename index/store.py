@@ -65,6 +65,7 @@ class Snapshot:
     ids: IdArray
     vectors: FloatArray
     order: IdArray  # argsort of ids, for lookups
+    sorted_ids: IdArray  # ids[order]: what exclusions and membership tests take
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -73,9 +74,8 @@ class Snapshot:
         """Rows of `ids` in this snapshot, and which were found."""
         if len(self.ids) == 0:
             return np.zeros(len(ids), np.int64), np.zeros(len(ids), dtype=bool)
-        sorted_ids = self.ids[self.order]
-        pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-        return self.order[pos], sorted_ids[pos] == ids
+        pos = np.minimum(np.searchsorted(self.sorted_ids, ids), len(self.sorted_ids) - 1)
+        return self.order[pos], self.sorted_ids[pos] == ids
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,7 @@ class SpaceStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._cache: tuple[tuple[int, int], Snapshot] | None = None
         self._layout_cache: tuple[tuple[int, int], _Layout] | None = None
+        self._dim: int | None = None
         manifest = self._read_manifest()
         if manifest is None:
             if dim is None:
@@ -112,7 +113,10 @@ class SpaceStore:
 
     @property
     def dim(self) -> int:
-        return int(self._manifest()["dim"])
+        """Fixed when the space is created, so read once (searches check it per query)."""
+        if self._dim is None:
+            self._dim = int(self._manifest()["dim"])
+        return self._dim
 
     # -- reading ---------------------------------------------------------------
     def _read_manifest(self) -> dict[str, Any] | None:
@@ -142,9 +146,8 @@ class SpaceStore:
             vec_parts.append(np.load(self.root / f"{shard}.npy", mmap_mode="r"))
         ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
         vecs = np.concatenate(vec_parts) if vec_parts else np.zeros((0, m["dim"]), np.float32)
-        snap = Snapshot(
-            m["seq"], m["dim"], ids, np.ascontiguousarray(vecs), np.argsort(ids, kind="stable")
-        )
+        order = np.argsort(ids, kind="stable")
+        snap = Snapshot(m["seq"], m["dim"], ids, np.ascontiguousarray(vecs), order, ids[order])
         self._cache = (key, snap)
         return snap
 
