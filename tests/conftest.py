@@ -90,6 +90,19 @@ def small_real_pair(models_dir: Path) -> dict[str, object]:
     return out
 
 
+def vector_gallery(ctx: Context, name: str, dim: int, index_kind: str = "flat") -> None:
+    """A gallery of an external model `vec:v1` of `dim`: clients send its vectors."""
+    from embcompat import galleries
+    from registry import versions
+
+    with ctx.session() as s:
+        versions.register_version(
+            s, ctx.registry, model="vec", version="v1", dim=dim, source="external",
+            models_dir=ctx.data_dir / "models",
+        )  # fmt: skip
+    galleries.create_gallery(ctx, name, "vec", "v1", index_kind=index_kind)  # type: ignore[arg-type]
+
+
 def register_pair(ctx: Context, models_dir: Path) -> None:
     """text:v1 = all-MiniLM-L6-v2 (384, serving), text:v2 = all-mpnet-base-v2 (768)."""
     from embcompat.demo import register_text_pair

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from embcompat import galleries, search
 from embcompat.context import Context
 from embcompat.errors import DimensionMismatch
-from registry import adapter_records, versions
+from registry import adapter_records
+from tests.conftest import vector_gallery
 
 
 @pytest.fixture
-def binary_gallery(ctx: Context, tmp_path: Path) -> tuple[Context, np.ndarray]:
-    with ctx.session() as s:
-        versions.register_version(
-            s, ctx.registry, model="vec", version="v1", dim=32, source="external",
-            models_dir=tmp_path,
-        )  # fmt: skip
-    galleries.create_gallery(ctx, "b", "vec", "v1", index_kind="binary-hnsw")
+def binary_gallery(ctx: Context) -> tuple[Context, np.ndarray]:
+    vector_gallery(ctx, "b", 32, "binary-hnsw")
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((30, 32))
     x = centres[rng.integers(0, 30, 1000)] + 0.3 * rng.standard_normal((1000, 32))

@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from embcompat import galleries, search
 from embcompat.context import Context
 from embcompat.errors import InvalidInput
-from registry import versions
+from tests.conftest import vector_gallery
 
 COLORS = ("red", "green", "blue")
 
 
 @pytest.fixture
-def vec_gallery(ctx: Context, tmp_path: Path) -> tuple[Context, np.ndarray]:
-    with ctx.session() as s:
-        versions.register_version(
-            s, ctx.registry, model="vec", version="v1", dim=16, source="external",
-            models_dir=tmp_path,
-        )  # fmt: skip
-    galleries.create_gallery(ctx, "g", "vec", "v1", index_kind="hnsw")
+def vec_gallery(ctx: Context) -> tuple[Context, np.ndarray]:
+    vector_gallery(ctx, "g", 16, "hnsw")
     vectors = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
     items = [
         galleries.ItemIn(f"i{n}", vector=v.tolist(), metadata={"color": COLORS[n % 3], "n": n % 5})
