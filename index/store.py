@@ -133,10 +133,14 @@ class SpaceStore:
             raise CorruptArtifact(f"space {self.root} lost its manifest")
         return manifest
 
+    def _manifest_key(self) -> tuple[int, int]:
+        """Identifies the committed manifest (a commit renames a new file into place)."""
+        st = (self.root / MANIFEST).stat()
+        return st.st_ino, st.st_mtime_ns
+
     def snapshot(self) -> Snapshot:
         """The live ids and vectors; cached until the manifest file changes."""
-        st = (self.root / MANIFEST).stat()
-        key = (st.st_ino, st.st_mtime_ns)
+        key = self._manifest_key()
         if self._cache and self._cache[0] == key:
             return self._cache[1]
         m = self._manifest()
@@ -185,8 +189,7 @@ class SpaceStore:
         return out, found
 
     def _layout(self) -> _Layout:
-        st = (self.root / MANIFEST).stat()
-        key = (st.st_ino, st.st_mtime_ns)
+        key = self._manifest_key()
         if self._layout_cache and self._layout_cache[0] == key:
             return self._layout_cache[1]
         m = self._manifest()
