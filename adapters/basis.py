@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from adapters.base import Adapter, FloatArray, check_pairs, check_vectors
-from adapters.linear import ProcrustesAdapter
+from embcompat.adapters.base import Adapter, FloatArray, check_pairs, check_vectors
+from embcompat.adapters.linear import ProcrustesAdapter
 from embcompat.errors import InvalidInput
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from adapters.base import Adapter, FloatArray, check_vectors
+from embcompat.adapters.base import Adapter, FloatArray, check_vectors
 from embcompat.errors import InsufficientPairs, InvalidInput
 
 MIN_VECTORS = 64

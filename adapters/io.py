@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from adapters import adapter_class
-from adapters.base import Adapter
+from embcompat.adapters import adapter_class
+from embcompat.adapters.base import Adapter
 from embcompat.errors import CorruptArtifact, IncompatibleAdapter
 
 SCHEMA_VERSION = 1

@@ -16,7 +16,7 @@ from typing import Any, Self
 import numpy as np
 import numpy.typing as npt
 
-from adapters.base import Adapter, Direction, FloatArray, check_pairs, l2_normalize
+from embcompat.adapters.base import Adapter, Direction, FloatArray, check_pairs, l2_normalize
 
 
 def _centers(x: FloatArray, y: FloatArray, center: bool) -> tuple[FloatArray, FloatArray]:

@@ -14,8 +14,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy.special import erf
 
-from adapters.base import Adapter, Direction, FloatArray, check_pairs, l2_normalize
-from adapters.linear import AffineAdapter
+from embcompat.adapters.base import Adapter, Direction, FloatArray, check_pairs, l2_normalize
+from embcompat.adapters.linear import AffineAdapter
 from embcompat.errors import InvalidInput
 
 

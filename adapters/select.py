@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from adapters.base import Adapter, Direction, FloatArray, check_pairs
-from adapters.linear import AffineAdapter, LowRankAdapter, ProcrustesAdapter
-from adapters.metrics import neighbour_recall, search
-from adapters.mlp import ResidualMLPAdapter
+from embcompat.adapters.base import Adapter, Direction, FloatArray, check_pairs
+from embcompat.adapters.linear import AffineAdapter, LowRankAdapter, ProcrustesAdapter
+from embcompat.adapters.metrics import neighbour_recall, search
+from embcompat.adapters.mlp import ResidualMLPAdapter
 
 CANDIDATES: dict[str, type[Adapter]] = {
     "procrustes": ProcrustesAdapter,

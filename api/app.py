@@ -15,13 +15,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import select, text
 
-from api import routes
-from api.deps import Ctx, Read
+from embcompat.api import routes
+from embcompat.api.deps import Ctx, Read
 from embcompat import __version__
 from embcompat.context import Context
 from embcompat.errors import EmbcompatError
 from embcompat.settings import Settings, get_settings
-from registry.schema import Job, JobState
+from embcompat.registry.schema import Job, JobState
 
 PROBLEM = "application/problem+json"
 

@@ -6,12 +6,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Path, Request, status
 
-from api.deps import Admin, Ctx, Read
-from api.schemas import GalleryIn, ItemIdsIn, ItemsIn, SearchIn, UpgradeIn, VersionIn
+from embcompat.api.deps import Admin, Ctx, Read
+from embcompat.api.schemas import GalleryIn, ItemIdsIn, ItemsIn, SearchIn, UpgradeIn, VersionIn
 from embcompat import galleries, search, upgrades
 from embcompat.errors import InvalidInput
 from embcompat.schedule import BackfillSchedule
-from registry import adapter_records, versions
+from embcompat.registry import adapter_records, versions
 
 Id = Annotated[int, Path(ge=1, le=2**31 - 1)]
 models = APIRouter(prefix="/models", tags=["models"])
@@ -85,7 +85,7 @@ def ingest(name: str, body: ItemsIn, ctx: Ctx) -> dict[str, int]:
 @gals.post("/{name}/items/stage", status_code=status.HTTP_202_ACCEPTED, dependencies=[Admin])
 def stage_items(name: str, body: ItemsIn, ctx: Ctx, tasks: BackgroundTasks) -> dict[str, int]:
     """Store texts now; the `ingest` task encodes them on the workers, in batches."""
-    from workers.app import dispatch_ingest
+    from embcompat.workers.app import dispatch_ingest
 
     staged = galleries.stage(
         ctx, name, [galleries.ItemIn(i.id, i.text, i.vector, i.metadata) for i in body.items]
@@ -120,7 +120,7 @@ def plan_upgrade(name: str, body: UpgradeIn, ctx: Ctx) -> dict[str, Any]:
 
 @gals.post("/{name}/upgrades", status_code=status.HTTP_202_ACCEPTED, dependencies=[Admin])
 def start_upgrade(name: str, body: UpgradeIn, ctx: Ctx, tasks: BackgroundTasks) -> dict[str, Any]:
-    from workers.app import dispatch_upgrade
+    from embcompat.workers.app import dispatch_upgrade
 
     probe = [q.model_dump() for q in body.probe] if body.probe else None
     schedule = BackfillSchedule(**body.schedule.model_dump()) if body.schedule else None
@@ -138,7 +138,7 @@ def job_status(job_id: Id, ctx: Ctx) -> dict[str, Any]:
 
 @jobs.post("/{job_id}/{action}", dependencies=[Admin])
 def control(job_id: Id, action: str, ctx: Ctx, tasks: BackgroundTasks) -> dict[str, Any]:
-    from workers.app import dispatch_upgrade
+    from embcompat.workers.app import dispatch_upgrade
 
     actions = {
         "pause": upgrades.pause,

@@ -25,14 +25,14 @@ from pathlib import Path
 import numpy as np
 from common import print_table, write_json
 
-from adapters.io import load_adapter
+from embcompat.adapters.io import load_adapter
 from embcompat import galleries, migrate, upgrades
 from embcompat.context import Context
 from embcompat.datasets import wordnet_task
 from embcompat.demo import register_text_pair
 from embcompat.settings import Settings
-from registry import versions
-from registry.schema import JobChunk
+from embcompat.registry import versions
+from embcompat.registry.schema import JobChunk
 
 REDIS = os.environ.get("EMBCOMPAT_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 
@@ -69,7 +69,7 @@ def _bare_rate(ctx: Context, texts: list[str]) -> float:
 
 
 def _worker_rate(ctx: Context, workers: int, pairs: int) -> tuple[float, int, float]:
-    from workers.app import dispatch_upgrade
+    from embcompat.workers.app import dispatch_upgrade
 
     s = ctx.settings
     env = {
@@ -87,7 +87,7 @@ def _worker_rate(ctx: Context, workers: int, pairs: int) -> tuple[float, int, fl
         "-m",
         "celery",
         "-A",
-        "workers.main",
+        "embcompat.workers.main",
         "worker",
         f"--concurrency={workers}",
         "-Q",

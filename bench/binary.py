@@ -32,12 +32,12 @@ import faiss
 import numpy as np
 from common import embedded_pair, print_table, write_json
 
-from adapters import ProcrustesAdapter
-from adapters.binary import Binarizer, fit_binarizer, fit_shared
-from adapters.metrics import neighbour_recall, recall_at_k
-from index.binary import BinaryIndex, TwoStageSearcher
-from index.faiss_index import build_index
-from index.store import SpaceStore
+from embcompat.adapters import ProcrustesAdapter
+from embcompat.adapters.binary import Binarizer, fit_binarizer, fit_shared
+from embcompat.adapters.metrics import neighbour_recall, recall_at_k
+from embcompat.index.binary import BinaryIndex, TwoStageSearcher
+from embcompat.index.faiss_index import build_index
+from embcompat.index.store import SpaceStore
 
 RERANK = 100
 CODE_RERANK = 200

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from common import print_table, write_json
 
-from training.fashion import load_fashion_mnist
-from training.methods import METHODS, TrainedModel, train_model
-from training.trainer import TrainConfig
+from embcompat.training.fashion import load_fashion_mnist
+from embcompat.training.methods import METHODS, TrainedModel, train_model
+from embcompat.training.trainer import TrainConfig
 
 V1, V2, V3 = (16, 32, 64), (32, 64, 128), (48, 96, 192)
 OLD_DIM, EXTRA = 64, 64

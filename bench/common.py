@@ -14,13 +14,12 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from embcompat.datasets import RetrievalTask, cached_encode, wordnet_task  # noqa: E402
-from embcompat.settings import get_settings  # noqa: E402
-from registry.shipped import MINILM_L6, MPNET, PARAPHRASE_L3, load_shipped_encoder  # noqa: E402
+from embcompat.datasets import RetrievalTask, cached_encode, wordnet_task
+from embcompat.settings import get_settings
+from embcompat.registry.shipped import MINILM_L6, MPNET, PARAPHRASE_L3, load_shipped_encoder
 
 PAIRS = {
     "minilm-l6->mpnet": (MINILM_L6, MPNET),

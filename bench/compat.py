@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 from common import PAIRS, Embedded, embedded_pair, print_table, write_json
 
-from adapters import KINDS, BasisAdapter
-from adapters.base import Adapter
-from adapters.metrics import CompatReport, compat_report
-from adapters.select import select_adapter
+from embcompat.adapters import KINDS, BasisAdapter
+from embcompat.adapters.base import Adapter
+from embcompat.adapters.metrics import CompatReport, compat_report
+from embcompat.adapters.select import select_adapter
 
 DIRECTIONS = ("query: new->old", "gallery: old->new")
 BRIDGE_KINDS = ("procrustes", "affine", "lowrank", "residual_mlp")

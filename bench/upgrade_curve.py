@@ -22,14 +22,14 @@ from typing import Any
 import numpy as np
 from common import PAIRS, Embedded, embedded_pair, print_table, write_json
 
-from adapters import AffineAdapter, BasisAdapter, ProcrustesAdapter
-from adapters.metrics import ndcg_at_k, recall_at_k, search
-from index.curve import choose_plan, curve_summary, fit_calibration
-from index.faiss_index import IndexGenerations, SpaceSearcher
-from index.merge import fit_weight
-from index.plans import MixedIndex, Plan
-from index.plans import search as plan_search
-from index.store import SpaceStore
+from embcompat.adapters import AffineAdapter, BasisAdapter, ProcrustesAdapter
+from embcompat.adapters.metrics import ndcg_at_k, recall_at_k, search
+from embcompat.index.curve import choose_plan, curve_summary, fit_calibration
+from embcompat.index.faiss_index import IndexGenerations, SpaceSearcher
+from embcompat.index.merge import fit_weight
+from embcompat.index.plans import MixedIndex, Plan
+from embcompat.index.plans import search as plan_search
+from embcompat.index.store import SpaceStore
 
 FRACTIONS = [round(0.1 * i, 1) for i in range(11)]
 TWO_PART = [
@@ -172,7 +172,7 @@ def _stream(
 
 def _fit_cascade_weight(e: Embedded, probe: np.ndarray, kk: int = 50) -> float:
     """The fusion weight that maximises R@10 of the cascade on the probe queries."""
-    from index.merge import fuse_z, zscore_rows
+    from embcompat.index.merge import fuse_z, zscore_rows
 
     _, cand = search(e.q_old[probe], e.g_old, kk)
     so = np.einsum("qcd,qd->qc", e.g_old[cand], e.q_old[probe])
@@ -335,7 +335,7 @@ def main() -> None:
     print(f"total {time.perf_counter() - t0:.0f}s")
     write_json(args.json, rows)
     if args.plot:
-        from index.curve import plot_curves
+        from embcompat.index.curve import plot_curves
 
         plot_curves([r for r in rows if "fraction" in r], Path(args.plot))
         print(f"wrote {args.plot}")

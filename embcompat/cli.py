@@ -25,8 +25,8 @@ from rich.table import Table
 from embcompat import galleries, migrate, search, upgrades
 from embcompat.context import Context
 from embcompat.errors import EmbcompatError
-from registry import versions
-from registry.schema import Metric
+from embcompat.registry import versions
+from embcompat.registry.schema import Metric
 
 app = typer.Typer(help="Backward-compatible embedding model upgrades.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -283,7 +283,7 @@ def upgrade_start(
     chunk_size: int = 1000,
 ) -> None:
     """Start an upgrade: on the workers if a broker is configured, else here and now."""
-    from workers.app import dispatch_upgrade
+    from embcompat.workers.app import dispatch_upgrade
 
     ctx = Context()
     job = _guard(
@@ -328,7 +328,7 @@ def _control(action: str, job_id: int) -> None:
     job = _guard(lambda: fn(ctx, job_id))
     console.print(f"job {job_id}: {job.state}")
     if action == "resume":
-        from workers.app import dispatch_upgrade
+        from embcompat.workers.app import dispatch_upgrade
 
         console.print(f"job {job_id}: {dispatch_upgrade(ctx.settings, job_id)}")
 
@@ -362,7 +362,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     """Run the admin API with uvicorn."""
     import uvicorn
 
-    from api.app import create_app
+    from embcompat.api.app import create_app
 
     uvicorn.run(create_app(), host=host, port=port, log_level="info")
 
@@ -377,7 +377,7 @@ def worker(concurrency: int = 2, beat: bool = False) -> None:
     args = [
         "celery",
         "-A",
-        "workers.main",
+        "embcompat.workers.main",
         "worker",
         f"--concurrency={concurrency}",
         "-Q",

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from embcompat.db import session_scope
 from embcompat.errors import ServiceUnavailable
 from embcompat.settings import Settings, get_settings
-from registry.mlflow_registry import MlflowRegistry
+from embcompat.registry.mlflow_registry import MlflowRegistry
 
 
 class Context:

@@ -19,16 +19,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from adapters.io import load_adapter
-from adapters.metrics import recall_at_k, search
+from embcompat.adapters.io import load_adapter
+from embcompat.adapters.metrics import recall_at_k, search
 from embcompat import galleries, migrate, upgrades
 from embcompat import search as service_search
 from embcompat.context import Context
 from embcompat.datasets import cached_encode, wordnet_task
 from embcompat.errors import DuplicateVersion
-from registry import versions
-from registry.encoders import Encoder, FloatArray
-from registry.shipped import MINILM_L6, MPNET
+from embcompat.registry import versions
+from embcompat.registry.encoders import Encoder, FloatArray
+from embcompat.registry.shipped import MINILM_L6, MPNET
 
 GALLERY = "wordnet"
 MODELS = (("v1", MINILM_L6, 384), ("v2", MPNET, 768))

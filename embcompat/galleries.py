@@ -16,7 +16,7 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from adapters.base import check_vectors
+from embcompat.adapters.base import check_vectors
 from embcompat.context import Context
 from embcompat.errors import (
     Conflict,
@@ -25,14 +25,14 @@ from embcompat.errors import (
     UnknownGallery,
     UnknownItem,
 )
-from index.binary import binarizer_metrics
-from index.faiss_index import KINDS as INDEX_KINDS
-from index.faiss_index import IndexGenerations, IndexKind, IndexMetric, SpaceSearcher
-from index.store import SpaceStore, open_space
-from registry import versions
-from registry.records import ModelVersionRecord
-from registry.schema import Adapter as AdapterRow
-from registry.schema import AdapterStatus, EmbeddingModel, Gallery, Item, ModelVersion
+from embcompat.index.binary import binarizer_metrics
+from embcompat.index.faiss_index import KINDS as INDEX_KINDS
+from embcompat.index.faiss_index import IndexGenerations, IndexKind, IndexMetric, SpaceSearcher
+from embcompat.index.store import SpaceStore, open_space
+from embcompat.registry import versions
+from embcompat.registry.records import ModelVersionRecord
+from embcompat.registry.schema import Adapter as AdapterRow
+from embcompat.registry.schema import AdapterStatus, EmbeddingModel, Gallery, Item, ModelVersion
 
 
 @dataclass(frozen=True)

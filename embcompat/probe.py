@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from adapters.metrics import hits_at_k, recall_at_k, search
+from embcompat.adapters.metrics import hits_at_k, recall_at_k, search
 from embcompat.context import Context
-from index.merge import fit_weight, fuse_z, zscore_rows
-from index.plans import later_repeats
-from registry import versions
-from registry.schema import Item
+from embcompat.index.merge import fit_weight, fuse_z, zscore_rows
+from embcompat.index.plans import later_repeats
+from embcompat.registry import versions
+from embcompat.registry.schema import Item
 
 MIN_QUERIES = 10
 KS = (50, 100, 200)

@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from embcompat.context import Context
 from embcompat.errors import InvalidInput
-from registry.schema import ChunkState, Job, JobChunk
+from embcompat.registry.schema import ChunkState, Job, JobChunk
 
 LEASE = timedelta(minutes=10)  # a queued or running chunk untouched this long is due again
 

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from adapters.base import check_vectors
-from adapters.io import load_adapter
+from embcompat.adapters.base import check_vectors
+from embcompat.adapters.io import load_adapter
 from embcompat import upgrades
 from embcompat.context import Context
 from embcompat.errors import InvalidInput
@@ -27,11 +27,11 @@ from embcompat.galleries import (
     space_searcher,
     version_record,
 )
-from index.faiss_index import IndexGenerations, SpaceSearcher
-from index.plans import PATHS, MixedIndex, Plan
-from index.plans import search as plan_search
-from registry import versions
-from registry.schema import Item
+from embcompat.index.faiss_index import IndexGenerations, SpaceSearcher
+from embcompat.index.plans import PATHS, MixedIndex, Plan
+from embcompat.index.plans import search as plan_search
+from embcompat.registry import versions
+from embcompat.registry.schema import Item
 
 
 @dataclass

@@ -24,11 +24,11 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from adapters import Adapter as AdapterBase
-from adapters import BasisAdapter
-from adapters.io import load_adapter, save_adapter
-from adapters.metrics import neighbour_recall, search
-from adapters.select import select_adapter
+from embcompat.adapters import Adapter as AdapterBase
+from embcompat.adapters import BasisAdapter
+from embcompat.adapters.io import load_adapter, save_adapter
+from embcompat.adapters.metrics import neighbour_recall, search
+from embcompat.adapters.select import select_adapter
 from embcompat.context import Context
 from embcompat.errors import (
     InvalidTransition,
@@ -46,11 +46,11 @@ from embcompat.galleries import (
 )
 from embcompat.probe import measure as probe_measure
 from embcompat.schedule import BackfillSchedule
-from index.curve import curve_summary, fit_calibration, plot_curves, proxy_curve
-from index.merge import Platt
-from index.store import SpaceStore, open_space
-from registry import versions
-from registry.schema import (
+from embcompat.index.curve import curve_summary, fit_calibration, plot_curves, proxy_curve
+from embcompat.index.merge import Platt
+from embcompat.index.store import SpaceStore, open_space
+from embcompat.registry import versions
+from embcompat.registry.schema import (
     Adapter,
     AdapterStatus,
     ChunkState,

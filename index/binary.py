@@ -27,9 +27,9 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from adapters.binary import Binarizer, CodeArray
+from embcompat.adapters.binary import Binarizer, CodeArray
 from embcompat.errors import CorruptArtifact, DimensionMismatch, InvalidInput
-from index.store import FloatArray, IdArray, SpaceStore, atomic_write
+from embcompat.index.store import FloatArray, IdArray, SpaceStore, atomic_write
 
 BinaryKind = Literal["flat", "hnsw"]
 BINARY_KINDS: tuple[BinaryKind, ...] = ("flat", "hnsw")
@@ -234,7 +234,7 @@ class BinaryRerankIndex:
     ) -> tuple[FloatArray, IdArray]:
         """Top k of the live, not excluded items; the candidate depth doubles for rows
         left short until they fill or the whole index was re-ranked."""
-        from index.faiss_index import member  # index.faiss_index imports this module
+        from embcompat.index.faiss_index import member  # index.faiss_index imports this module
 
         depth = max(self.rerank, k)
         rows = np.arange(len(q))
@@ -260,8 +260,8 @@ def ensure_binarizer(root: Path, vectors: FloatArray, seed: int = 0) -> tuple[Bi
     """The binarizer of a space's binary generations (root/binarizer), fitted once (ITQ,
     1 bit per dimension, on up to FIT_SAMPLE of its vectors) and kept, so every later
     generation codes with the same bits. Returns it and whether it was fitted now."""
-    from adapters.binary import ITQBinarizer
-    from adapters.io import save_adapter
+    from embcompat.adapters.binary import ITQBinarizer
+    from embcompat.adapters.io import save_adapter
 
     if (root / BINARIZER).exists():
         return load_binarizer(root), False
@@ -274,7 +274,7 @@ def ensure_binarizer(root: Path, vectors: FloatArray, seed: int = 0) -> tuple[Bi
 
 def load_binarizer(root: Path) -> Binarizer:
     """The binarizer kept beside a space's binary generations."""
-    from adapters.io import load_adapter
+    from embcompat.adapters.io import load_adapter
 
     if not (root / BINARIZER).exists():
         raise CorruptArtifact(f"binary generations in {root} lost their binarizer")

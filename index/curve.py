@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from adapters.base import Adapter
-from adapters.metrics import neighbour_recall, search
-from index.merge import Platt
-from index.store import FloatArray
+from embcompat.adapters.base import Adapter
+from embcompat.adapters.metrics import neighbour_recall, search
+from embcompat.index.merge import Platt
+from embcompat.index.store import FloatArray
 
 TOLERANCE = 0.0025
 

@@ -25,10 +25,10 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from adapters.base import check_vectors
-from adapters.binary import MIN_VECTORS, Binarizer
+from embcompat.adapters.base import check_vectors
+from embcompat.adapters.binary import MIN_VECTORS, Binarizer
 from embcompat.errors import CorruptArtifact, InvalidInput
-from index.binary import (
+from embcompat.index.binary import (
     BinaryIndex,
     BinaryKind,
     BinaryRerankIndex,
@@ -36,7 +36,7 @@ from index.binary import (
     ensure_binarizer,
     load_binarizer,
 )
-from index.store import FloatArray, IdArray, SpaceStore, atomic_write
+from embcompat.index.store import FloatArray, IdArray, SpaceStore, atomic_write
 
 IndexKind = Literal["flat", "ivf", "hnsw", "binary", "binary-hnsw"]
 IndexMetric = Literal["ip", "l2"]

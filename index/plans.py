@@ -25,11 +25,11 @@ from typing import Literal, Protocol, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from adapters.base import Adapter
+from embcompat.adapters.base import Adapter
 from embcompat.errors import EmbcompatError, InvalidInput
-from index.faiss_index import SpaceSearcher
-from index.merge import Merge, Platt, fuse_z, rrf_scores, zscore_rows
-from index.store import FloatArray, IdArray
+from embcompat.index.faiss_index import SpaceSearcher
+from embcompat.index.merge import Merge, Platt, fuse_z, rrf_scores, zscore_rows
+from embcompat.index.store import FloatArray, IdArray
 
 PlanName = Literal["bridge", "mapped", "dual", "basis", "cascade"]
 PLANS: tuple[PlanName, ...] = ("bridge", "mapped", "dual", "basis", "cascade")

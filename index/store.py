@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from adapters.base import check_vectors
+from embcompat.adapters.base import check_vectors
 from embcompat.errors import CorruptArtifact, DimensionMismatch, DuplicateItem, InvalidInput
 
 FloatArray = npt.NDArray[np.float32]

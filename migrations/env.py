@@ -7,7 +7,7 @@ from sqlalchemy import Connection
 
 from embcompat.db import get_engine
 from embcompat.settings import get_settings
-from registry.schema import Base
+from embcompat.registry.schema import Base
 
 config = context.config
 target_metadata = Base.metadata

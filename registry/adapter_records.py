@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from embcompat.errors import UnknownAdapter
-from registry.schema import Adapter, ModelVersion
+from embcompat.registry.schema import Adapter, ModelVersion
 
 
 def _ref(session: Session, version_id: int) -> str:

@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 from embcompat.errors import EncoderError
-from registry.encoders import Encoder, OnnxEncoder, SentenceTransformerEncoder
+from embcompat.registry.encoders import Encoder, OnnxEncoder, SentenceTransformerEncoder
 
 MINILM_L6 = "all-MiniLM-L6-v2"
 MPNET = "all-mpnet-base-v2"

@@ -23,17 +23,17 @@ from embcompat.errors import (
     UnknownModel,
     UnknownVersion,
 )
-from registry.encoders import (
+from embcompat.registry.encoders import (
     EXTERNAL,
     Encoder,
     PyfuncEncoder,
     SentenceTransformerEncoder,
     check_dim,
 )
-from registry.mlflow_registry import MlflowRegistry
-from registry.records import ModelVersionRecord
-from registry.schema import EmbeddingModel, Metric, ModelVersion
-from registry.shipped import PARAPHRASE_L3, shipped_model_path
+from embcompat.registry.mlflow_registry import MlflowRegistry
+from embcompat.registry.records import ModelVersionRecord
+from embcompat.registry.schema import EmbeddingModel, Metric, ModelVersion
+from embcompat.registry.shipped import PARAPHRASE_L3, shipped_model_path
 
 SourceKind = Literal["dir", "shipped", "mlflow", "external"]
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")

@@ -78,7 +78,7 @@ def small_real_pair(models_dir: Path) -> dict[str, object]:
     """A small WordNet task embedded by paraphrase-MiniLM-L3 (old) and MiniLM-L6 (new),
     both shipped models; cached on disk between sessions."""
     from embcompat.datasets import cached_encode, wordnet_task
-    from registry.shipped import MINILM_L6, PARAPHRASE_L3, load_shipped_encoder
+    from embcompat.registry.shipped import MINILM_L6, PARAPHRASE_L3, load_shipped_encoder
 
     task = wordnet_task(n_queries=300, n_gallery=1500, n_pool=0, seed=7)
     cache = models_dir.parent / "cache" / "embeddings"
@@ -93,7 +93,7 @@ def small_real_pair(models_dir: Path) -> dict[str, object]:
 def vector_gallery(ctx: Context, name: str, dim: int, index_kind: str = "flat") -> None:
     """A gallery of an external model `vec:v1` of `dim`: clients send its vectors."""
     from embcompat import galleries
-    from registry import versions
+    from embcompat.registry import versions
 
     with ctx.session() as s:
         versions.register_version(

@@ -11,7 +11,7 @@ from sqlalchemy import inspect
 
 from embcompat import migrate
 from embcompat.db import get_engine
-from registry.schema import Base
+from embcompat.registry.schema import Base
 
 
 def _roundtrip_and_diff(url: str) -> list:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from embcompat.errors import InvalidInput
-from training.components import (
+from embcompat.training.components import (
     CosineClassifier,
     DSimplexClassifier,
     InfluenceLoss,
@@ -36,9 +36,9 @@ from training.components import (
     alignment_loss,
     cross_model_contrastive,
 )
-from training.fashion import to_tensor_batch
-from training.nets import ConvEmbedder
-from training.trainer import TrainConfig, TrainResult, train
+from embcompat.training.fashion import to_tensor_batch
+from embcompat.training.nets import ConvEmbedder
+from embcompat.training.trainer import TrainConfig, TrainResult, train
 
 METHODS = ("independent", "bct", "bt2", "oca", "dsimplex")
 EXTRA_DIM_METHODS = ("bt2", "oca")

@@ -18,9 +18,9 @@ import mlflow.pyfunc
 import numpy as np
 
 from embcompat.context import Context
-from registry import versions
-from registry.records import ModelVersionRecord
-from training.methods import TrainedModel, load_model, save_model
+from embcompat.registry import versions
+from embcompat.registry.records import ModelVersionRecord
+from embcompat.training.methods import TrainedModel, load_model, save_model
 
 IMAGE_INPUT = "image:28x28"
 

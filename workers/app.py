@@ -27,7 +27,7 @@ def create_app(settings: Settings) -> Celery:
         beat_schedule={
             "reconcile-upgrades": {"task": "workers.tasks.reconcile", "schedule": 60.0},
         },
-        include=["workers.tasks"],
+        include=["embcompat.workers.tasks"],
     )
     return app
 

@@ -2,6 +2,6 @@
 the Celery command line needs an instance)."""
 
 from embcompat.settings import get_settings
-from workers.app import create_app
+from embcompat.workers.app import create_app
 
 app = create_app(get_settings())

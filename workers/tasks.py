@@ -16,7 +16,7 @@ from embcompat import galleries, upgrades
 from embcompat.context import Context
 from embcompat.errors import EmbcompatError, ServiceUnavailable
 from embcompat.schedule import chunks_due
-from registry.schema import Job, JobState
+from embcompat.registry.schema import Job, JobState
 
 RETRY = {"autoretry_for": (ServiceUnavailable,), "retry_backoff": True, "max_retries": 5}
 

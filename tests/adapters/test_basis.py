@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adapters import BasisAdapter, ProcrustesAdapter
-from adapters.base import l2_normalize
+from embcompat.adapters import BasisAdapter, ProcrustesAdapter
+from embcompat.adapters.base import l2_normalize
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapters import ProcrustesAdapter
-from adapters.binary import ITQBinarizer, RecurrentBinarizer, fit_binarizer, fit_shared
-from adapters.io import load_adapter, save_adapter
+from embcompat.adapters import ProcrustesAdapter
+from embcompat.adapters.binary import ITQBinarizer, RecurrentBinarizer, fit_binarizer, fit_shared
+from embcompat.adapters.io import load_adapter, save_adapter
 from embcompat.errors import DimensionMismatch, InsufficientPairs, InvalidInput
 
 

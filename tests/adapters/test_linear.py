@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters import AffineAdapter, LowRankAdapter, ProcrustesAdapter
+from embcompat.adapters import AffineAdapter, LowRankAdapter, ProcrustesAdapter
 from embcompat.errors import DimensionMismatch, InsufficientPairs, InvalidVectors
 
 

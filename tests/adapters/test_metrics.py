@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adapters.metrics import (
+from embcompat.adapters.metrics import (
     compat_report,
     hits_at_k,
     mrr,

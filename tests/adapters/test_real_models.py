@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adapters.metrics import compat_report
-from adapters.select import select_adapter
+from embcompat.adapters.metrics import compat_report
+from embcompat.adapters.select import select_adapter
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapters import KINDS, BasisAdapter
-from adapters.io import load_adapter, save_adapter
+from embcompat.adapters import KINDS, BasisAdapter
+from embcompat.adapters.io import load_adapter, save_adapter
 from embcompat.errors import CorruptArtifact, IncompatibleAdapter
 
 LEGACY = Path(__file__).parent.parent / "data" / "adapter-procrustes-v0.1"

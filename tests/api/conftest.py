@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from api.app import create_app
+from embcompat.api.app import create_app
 from embcompat import migrate
 from embcompat.settings import Settings
 from tests.conftest import REDIS_URL

@@ -9,7 +9,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from api.app import create_app
+from embcompat.api.app import create_app
 from embcompat import upgrades
 from tests.api.conftest import ADMIN, READ, api_settings
 from tests.conftest import REDIS_URL, wordnet_items

@@ -13,7 +13,7 @@ import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 
-from api.app import create_app
+from embcompat.api.app import create_app
 from tests.api.conftest import ADMIN, api_settings
 
 APP = create_app(api_settings(Path(tempfile.mkdtemp(prefix="embcompat-fuzz-")) / "data"))

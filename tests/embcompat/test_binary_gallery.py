@@ -8,7 +8,7 @@ import pytest
 from embcompat import galleries, search
 from embcompat.context import Context
 from embcompat.errors import DimensionMismatch
-from registry import adapter_records
+from embcompat.registry import adapter_records
 from tests.conftest import vector_gallery
 
 

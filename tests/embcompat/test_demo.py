@@ -9,7 +9,7 @@ from rich.console import Console
 from embcompat import upgrades
 from embcompat.context import Context
 from embcompat.demo import GALLERY, run_demo
-from registry.schema import JobChunk
+from embcompat.registry.schema import JobChunk
 
 pytestmark = pytest.mark.slow
 

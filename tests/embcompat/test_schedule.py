@@ -10,8 +10,8 @@ from embcompat import galleries, upgrades
 from embcompat.context import Context
 from embcompat.errors import InvalidInput
 from embcompat.schedule import BackfillSchedule, chunks_due
-from registry import versions
-from registry.schema import JobChunk
+from embcompat.registry import versions
+from embcompat.registry.schema import JobChunk
 
 
 def test_windows_wrap_past_midnight_and_bad_schedules_are_refused() -> None:

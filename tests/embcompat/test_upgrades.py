@@ -9,8 +9,8 @@ import pytest
 from embcompat import galleries, search, upgrades
 from embcompat.context import Context
 from embcompat.errors import InvalidTransition, UpgradeInProgress, UpgradeRefused
-from registry import versions
-from registry.schema import JobChunk
+from embcompat.registry import versions
+from embcompat.registry.schema import JobChunk
 from tests.conftest import wordnet_items
 
 pytestmark = pytest.mark.slow
@@ -171,7 +171,7 @@ def test_a_labelled_probe_sets_the_fusion_and_decides_whether_v1_is_kept(gallery
 
 
 def test_staged_items_are_encoded_by_the_ingest_step(text_ctx: Context) -> None:
-    from workers.app import dispatch_ingest
+    from embcompat.workers.app import dispatch_ingest
 
     items, queries, relevant = wordnet_items(80)
     galleries.create_gallery(text_ctx, "staged", "text", "v1")

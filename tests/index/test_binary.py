@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapters.binary import ITQBinarizer, RecurrentBinarizer
+from embcompat.adapters.binary import ITQBinarizer, RecurrentBinarizer
 from embcompat.errors import CorruptArtifact, DimensionMismatch, InvalidInput
-from index.binary import BinaryIndex, TwoStageSearcher
-from index.store import SpaceStore
+from embcompat.index.binary import BinaryIndex, TwoStageSearcher
+from embcompat.index.store import SpaceStore
 from tests.adapters.test_binary import clustered
 
 

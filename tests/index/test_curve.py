@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adapters import BasisAdapter, ProcrustesAdapter
-from index.curve import curve_summary, proxy_curve
+from embcompat.adapters import BasisAdapter, ProcrustesAdapter
+from embcompat.index.curve import curve_summary, proxy_curve
 from tests.adapters.test_binary import clustered
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapters.base import l2_normalize
+from embcompat.adapters.base import l2_normalize
 from embcompat.errors import CorruptArtifact, DimensionMismatch
-from index.faiss_index import IndexGenerations, SpaceSearcher
-from index.store import SpaceStore
+from embcompat.index.faiss_index import IndexGenerations, SpaceSearcher
+from embcompat.index.store import SpaceStore
 
 
 @pytest.fixture

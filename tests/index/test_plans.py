@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapters import ProcrustesAdapter
-from adapters.base import l2_normalize
+from embcompat.adapters import ProcrustesAdapter
+from embcompat.adapters.base import l2_normalize
 from embcompat.errors import EncoderError, InvalidInput
-from index.faiss_index import IndexGenerations, SpaceSearcher
-from index.plans import PATHS, MixedIndex, Plan, search
-from index.store import SpaceStore
+from embcompat.index.faiss_index import IndexGenerations, SpaceSearcher
+from embcompat.index.plans import PATHS, MixedIndex, Plan, search
+from embcompat.index.store import SpaceStore
 
 N = 400
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from embcompat.errors import DimensionMismatch, DuplicateItem, InvalidVectors
-from index.store import MAX_SHARDS, SpaceStore, VectorStore
+from embcompat.index.store import MAX_SHARDS, SpaceStore, VectorStore
 
 
 def _vecs(n: int, d: int = 8, seed: int = 0) -> np.ndarray:

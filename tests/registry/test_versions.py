@@ -12,10 +12,10 @@ from sqlalchemy import func, select
 
 from embcompat.context import Context
 from embcompat.errors import DimensionMismatch, DuplicateVersion, EncoderError, UnknownVersion
-from registry import versions
-from registry.records import ModelVersionRecord
-from registry.schema import ModelVersion
-from registry.shipped import MINILM_L6, MPNET
+from embcompat.registry import versions
+from embcompat.registry.records import ModelVersionRecord
+from embcompat.registry.schema import ModelVersion
+from embcompat.registry.shipped import MINILM_L6, MPNET
 from tests.conftest import make_context
 
 pytestmark = pytest.mark.slow

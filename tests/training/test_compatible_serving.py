@@ -11,11 +11,11 @@ from embcompat import upgrades
 from embcompat.context import Context
 from embcompat.galleries import ItemIn, create_gallery, ingest, space_store
 from embcompat.search import search
-from registry import versions
-from training.fashion import load_fashion_mnist
-from training.methods import train_model
-from training.serving import register_trained
-from training.trainer import TrainConfig
+from embcompat.registry import versions
+from embcompat.training.fashion import load_fashion_mnist
+from embcompat.training.methods import train_model
+from embcompat.training.serving import register_trained
+from embcompat.training.trainer import TrainConfig
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,20 @@ import pytest
 import torch
 from torch import nn
 
-from adapters import BasisAdapter
+from embcompat.adapters import BasisAdapter
 from embcompat.errors import InvalidInput
-from index.faiss_index import IndexGenerations, SpaceSearcher
-from index.plans import MixedIndex, Plan
-from index.plans import search as plan_search
-from index.store import SpaceStore
-from training.components import (
+from embcompat.index.faiss_index import IndexGenerations, SpaceSearcher
+from embcompat.index.plans import MixedIndex, Plan
+from embcompat.index.plans import search as plan_search
+from embcompat.index.store import SpaceStore
+from embcompat.training.components import (
     DSimplexClassifier,
     InfluenceLoss,
     OrthogonalLayer,
     alignment_loss,
 )
-from training.methods import TrainedModel, train_model
-from training.trainer import TrainConfig, train
+from embcompat.training.methods import TrainedModel, train_model
+from embcompat.training.trainer import TrainConfig, train
 
 
 def test_orthogonal_layer_stays_orthonormal_and_preserves_inner_products() -> None:

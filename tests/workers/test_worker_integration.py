@@ -21,10 +21,10 @@ from sqlalchemy import func, select
 from embcompat import galleries, search, upgrades
 from embcompat.context import Context
 from embcompat.settings import Settings
-from registry import versions
-from registry.schema import Item, JobChunk
+from embcompat.registry import versions
+from embcompat.registry.schema import Item, JobChunk
 from tests.conftest import REDIS_URL, register_pair, wordnet_items
-from workers.app import dispatch_upgrade
+from embcompat.workers.app import dispatch_upgrade
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -36,7 +36,7 @@ def _worker(env: dict[str, str], log: Path) -> subprocess.Popen:
         "-m",
         "celery",
         "-A",
-        "workers.main",
+        "embcompat.workers.main",
         "worker",
         "--concurrency",
         "2",
