@@ -34,9 +34,15 @@ test: install
 demo: install
 	$(VENV)/bin/embcompat demo
 
+# The layer contract reads the package as installed (one `embcompat` namespace), so it
+# runs on a fresh non-editable install of the tree.
+LINT_BUILD := .lint-build
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy --ignore-missing-imports embcompat registry adapters index workers api training
+	$(VENV)/bin/ruff format --check .
+	rm -rf $(LINT_BUILD) && $(PIP) install -q --no-deps --no-build-isolation --target $(LINT_BUILD) .
+	cd $(LINT_BUILD) && PYTHONPATH=. ../$(VENV)/bin/lint-imports --config ../pyproject.toml
+	cd $(LINT_BUILD) && ../$(VENV)/bin/mypy --ignore-missing-imports --config-file ../pyproject.toml -p embcompat
 
 clean:
-	rm -rf $(VENV) .embcompat
+	rm -rf $(VENV) .embcompat $(LINT_BUILD)

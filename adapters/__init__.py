@@ -6,11 +6,12 @@ applied by `transform(x)` (never aliasing its input) and round-trips through
 (`adapters.binary`) are adapters too, fitted on one space's vectors.
 """
 
-from embcompat.adapters.base import Adapter, Direction, check_vectors
+from embcompat.adapters.base import Adapter, Direction
 from embcompat.adapters.basis import BasisAdapter
 from embcompat.adapters.binary import BINARIZERS, Binarizer, ITQBinarizer, RecurrentBinarizer
 from embcompat.adapters.linear import AffineAdapter, LowRankAdapter, ProcrustesAdapter
 from embcompat.adapters.mlp import ResidualMLPAdapter
+from embcompat.arrays import check_vectors
 
 KINDS: dict[str, type[Adapter]] = {
     "procrustes": ProcrustesAdapter,

@@ -16,9 +16,9 @@ from typing import Any, ClassVar, Literal, Self
 import numpy as np
 import numpy.typing as npt
 
-from embcompat.errors import DimensionMismatch, InsufficientPairs, InvalidVectors
+from embcompat.arrays import FloatArray, check_vectors
+from embcompat.errors import InsufficientPairs, InvalidVectors
 
-FloatArray = npt.NDArray[np.float32]
 Direction = Literal[
     "query: new->old", "gallery: old->new", "basis: new->compatible", "binary: vectors->codes"
 ]
@@ -29,21 +29,6 @@ DIRECTIONS: tuple[Direction, ...] = (
     "binary: vectors->codes",
 )
 MIN_PAIRS = 16
-
-
-def check_vectors(x: Any, dim: int, what: str) -> FloatArray:
-    """x: (n, dim) or (dim,) finite numbers → (n, dim) float32 (a copy when converted)."""
-    arr = np.asarray(x, dtype=np.float32)
-    if arr.ndim == 1:
-        arr = arr[None, :]
-    if arr.ndim != 2:
-        raise InvalidVectors(f"{what} expects a 2-d array (n, {dim}), got shape {arr.shape}")
-    if arr.shape[1] != dim:
-        raise DimensionMismatch(f"{what} expects dim {dim}, got {arr.shape[1]}", field="dim")
-    if not np.isfinite(arr).all():
-        bad = int((~np.isfinite(arr).all(axis=1)).sum())
-        raise InvalidVectors(f"{what} got {bad} vector(s) containing NaN or Inf", field="vectors")
-    return arr
 
 
 def check_pairs(source: Any, target: Any, what: str) -> tuple[FloatArray, FloatArray]:
@@ -59,10 +44,6 @@ def check_pairs(source: Any, target: Any, what: str) -> tuple[FloatArray, FloatA
             hint="pair more items of the gallery with the new version",
         )
     return check_vectors(src, src.shape[1], what), check_vectors(tgt, tgt.shape[1], what)
-
-
-def l2_normalize(x: FloatArray) -> FloatArray:
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 class Adapter(ABC):

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from embcompat.adapters.base import Adapter, FloatArray, check_pairs, check_vectors
+from embcompat.adapters.base import Adapter, check_pairs
 from embcompat.adapters.linear import ProcrustesAdapter
+from embcompat.arrays import FloatArray, check_vectors
 from embcompat.errors import InvalidInput
 
 

@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from embcompat.adapters.base import Adapter, FloatArray, check_vectors
+from embcompat.adapters.base import Adapter
+from embcompat.arrays import FloatArray, check_vectors
 from embcompat.errors import InsufficientPairs, InvalidInput
 
 MIN_VECTORS = 64

@@ -16,7 +16,8 @@ from typing import Any, Self
 import numpy as np
 import numpy.typing as npt
 
-from embcompat.adapters.base import Adapter, Direction, FloatArray, check_pairs, l2_normalize
+from embcompat.adapters.base import Adapter, Direction, check_pairs
+from embcompat.arrays import FloatArray, l2_normalize
 
 
 def _centers(x: FloatArray, y: FloatArray, center: bool) -> tuple[FloatArray, FloatArray]:

@@ -14,8 +14,9 @@ import numpy as np
 import numpy.typing as npt
 from scipy.special import erf
 
-from embcompat.adapters.base import Adapter, Direction, FloatArray, check_pairs, l2_normalize
+from embcompat.adapters.base import Adapter, Direction, check_pairs
 from embcompat.adapters.linear import AffineAdapter
+from embcompat.arrays import FloatArray, l2_normalize
 from embcompat.errors import InvalidInput
 
 

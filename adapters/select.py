@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from embcompat.adapters.base import Adapter, Direction, FloatArray, check_pairs
+from embcompat.adapters.base import Adapter, Direction, check_pairs
 from embcompat.adapters.linear import AffineAdapter, LowRankAdapter, ProcrustesAdapter
 from embcompat.adapters.metrics import neighbour_recall, search
 from embcompat.adapters.mlp import ResidualMLPAdapter
+from embcompat.arrays import FloatArray
 
 CANDIDATES: dict[str, type[Adapter]] = {
     "procrustes": ProcrustesAdapter,

@@ -7,109 +7,46 @@ settings. Tokens are read from settings and never logged.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
-from sqlalchemy import select, text
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from sqlalchemy import text
 
+from embcompat import __version__
 from embcompat.api import routes
 from embcompat.api.deps import Ctx, Read
-from embcompat import __version__
-from embcompat.context import Context
+from embcompat.api.metrics import CONTENT_TYPE, Metrics
 from embcompat.errors import EmbcompatError
+from embcompat.service.context import Context
 from embcompat.settings import Settings, get_settings
-from embcompat.registry.schema import Job, JobState
 
 PROBLEM = "application/problem+json"
-
-
-class Metrics:
-    """Request counts and latencies per route, in Prometheus' text format."""
-
-    def __init__(self) -> None:
-        self.count: dict[tuple[str, str, int], int] = defaultdict(int)
-        self.seconds: dict[tuple[str, str], float] = defaultdict(float)
-        self.encodes: dict[str, int] = defaultdict(int)
-
-    def observe_search(self, plan: str, encodes: int, seconds: float) -> None:
-        """Searches per plan, their on-the-fly encodes (read-through) and their time."""
-        self.count[("SEARCH", plan, 0)] += 1
-        self.seconds[("SEARCH", plan)] += seconds
-        self.encodes[plan] += encodes
-
-    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.count[(method, route, status)] += 1
-        self.seconds[(method, route)] += seconds
-
-    def render(self, ctx: Context) -> str:
-        lines = ["# TYPE embcompat_requests_total counter"]
-        lines += [
-            f'embcompat_requests_total{{method="{m}",route="{r}",status="{s}"}} {n}'
-            for (m, r, s), n in sorted(self.count.items())
-            if m != "SEARCH"
-        ]
-        lines.append("# TYPE embcompat_request_seconds_total counter")
-        lines += [
-            f'embcompat_request_seconds_total{{method="{m}",route="{r}"}} {v:.6f}'
-            for (m, r), v in sorted(self.seconds.items())
-            if m != "SEARCH"
-        ]
-        lines.append("# TYPE embcompat_searches_total counter")
-        lines += [
-            f'embcompat_searches_total{{plan="{p}"}} {n}'
-            for (m, p, _), n in sorted(self.count.items())
-            if m == "SEARCH"
-        ]
-        lines.append("# TYPE embcompat_search_seconds_total counter")
-        lines += [
-            f'embcompat_search_seconds_total{{plan="{p}"}} {v:.6f}'
-            for (m, p), v in sorted(self.seconds.items())
-            if m == "SEARCH"
-        ]
-        lines.append("# TYPE embcompat_search_encodes_total counter")
-        lines += [
-            f'embcompat_search_encodes_total{{plan="{p}"}} {n}'
-            for p, n in sorted(self.encodes.items())
-        ]
-        lines.append("# TYPE embcompat_upgrade_progress gauge")
-        with ctx.session() as s:
-            active = s.scalars(
-                select(Job).where(
-                    Job.state.in_(
-                        [
-                            JobState.PAIRING,
-                            JobState.TRAINING,
-                            JobState.GATED,
-                            JobState.SERVING_BRIDGE,
-                            JobState.BACKFILLING,
-                            JobState.PAUSED,
-                        ]
-                    )
-                )
-            ).all()
-            for job in active:
-                progress = job.items_done / job.items_total if job.items_total else 0.0
-                labels = f'job="{job.id}",state="{job.state}"'
-                lines.append(f"embcompat_upgrade_progress{{{labels}}} {progress:.4f}")
-        return "\n".join(lines) + "\n"
 
 
 def _problem(status: int, body: dict[str, Any]) -> JSONResponse:
     return JSONResponse(body, status_code=status, media_type=PROBLEM)
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    app.state.context.close()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
+        lifespan=_lifespan,
         title="embcompat admin API",
         version=__version__,
         description="Backward-compatible embedding model upgrades: registry, galleries, "
         "upgrades and search. Bearer tokens with scopes `read` and `admin`.",
     )
     app.state.context = Context(settings or get_settings())
-    app.state.metrics = Metrics()
+    app.state.metrics = Metrics(app.state.context)
     for router in (routes.models, routes.gals, routes.adapters, routes.jobs):
         app.include_router(router)
 
@@ -178,7 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
 
     @app.get("/metrics", tags=["ops"], dependencies=[Read], response_class=PlainTextResponse)
-    def metrics(ctx: Ctx) -> str:
-        return app.state.metrics.render(ctx)  # type: ignore[no-any-return]
+    def metrics() -> Response:
+        return Response(app.state.metrics.render(), media_type=CONTENT_TYPE)
 
     return app

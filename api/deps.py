@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from embcompat.context import Context
 from embcompat.errors import Forbidden, Unauthorized
+from embcompat.service.context import Context
 
 bearer = HTTPBearer(auto_error=False, description="a token from EMBCOMPAT_API_TOKENS")
 

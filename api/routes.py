@@ -8,10 +8,11 @@ from fastapi import APIRouter, BackgroundTasks, Path, Request, status
 
 from embcompat.api.deps import Admin, Ctx, Read
 from embcompat.api.schemas import GalleryIn, ItemIdsIn, ItemsIn, SearchIn, UpgradeIn, VersionIn
-from embcompat import galleries, search, upgrades
 from embcompat.errors import InvalidInput
-from embcompat.schedule import BackfillSchedule
 from embcompat.registry import adapter_records, versions
+from embcompat.service import galleries, search, upgrade
+from embcompat.service.upgrade.schedule import BackfillSchedule
+from embcompat.workers.app import dispatch_ingest, dispatch_upgrade
 
 Id = Annotated[int, Path(ge=1, le=2**31 - 1)]
 models = APIRouter(prefix="/models", tags=["models"])
@@ -85,12 +86,10 @@ def ingest(name: str, body: ItemsIn, ctx: Ctx) -> dict[str, int]:
 @gals.post("/{name}/items/stage", status_code=status.HTTP_202_ACCEPTED, dependencies=[Admin])
 def stage_items(name: str, body: ItemsIn, ctx: Ctx, tasks: BackgroundTasks) -> dict[str, int]:
     """Store texts now; the `ingest` task encodes them on the workers, in batches."""
-    from embcompat.workers.app import dispatch_ingest
-
     staged = galleries.stage(
         ctx, name, [galleries.ItemIn(i.id, i.text, i.vector, i.metadata) for i in body.items]
     )
-    tasks.add_task(dispatch_ingest, ctx.settings, name)
+    tasks.add_task(dispatch_ingest, ctx, name)
     return {"staged": staged}
 
 
@@ -115,42 +114,38 @@ def search_gallery(name: str, body: SearchIn, ctx: Ctx, request: Request) -> dic
 
 @gals.post("/{name}/upgrades/plan", dependencies=[Admin])
 def plan_upgrade(name: str, body: UpgradeIn, ctx: Ctx) -> dict[str, Any]:
-    return upgrades.plan_upgrade(ctx, name, body.model, body.version, body.plan)
+    return upgrade.plan_upgrade(ctx, name, body.model, body.version, body.plan)
 
 
 @gals.post("/{name}/upgrades", status_code=status.HTTP_202_ACCEPTED, dependencies=[Admin])
 def start_upgrade(name: str, body: UpgradeIn, ctx: Ctx, tasks: BackgroundTasks) -> dict[str, Any]:
-    from embcompat.workers.app import dispatch_upgrade
-
     probe = [q.model_dump() for q in body.probe] if body.probe else None
     schedule = BackfillSchedule(**body.schedule.model_dump()) if body.schedule else None
-    job = upgrades.start_upgrade(
+    job = upgrade.start_upgrade(
         ctx, name, body.model, body.version, body.plan, body.pairs, body.chunk_size, schedule, probe
     )
-    tasks.add_task(dispatch_upgrade, ctx.settings, job.id)  # in-process runs after the reply
+    tasks.add_task(dispatch_upgrade, ctx, job.id)  # in-process runs after the reply
     return job.to_dict()
 
 
 @jobs.get("/{job_id}", dependencies=[Read])
 def job_status(job_id: Id, ctx: Ctx) -> dict[str, Any]:
-    return upgrades.get_job(ctx, job_id).to_dict()
+    return upgrade.get_job(ctx, job_id).to_dict()
 
 
 @jobs.post("/{job_id}/{action}", dependencies=[Admin])
 def control(job_id: Id, action: str, ctx: Ctx, tasks: BackgroundTasks) -> dict[str, Any]:
-    from embcompat.workers.app import dispatch_upgrade
-
     actions = {
-        "pause": upgrades.pause,
-        "resume": upgrades.resume,
-        "cancel": upgrades.cancel,
-        "rollback": upgrades.rollback,
+        "pause": upgrade.pause,
+        "resume": upgrade.resume,
+        "cancel": upgrade.cancel,
+        "rollback": upgrade.rollback,
     }
     if action not in actions:
         raise InvalidInput(f"unknown action {action!r}", hint=", ".join(actions), field="action")
     rec = actions[action](ctx, job_id)
     if action == "resume":
-        tasks.add_task(dispatch_upgrade, ctx.settings, job_id)
+        tasks.add_task(dispatch_upgrade, ctx, job_id)
     return rec.to_dict()
 
 

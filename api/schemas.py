@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field
+
+from embcompat.kinds import IndexKind, Metric, SourceKind, UpgradePlan
 
 Name = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -16,9 +16,9 @@ class Body(BaseModel):
 class VersionIn(Body):
     version: str = Name
     dim: int = Field(gt=0, le=65536)
-    source: Literal["shipped", "dir", "mlflow", "external"]
+    source: SourceKind
     location: str | None = Field(default=None, max_length=1000)
-    metric: Literal["cosine", "ip", "l2"] = "cosine"
+    metric: Metric = Metric.COSINE
     parent: str | None = Field(default=None, max_length=200)
 
 
@@ -26,7 +26,7 @@ class GalleryIn(Body):
     name: str = Name
     model: str = Name
     version: str = Name
-    index_kind: Literal["flat", "ivf", "hnsw", "binary", "binary-hnsw"] = "flat"
+    index_kind: IndexKind = IndexKind.FLAT
 
 
 class ItemBody(Body):
@@ -68,7 +68,7 @@ class ScheduleIn(Body):
 class UpgradeIn(Body):
     model: str = Name
     version: str = Name
-    plan: Literal["auto", "cascade", "bridge", "mapped", "dual", "basis", "backfill"] = "auto"
+    plan: UpgradePlan = UpgradePlan.AUTO
     pairs: int = Field(default=2000, ge=50, le=1_000_000)
     chunk_size: int = Field(default=1000, ge=1, le=1_000_000)
     probe: list[ProbeQuery] | None = Field(default=None, max_length=100_000)

@@ -26,13 +26,13 @@ import numpy as np
 from common import print_table, write_json
 
 from embcompat.adapters.io import load_adapter
-from embcompat import galleries, migrate, upgrades
-from embcompat.context import Context
 from embcompat.datasets import wordnet_task
 from embcompat.demo import register_text_pair
-from embcompat.settings import Settings
 from embcompat.registry import versions
 from embcompat.registry.schema import JobChunk
+from embcompat.service import galleries, migrate, upgrade
+from embcompat.service.context import Context
+from embcompat.settings import Settings
 
 REDIS = os.environ.get("EMBCOMPAT_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 
@@ -61,7 +61,7 @@ def _setup(root: Path, n: int) -> tuple[Context, list[str]]:
 def _bare_rate(ctx: Context, texts: list[str]) -> float:
     with ctx.session() as s:
         v2 = versions.get_version(s, ctx.registry, "text", "v2")
-    encoder = versions.load_encoder(ctx.registry, v2)
+    encoder = ctx.encoder(v2)
     encoder.encode(texts[:64])  # warm-up
     t0 = time.perf_counter()
     encoder.encode(texts, ctx.settings.encode_batch_size)
@@ -97,16 +97,14 @@ def _worker_rate(ctx: Context, workers: int, pairs: int) -> tuple[float, int, fl
         "--without-gossip",
     ]
     # the job exists before the workers start, so each process loads v2 at its start
-    job = upgrades.start_upgrade(
-        ctx, "docs", "text", "v2", plan="dual", pairs=pairs, chunk_size=500
-    )
+    job = upgrade.start_upgrade(ctx, "docs", "text", "v2", plan="dual", pairs=pairs, chunk_size=500)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
-        dispatch_upgrade(s, job.id)
-        while upgrades.get_job(ctx, job.id).state != "backfilling":
+        dispatch_upgrade(ctx, job.id)
+        while upgrade.get_job(ctx, job.id).state != "backfilling":
             time.sleep(0.1)
-        t0, done0 = time.perf_counter(), upgrades.get_job(ctx, job.id).items_done
-        while (rec := upgrades.get_job(ctx, job.id)).state != "done":
+        t0, done0 = time.perf_counter(), upgrade.get_job(ctx, job.id).items_done
+        while (rec := upgrade.get_job(ctx, job.id)).state != "done":
             if rec.state == "failed":
                 raise RuntimeError(rec.error)
             time.sleep(0.1)
@@ -121,13 +119,13 @@ def _worker_rate(ctx: Context, workers: int, pairs: int) -> tuple[float, int, fl
 
 
 def _map_ratio(ctx: Context, repeats: int = 3) -> tuple[float, float]:
-    job = upgrades.latest_job(ctx, "docs")
+    job = upgrade.latest_job(ctx, "docs")
     if job is None:
         raise RuntimeError("the backfill run left no job to map")
     with ctx.session() as s:
         old = versions.get_version(s, ctx.registry, "text", "v1")
         new = versions.get_version(s, ctx.registry, "text", "v2")
-    mapper = load_adapter(upgrades.job_dir(ctx, job.id) / "mapper")
+    mapper = load_adapter(upgrade.job_dir(ctx, job.id) / "mapper")
     snap = galleries.space_store(ctx, "docs", old).snapshot()
     x = np.array(snap.vectors)
     w = getattr(mapper, "weight", np.eye(x.shape[1], new.dim, dtype=np.float32))
@@ -135,12 +133,12 @@ def _map_ratio(ctx: Context, repeats: int = 3) -> tuple[float, float]:
     with ctx.session() as s:
         seqs = [c.seq for c in s.query(JobChunk).filter_by(job_id=job.id)]
     for _ in range(repeats):
-        root = upgrades.mapped_store(ctx, "docs", old, new).root
+        root = galleries.mapped_store(ctx, "docs", old, new).root
         for f in root.glob("*"):
             f.unlink()  # start each repeat from an empty mapped space
         root.rmdir()
         t0 = time.perf_counter()
-        n = sum(upgrades.map_chunk(ctx, job.id, seq) for seq in seqs)
+        n = sum(upgrade.map_chunk(ctx, job.id, seq) for seq in seqs)
         mapped_rates.append(n / (time.perf_counter() - t0))
         t0 = time.perf_counter()
         for start in range(0, len(x), 500):  # the same chunking, bare math

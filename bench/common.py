@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,8 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from embcompat.datasets import RetrievalTask, cached_encode, wordnet_task
-from embcompat.settings import get_settings
 from embcompat.registry.shipped import MINILM_L6, MPNET, PARAPHRASE_L3, load_shipped_encoder
+from embcompat.settings import get_settings
 
 PAIRS = {
     "minilm-l6->mpnet": (MINILM_L6, MPNET),

@@ -16,6 +16,7 @@ import argparse
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -203,12 +204,12 @@ def latency(pair: str, kind: str, repeats: int = 200) -> list[dict[str, Any]]:
     paired = rng.permutation(n)[:5000]
     bridge = ProcrustesAdapter.fit(e.g_new[paired], e.g_old[paired])
     out = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(2) as pool:
         root = Path(tmp)
         single = _space(root, "single", np.arange(n), e.g_new, kind)
         old = _space(root, "old", np.arange(n), e.g_old, kind)
         new = _space(root, "new", half, e.g_new, kind)
-        mixed = MixedIndex(old, new)
+        mixed = MixedIndex(old, new, pool=pool)  # as the service searches: side by side
         for p in ("dual", "bridge"):
             plan = Plan(p, "rrf", bridge=bridge)  # type: ignore[arg-type]
             t_single, t_mixed = [], []

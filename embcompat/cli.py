@@ -22,13 +22,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from embcompat import galleries, migrate, search, upgrades
-from embcompat.context import Context
 from embcompat.errors import EmbcompatError
+from embcompat.kinds import IndexKind, Metric, UpgradePlan
 from embcompat.registry import versions
-from embcompat.registry.schema import Metric
+from embcompat.service import galleries, migrate, search, upgrade
+from embcompat.service.context import Context
 
-app = typer.Typer(help="Backward-compatible embedding model upgrades.", no_args_is_help=True)
+app = typer.Typer(help="Backward-compatible embedding model upgrade.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 models_app = typer.Typer(
     help="Embedding model versions in the MLflow registry.", no_args_is_help=True
@@ -180,7 +180,7 @@ def _print_json(payload: Any) -> None:
 
 
 @gallery_app.command("create")
-def gallery_create(name: str, model: str, version: str, index: str = "flat") -> None:
+def gallery_create(name: str, model: str, version: str, index: IndexKind = IndexKind.FLAT) -> None:
     """Create a gallery served by MODEL:VERSION."""
     rec = _guard(lambda: galleries.create_gallery(Context(), name, model, version, index))  # type: ignore[arg-type]
     console.print(f"gallery {rec.name!r} serves {model}:{rec.serving_version} ({rec.index_kind})")
@@ -268,9 +268,11 @@ def search_cmd(
 
 
 @upgrade_app.command("plan")
-def upgrade_plan(gallery: str, model: str, version: str, plan: str = "auto") -> None:
+def upgrade_plan(
+    gallery: str, model: str, version: str, plan: UpgradePlan = UpgradePlan.AUTO
+) -> None:
     """Dry run: items to re-embed, measured encoder throughput, projected time."""
-    _print_json(_guard(lambda: upgrades.plan_upgrade(Context(), gallery, model, version, plan)))
+    _print_json(_guard(lambda: upgrade.plan_upgrade(Context(), gallery, model, version, plan)))
 
 
 @upgrade_app.command("start")
@@ -278,7 +280,7 @@ def upgrade_start(
     gallery: str,
     model: str,
     version: str,
-    plan: str = "auto",
+    plan: UpgradePlan = UpgradePlan.AUTO,
     pairs: int = 2000,
     chunk_size: int = 1000,
 ) -> None:
@@ -287,16 +289,16 @@ def upgrade_start(
 
     ctx = Context()
     job = _guard(
-        lambda: upgrades.start_upgrade(ctx, gallery, model, version, plan, pairs, chunk_size)
+        lambda: upgrade.start_upgrade(ctx, gallery, model, version, plan, pairs, chunk_size)
     )
     console.print(f"upgrade job {job.id} created for {gallery!r}: {job.from_version} -> {version}")
-    console.print(f"job {job.id}: {dispatch_upgrade(ctx.settings, job.id)}")
+    console.print(f"job {job.id}: {dispatch_upgrade(ctx, job.id)}")
 
 
 @upgrade_app.command("status")
 def upgrade_status(job_id: int) -> None:
     """State, plan, progress, rate and ETA of a job."""
-    _print_json(_guard(lambda: upgrades.get_job(Context(), job_id)).to_dict())
+    _print_json(_guard(lambda: upgrade.get_job(Context(), job_id)).to_dict())
 
 
 @upgrade_app.command("watch")
@@ -306,10 +308,10 @@ def upgrade_watch(job_id: int, interval: float = 1.0) -> None:
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
     ) as bar:
-        job = _guard(lambda: upgrades.get_job(ctx, job_id))
+        job = _guard(lambda: upgrade.get_job(ctx, job_id))
         task = bar.add_task(f"job {job_id}", total=max(job.items_total, 1))
         while True:
-            job = upgrades.get_job(ctx, job_id)
+            job = upgrade.get_job(ctx, job_id)
             bar.update(task, completed=job.items_done, description=f"job {job_id} {job.state}")
             if job.state in ("done", "cancelled", "rolled_back", "failed"):
                 break
@@ -319,10 +321,10 @@ def upgrade_watch(job_id: int, interval: float = 1.0) -> None:
 
 def _control(action: str, job_id: int) -> None:
     fn = {
-        "pause": upgrades.pause,
-        "resume": upgrades.resume,
-        "cancel": upgrades.cancel,
-        "rollback": upgrades.rollback,
+        "pause": upgrade.pause,
+        "resume": upgrade.resume,
+        "cancel": upgrade.cancel,
+        "rollback": upgrade.rollback,
     }[action]
     ctx = Context()
     job = _guard(lambda: fn(ctx, job_id))
@@ -330,7 +332,7 @@ def _control(action: str, job_id: int) -> None:
     if action == "resume":
         from embcompat.workers.app import dispatch_upgrade
 
-        console.print(f"job {job_id}: {dispatch_upgrade(ctx.settings, job_id)}")
+        console.print(f"job {job_id}: {dispatch_upgrade(ctx, job.id)}")
 
 
 @upgrade_app.command("pause")

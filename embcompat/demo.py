@@ -21,16 +21,19 @@ from rich.table import Table
 
 from embcompat.adapters.io import load_adapter
 from embcompat.adapters.metrics import recall_at_k, search
-from embcompat import galleries, migrate, upgrades
-from embcompat import search as service_search
-from embcompat.context import Context
+from embcompat.arrays import FloatArray
 from embcompat.datasets import cached_encode, wordnet_task
 from embcompat.errors import DuplicateVersion
+from embcompat.kinds import SERVING_STATES, TERMINAL_STATES, JobState, SourceKind
 from embcompat.registry import versions
-from embcompat.registry.encoders import Encoder, FloatArray
+from embcompat.registry.encoders import Encoder
 from embcompat.registry.shipped import MINILM_L6, MPNET
+from embcompat.service import galleries, migrate, upgrade
+from embcompat.service import search as service_search
+from embcompat.service.context import Context
 
 GALLERY = "wordnet"
+PREPARING = (JobState.PLANNED, JobState.PAIRING, JobState.TRAINING, JobState.GATED)
 MODELS = (("v1", MINILM_L6, 384), ("v2", MPNET, 768))
 
 
@@ -67,7 +70,7 @@ def register_text_pair(
                     model="text",
                     version=version,
                     dim=dim,
-                    source="shipped",
+                    source=SourceKind.SHIPPED,
                     location=shipped,
                     models_dir=models_dir or ctx.models_dir,
                     parent="v1" if version == "v2" else None,
@@ -94,8 +97,8 @@ def _recall(
         sl = slice(start, start + 250)
         rec = galleries.get_gallery(ctx, GALLERY)
         serving_new = rec.serving_version == "v2"
-        job = upgrades.latest_job(ctx, GALLERY)
-        mixed = job is not None and job.state in ("serving_bridge", "backfilling")
+        job = upgrade.latest_job(ctx, GALLERY)
+        mixed = job is not None and job.state in SERVING_STATES
         res = service_search.search(
             ctx,
             GALLERY,
@@ -131,7 +134,7 @@ def run_demo(
     vecs: dict[str, dict[str, FloatArray]] = {}
     cached: dict[str, CachedTextEncoder] = {}
     for version, shipped, _ in MODELS:
-        encoder = versions.load_encoder(ctx.registry, recs[version])
+        encoder = ctx.encoder(recs[version])
         with console.status(
             f"encoding {len(task.gallery)} documents and {len(task.queries)} queries "
             f"with {shipped} (once; cached)"
@@ -141,14 +144,14 @@ def run_demo(
         vecs[version] = {"g": g, "q": q}
         cached[version] = CachedTextEncoder(encoder, task.gallery + task.queries, np.vstack([g, q]))
     # v2 answers from the cache only after the plan has timed its real encoder
-    versions.warm_encoder(ctx.registry, recs["v1"], cached["v1"])
+    ctx.install_encoder(recs["v1"], cached["v1"])
     relevant = [task.gallery_ids[r] for r in task.relevant]
     q_old, q_new = vecs["v1"]["q"], vecs["v2"]["q"]
 
     console.rule("2. a real gallery, served by v1")
     if GALLERY not in {g.name for g in galleries.list_galleries(ctx)}:
         galleries.create_gallery(ctx, GALLERY, "text", "v1")
-    job = upgrades.latest_job(ctx, GALLERY)
+    job = upgrade.latest_job(ctx, GALLERY)
     if job is None:
         items = [
             galleries.ItemIn(i, t) for i, t in zip(task.gallery_ids, task.gallery, strict=True)
@@ -161,20 +164,20 @@ def run_demo(
         galleries.publish(ctx, GALLERY)
     r_oo = recall_at_k(search(q_old, vecs["v1"]["g"], 10)[1], task.relevant, 10)
     r_nn = recall_at_k(search(q_new, vecs["v2"]["g"], 10)[1], task.relevant, 10)
-    if job is None or job.state in ("planned", "pairing", "training", "gated"):
+    if job is None or job.state in PREPARING:
         served, _ = _recall(ctx, q_new, q_old, relevant)
         console.print(f"M(old,old) = R@10 {served:.3f} on {len(relevant)} labelled queries")
 
     console.rule("3. plan, pair, train, gate")
-    if job is not None and job.state == "done":
+    if job is not None and job.state == JobState.DONE:
         summary = json.loads((ctx.data_dir / "demo" / "summary.json").read_text())
         console.print(
             f"this gallery was upgraded already by job {job.id}: M(new,new) "
             f"{summary['r10_new_new']:.3f}; remove {ctx.data_dir} to run it again"
         )
         return summary  # type: ignore[no-any-return]
-    if job is None or job.state in upgrades.TERMINAL:
-        plan = upgrades.plan_upgrade(ctx, GALLERY, "text", "v2")
+    if job is None or job.state in TERMINAL_STATES:
+        plan = upgrade.plan_upgrade(ctx, GALLERY, "text", "v2")
         table = Table("items to re-embed", "v2 encoder items/s", "projected backfill", "plans")
         table.add_row(
             str(plan["items_to_reembed"]),
@@ -183,8 +186,8 @@ def run_demo(
             ", ".join(plan["plans"]),
         )
         console.print(table)
-        versions.warm_encoder(ctx.registry, recs["v2"], cached["v2"])
-        job = upgrades.start_upgrade(
+        ctx.install_encoder(recs["v2"], cached["v2"])
+        job = upgrade.start_upgrade(
             ctx,
             GALLERY,
             "text",
@@ -196,36 +199,37 @@ def run_demo(
         console.print(
             f"resuming upgrade job {job.id} ({job.state}, {job.items_done}/{job.items_total})"
         )
-    upgrades.step_pair(ctx, job.id)
-    upgrades.step_train(ctx, job.id)
-    upgrades.step_gate(ctx, job.id)
-    job = upgrades.get_job(ctx, job.id)
+    upgrade.prepare(ctx, job.id)
+    job = upgrade.get_job(ctx, job.id)
     _compat_table(ctx, job, q_new, vecs["v1"]["g"], task.relevant, r_oo, r_nn, console)
 
     console.rule(f"4. serve v2 at once ({job.plan}) and backfill")
     curve: list[tuple[float, float]] = []
-    seqs = upgrades.step_start_backfill(ctx, job.id)
-    next_mark = 0.0
+    marks = {"next": 0.0, "chunks": 0}
     with _progress() as bar:
         t = bar.add_task("backfill", total=job.items_total, completed=job.items_done)
-        for n, seq in enumerate([None, *seqs]):
-            if seq is not None:
-                if crash_at is not None and n > crash_at:
-                    raise KeyboardInterrupt
-                upgrades.backfill_chunk(ctx, job.id, seq)
-            job = upgrades.get_job(ctx, job.id)
-            bar.update(t, completed=job.items_done)
-            if job.progress + 1e-9 >= next_mark:
+
+        def measure(rec: upgrade.JobRecord) -> None:
+            bar.update(t, completed=rec.items_done)
+            if rec.progress + 1e-9 >= marks["next"]:
                 r10, plan_name = _recall(ctx, q_new, q_old, relevant, read_through=False)
-                curve.append((job.progress, r10))
+                curve.append((rec.progress, r10))
                 bar.console.print(
-                    f"  backfilled {job.progress:4.0%}  R@10 {r10:.3f}  ({plan_name})"
+                    f"  backfilled {rec.progress:4.0%}  R@10 {r10:.3f}  ({plan_name})"
                 )
-                next_mark = (int(job.progress * 5 + 1e-9) + 1) / 5
-    upgrades.finalize(ctx, job.id)
+                marks["next"] = (int(rec.progress * 5 + 1e-9) + 1) / 5
+
+        def after_chunk(rec: upgrade.JobRecord) -> None:
+            measure(rec)
+            marks["chunks"] += 1
+            if crash_at is not None and marks["chunks"] >= crash_at:
+                raise KeyboardInterrupt
+
+        measure(job)
+        upgrade.run_in_process(ctx, job.id, on_chunk=after_chunk)
 
     console.rule("5. done")
-    job = upgrades.get_job(ctx, job.id)
+    job = upgrade.get_job(ctx, job.id)
     final, _ = _recall(ctx, q_new, q_old, relevant)
     curve.append((1.0, final))
     console.print(f"M(old,old) {r_oo:.3f}   M(new,new) {final:.3f} (v1 retired, v2 serving)")
@@ -243,7 +247,7 @@ def _progress() -> Progress:
 
 def _compat_table(
     ctx: Context,
-    job: upgrades.JobRecord,
+    job: upgrade.JobRecord,
     q_new: FloatArray,
     g_old: FloatArray,
     relevant: Any,
@@ -257,7 +261,7 @@ def _compat_table(
     for kind, score in sorted(bridge.get("scores", {}).items(), key=lambda kv: -kv[1]):
         table.add_row(kind, f"{score:.3f}", "yes" if kind == bridge.get("kind") else "")
     console.print(table)
-    adapter = load_adapter(upgrades.job_dir(ctx, job.id) / "bridge")
+    adapter = load_adapter(upgrade.job_dir(ctx, job.id) / "bridge")
     r_no = recall_at_k(search(adapter.transform(q_new), g_old, 10)[1], relevant, 10)
     labelled = Table("M(old,old)", "M(new,new)", "M(new,old) via bridge", "retention", "ECC")
     labelled.add_row(
@@ -278,7 +282,7 @@ def _compat_table(
 
 def _report(
     ctx: Context,
-    job: upgrades.JobRecord,
+    job: upgrade.JobRecord,
     curve: list[tuple[float, float]],
     r_oo: float,
     final: float,

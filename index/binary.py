@@ -28,8 +28,10 @@ import numpy as np
 import numpy.typing as npt
 
 from embcompat.adapters.binary import Binarizer, CodeArray
+from embcompat.arrays import FloatArray, IdArray, member
 from embcompat.errors import CorruptArtifact, DimensionMismatch, InvalidInput
-from embcompat.index.store import FloatArray, IdArray, SpaceStore, atomic_write
+from embcompat.files import atomic_write
+from embcompat.index.store import SpaceStore
 
 BinaryKind = Literal["flat", "hnsw"]
 BINARY_KINDS: tuple[BinaryKind, ...] = ("flat", "hnsw")
@@ -234,7 +236,6 @@ class BinaryRerankIndex:
     ) -> tuple[FloatArray, IdArray]:
         """Top k of the live, not excluded items; the candidate depth doubles for rows
         left short until they fill or the whole index was re-ranked."""
-        from embcompat.index.faiss_index import member  # index.faiss_index imports this module
 
         depth = max(self.rerank, k)
         rows = np.arange(len(q))

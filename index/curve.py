@@ -17,8 +17,8 @@ import numpy as np
 
 from embcompat.adapters.base import Adapter
 from embcompat.adapters.metrics import neighbour_recall, search
+from embcompat.arrays import FloatArray
 from embcompat.index.merge import Platt
-from embcompat.index.store import FloatArray
 
 TOLERANCE = 0.0025
 

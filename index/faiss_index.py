@@ -12,7 +12,6 @@ after it are searched exactly, rows removed are filtered), so writes are visible
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,11 +22,11 @@ from typing import Any, Literal
 
 import faiss
 import numpy as np
-import numpy.typing as npt
 
-from embcompat.adapters.base import check_vectors
 from embcompat.adapters.binary import MIN_VECTORS, Binarizer
+from embcompat.arrays import FloatArray, IdArray, check_vectors, member
 from embcompat.errors import CorruptArtifact, InvalidInput
+from embcompat.files import atomic_write, sha256_file
 from embcompat.index.binary import (
     BinaryIndex,
     BinaryKind,
@@ -36,23 +35,21 @@ from embcompat.index.binary import (
     ensure_binarizer,
     load_binarizer,
 )
-from embcompat.index.store import FloatArray, IdArray, SpaceStore, atomic_write
+from embcompat.index.store import SpaceStore
+from embcompat.kinds import FLOAT_INDEX_KINDS, IndexKind
 
-IndexKind = Literal["flat", "ivf", "hnsw", "binary", "binary-hnsw"]
 IndexMetric = Literal["ip", "l2"]
-FLOAT_KINDS = ("flat", "ivf", "hnsw")
-# binary: 1-bit ITQ codes in memory (faiss IndexBinaryFlat / IndexBinaryHNSW), the top
-# 100 candidates re-ranked with the floats read from the store on disk (index.binary)
-KINDS: tuple[IndexKind, ...] = ("flat", "ivf", "hnsw", "binary", "binary-hnsw")
+# binary kinds: 1-bit ITQ codes in memory (faiss IndexBinaryFlat / IndexBinaryHNSW), the
+# top 100 candidates re-ranked with the floats read from the store on disk (index.binary)
 
 
 def build_index(
     vectors: FloatArray, ids: IdArray, kind: IndexKind, metric: IndexMetric
 ) -> faiss.Index:
     """vectors: (n, d) float32, ids: (n,) int64 → a FAISS index returning those ids."""
-    if kind not in FLOAT_KINDS:
+    if kind not in FLOAT_INDEX_KINDS:
         raise InvalidInput(
-            f"unknown float index kind {kind!r}", hint=f"one of {', '.join(FLOAT_KINDS)}"
+            f"unknown float index kind {kind!r}", hint=f"one of {', '.join(FLOAT_INDEX_KINDS)}"
         )
     d = vectors.shape[1]
     faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
@@ -77,14 +74,6 @@ def build_index(
     return mapped
 
 
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass(frozen=True)
 class Generation:
     number: int
@@ -96,9 +85,17 @@ class Generation:
 class IndexGenerations:
     """The published generations of one space's index under `root/`."""
 
-    def __init__(self, root: Path, kind: IndexKind = "flat", metric: IndexMetric = "ip") -> None:
+    def __init__(
+        self, root: Path, kind: IndexKind | str = IndexKind.FLAT, metric: IndexMetric = "ip"
+    ) -> None:
         self.root = Path(root)
-        self.kind, self.metric = kind, metric
+        try:
+            self.kind = IndexKind(kind)
+        except ValueError:
+            raise InvalidInput(
+                f"unknown index kind {kind!r}", hint=f"one of {', '.join(IndexKind)}"
+            ) from None
+        self.metric = metric
         self._loaded: Generation | None = None
         self._lock = threading.Lock()
         self.fitted_binarizer: Binarizer | None = None  # set by a publish that fitted one
@@ -131,15 +128,15 @@ class IndexGenerations:
             self.fitted_binarizer = binarizer if fresh else None
             graph: BinaryKind = "hnsw" if self.kind == "binary-hnsw" else "flat"
             BinaryIndex.build(binarizer.codes(snap.vectors), snap.ids, graph).save(tmp)
-            checksum = _sha(tmp / "binary.faiss")
+            checksum = sha256_file(tmp / "binary.faiss")
         elif len(snap):
             if self.kind.startswith("binary"):  # too few vectors to fit codes yet
-                built = "flat"
+                built = IndexKind.FLAT
             faiss.write_index(
                 build_index(snap.vectors, snap.ids, built, self.metric),  # type: ignore[arg-type]
                 str(tmp / "index.faiss"),
             )
-            checksum = _sha(tmp / "index.faiss")
+            checksum = sha256_file(tmp / "index.faiss")
         np.save(tmp / "ids.npy", np.sort(snap.ids))
         meta = {
             "kind": built,
@@ -179,7 +176,7 @@ class IndexGenerations:
                     )
                     index = BinaryRerankIndex(stages)
                 elif meta["count"]:
-                    if _sha(folder / "index.faiss") != meta["sha256"]:
+                    if sha256_file(folder / "index.faiss") != meta["sha256"]:
                         raise CorruptArtifact(f"index file of {folder} fails its checksum")
                     index = faiss.read_index(str(folder / "index.faiss"))
             except CorruptArtifact:
@@ -296,14 +293,6 @@ class SpaceSearcher:
             parts_s.append(np.take_along_axis(scores, top, 1))
             parts_i.append(added_ids[top])
         return _topk(parts_s, parts_i, len(q), k)
-
-
-def member(sorted_ids: IdArray, ids: IdArray) -> npt.NDArray[np.bool_]:
-    """ids (any shape) → whether each is in `sorted_ids` (sorted, 1-d), by binary search."""
-    if len(sorted_ids) == 0:
-        return np.zeros(np.shape(ids), bool)
-    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-    return sorted_ids[pos] == ids
 
 
 def _params(index: faiss.Index, exclude: IdArray | None) -> faiss.SearchParameters | None:

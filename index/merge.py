@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -22,7 +21,6 @@ from scipy.optimize import minimize
 from embcompat.errors import InvalidInput
 
 FloatArray = npt.NDArray[np.float32]
-Merge = Literal["raw", "rrf", "calibrated", "learned"]
 RRF_K = 60.0
 
 

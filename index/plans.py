@@ -18,21 +18,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from embcompat.adapters.base import Adapter
+from embcompat.arrays import FloatArray, IdArray
 from embcompat.errors import EmbcompatError, InvalidInput
 from embcompat.index.faiss_index import SpaceSearcher
-from embcompat.index.merge import Merge, Platt, fuse_z, rrf_scores, zscore_rows
-from embcompat.index.store import FloatArray, IdArray
+from embcompat.index.merge import Platt, fuse_z, rrf_scores, zscore_rows
+from embcompat.kinds import Merge, ServingPlan
 
-PlanName = Literal["bridge", "mapped", "dual", "basis", "cascade"]
-PLANS: tuple[PlanName, ...] = ("bridge", "mapped", "dual", "basis", "cascade")
 PATHS = ("new", "bridge", "mapped", "old", "basis", "cascade")  # codes in Results.paths
 _OLD_PATH = {"bridge": 1, "mapped": 2, "dual": 3, "basis": 4}
 
@@ -50,6 +49,7 @@ class MixedIndex:
     new: SpaceSearcher
     mapped: SpaceSearcher | None = None
     exclude: IdArray | None = None  # items filtered out of this search, sorted
+    pool: Executor | None = None  # searches the two spaces side by side when given
 
     def upgraded(self) -> IdArray:
         """Sorted ids already in the new space (the same array until it changes)."""
@@ -71,8 +71,8 @@ class MixedIndex:
 
 @dataclass
 class Plan:
-    name: PlanName
-    merge: Merge = "rrf"
+    name: ServingPlan
+    merge: Merge = Merge.RRF
     bridge: Adapter | None = None  # query: new->old, for `bridge`
     basis_head: FloatArray | None = None  # (d_new, d_old), for `basis`
     calibration: dict[str, Platt] = field(default_factory=dict)  # path name -> Platt
@@ -81,8 +81,12 @@ class Plan:
     encode_budget: int = 32  # per query, for read-through
 
     def __post_init__(self) -> None:
-        if self.name not in PLANS:
-            raise InvalidInput(f"unknown plan {self.name!r}", hint=f"one of {', '.join(PLANS)}")
+        if self.name not in set(ServingPlan):
+            raise InvalidInput(
+                f"unknown plan {self.name!r}", hint=f"one of {', '.join(ServingPlan)}"
+            )
+        if self.merge not in set(Merge):
+            raise InvalidInput(f"unknown merge {self.merge!r}", hint=f"one of {', '.join(Merge)}")
         if self.name == "bridge" and self.bridge is None:
             raise InvalidInput("plan 'bridge' needs a query-side adapter")
         if self.name == "basis" and self.basis_head is None:
@@ -151,6 +155,7 @@ def _two_part(
         old_side, q_side = index.old, (q_new @ head).astype(np.float32)
     b_old, b_new = index.budgets()
     (s_new, i_new), (s_old, i_old) = both(
+        index.pool,
         lambda: index.new.search(q_new, k, exclude=index.exclude, budget=b_new),
         lambda: old_side.search(q_side, k, exclude=upgraded, budget=b_old),
     )
@@ -178,15 +183,16 @@ def _two_part(
     )
 
 
-_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="embcompat-space")
 T = TypeVar("T")
 U = TypeVar("U")
 
 
-def both(first: Callable[[], T], second: Callable[[], U]) -> tuple[T, U]:
+def both(pool: Executor | None, first: Callable[[], T], second: Callable[[], U]) -> tuple[T, U]:
     """Run the two spaces' searches side by side: FAISS and BLAS release the GIL, so a
     mixed query costs about the slower of its two searches instead of their sum."""
-    pending = _POOL.submit(second)
+    if pool is None:
+        return first(), second()
+    pending = pool.submit(second)
     return first(), pending.result()
 
 
@@ -221,6 +227,7 @@ def _cascade(
     nq, kk = len(q_new), plan.cascade_k
     b_old, b_new = index.budgets()
     (s_old, i_old), (_, i_new) = both(
+        index.pool,
         lambda: index.old.search(q_old, kk, exclude=index.exclude, budget=b_old),
         lambda: index.new.search(q_new, kk, exclude=index.exclude, budget=b_new),
     )

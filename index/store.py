@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
-import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,36 +23,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from embcompat.adapters.base import check_vectors
+from embcompat.arrays import FloatArray, IdArray, check_vectors
 from embcompat.errors import CorruptArtifact, DimensionMismatch, DuplicateItem, InvalidInput
+from embcompat.files import atomic_write, npy_bytes
 
-FloatArray = npt.NDArray[np.float32]
-IdArray = npt.NDArray[np.int64]
 MANIFEST = "manifest.json"
 MAX_SHARDS = 32
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _npy_bytes(arr: np.ndarray) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    return buf.getvalue()
 
 
 @dataclass(frozen=True)
@@ -260,8 +235,8 @@ class SpaceStore:
         m = self._manifest()
         seq = m["seq"] + 1
         shard = f"shard-{seq:08d}"
-        atomic_write(self.root / f"{shard}.npy", _npy_bytes(vecs))
-        atomic_write(self.root / f"{shard}.ids.npy", _npy_bytes(ids))
+        atomic_write(self.root / f"{shard}.npy", npy_bytes(vecs))
+        atomic_write(self.root / f"{shard}.ids.npy", npy_bytes(ids))
         m = {**m, "seq": seq, "shards": [*m["shards"], shard]}
         if clash is not None:
             m = self._without(m, clash, seq, keep=shard)
@@ -298,8 +273,8 @@ class SpaceStore:
             if (~hit).any():
                 name = f"{shard}.c{seq:08d}"
                 vecs = np.load(self.root / f"{shard}.npy")[~hit]
-                atomic_write(self.root / f"{name}.npy", _npy_bytes(vecs))
-                atomic_write(self.root / f"{name}.ids.npy", _npy_bytes(sids[~hit]))
+                atomic_write(self.root / f"{name}.npy", npy_bytes(vecs))
+                atomic_write(self.root / f"{name}.ids.npy", npy_bytes(sids[~hit]))
                 shards.append(name)
         return {**m, "seq": seq, "shards": shards}
 
@@ -310,8 +285,8 @@ class SpaceStore:
         name = f"shard-{seq:08d}.m"
         ids = np.concatenate([np.load(self.root / f"{s}.ids.npy") for s in rest])
         vecs = np.concatenate([np.load(self.root / f"{s}.npy") for s in rest])
-        atomic_write(self.root / f"{name}.npy", _npy_bytes(vecs))
-        atomic_write(self.root / f"{name}.ids.npy", _npy_bytes(ids))
+        atomic_write(self.root / f"{name}.npy", npy_bytes(vecs))
+        atomic_write(self.root / f"{name}.ids.npy", npy_bytes(ids))
         return {**m, "shards": [first, name]}
 
     def garbage_collect(self) -> int:
@@ -330,40 +305,23 @@ class SpaceStore:
         return removed
 
 
-_OPEN: dict[Path, SpaceStore] = {}
+class OpenSpaces:
+    """The open stores of one service context, so a space's snapshot cache (checked
+    against the manifest on every read) is shared by every caller instead of reloaded
+    per call."""
 
+    def __init__(self) -> None:
+        self._open: dict[Path, SpaceStore] = {}
+        self._lock = threading.Lock()
 
-def open_space(root: Path, dim: int | None = None) -> SpaceStore:
-    """The process's SpaceStore for `root`, so its snapshot cache (checked against the
-    manifest on every read) is shared by every caller instead of reloaded per call."""
-    key = Path(root).resolve()
-    store = _OPEN.get(key)
-    if store is None or not (key / MANIFEST).exists():
-        store = _OPEN[key] = SpaceStore(key, dim)
-    elif dim is not None and store.dim != dim:
-        raise DimensionMismatch(f"space {key.name!r} holds dim {store.dim}, not {dim}", field="dim")
-    return store
-
-
-class VectorStore:
-    """All spaces of one gallery under `root/<space>/`."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self._spaces: dict[str, SpaceStore] = {}
-
-    def space(self, name: str, dim: int | None = None) -> SpaceStore:
-        if name not in self._spaces:
-            self._spaces[name] = SpaceStore(self.root / name, dim)
-        elif dim is not None and self._spaces[name].dim != dim:
-            raise DimensionMismatch(f"space {name!r} holds dim {self._spaces[name].dim}, not {dim}")
-        return self._spaces[name]
-
-    def spaces(self) -> list[str]:
-        return sorted(p.parent.name for p in self.root.glob(f"*/{MANIFEST}"))
-
-    def move(self, ids: Any, src: str, dst: str, vectors: Any) -> None:
-        """An item moves between spaces: written to `dst` first, then removed from `src`,
-        so at every instant it is findable (search dedups the overlap)."""
-        self.space(dst).add(ids, vectors, replace=True)
-        self.space(src).delete(ids)
+    def open(self, root: Path, dim: int | None = None) -> SpaceStore:
+        key = Path(root).resolve()
+        with self._lock:
+            store = self._open.get(key)
+            if store is None or not (key / MANIFEST).exists():
+                store = self._open[key] = SpaceStore(key, dim)
+        if dim is not None and store.dim != dim:
+            raise DimensionMismatch(
+                f"space {key.name!r} holds dim {store.dim}, not {dim}", field="dim"
+            )
+        return store

@@ -5,9 +5,9 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
-from embcompat.db import get_engine
-from embcompat.settings import get_settings
+from embcompat.registry.db import make_engine
 from embcompat.registry.schema import Base
+from embcompat.settings import get_settings
 
 config = context.config
 target_metadata = Base.metadata
@@ -26,9 +26,13 @@ def _run(connection: Connection) -> None:
 
 def run_migrations_online() -> None:
     url = config.get_main_option("sqlalchemy.url") or get_settings().resolved_database_url
-    with get_engine(url).connect() as connection:
-        _run(connection)
-        connection.commit()
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            _run(connection)
+            connection.commit()
+    finally:
+        engine.dispose()
 
 
 if context.is_offline_mode():

@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from embcompat.errors import UnknownAdapter
-from embcompat.registry.schema import Adapter, ModelVersion
+from embcompat.registry.schema import AdapterRow, ModelVersion
 
 
 def _ref(session: Session, version_id: int) -> str:
@@ -16,7 +16,7 @@ def _ref(session: Session, version_id: int) -> str:
     return f"{mv.model.name}:{mv.version}" if mv else str(version_id)
 
 
-def adapter_dict(session: Session, row: Adapter) -> dict[str, Any]:
+def adapter_dict(session: Session, row: AdapterRow) -> dict[str, Any]:
     return {
         "id": row.id,
         "from": _ref(session, row.from_version_id),
@@ -31,11 +31,14 @@ def adapter_dict(session: Session, row: Adapter) -> dict[str, Any]:
 
 
 def list_adapters(session: Session) -> list[dict[str, Any]]:
-    return [adapter_dict(session, a) for a in session.scalars(select(Adapter).order_by(Adapter.id))]
+    return [
+        adapter_dict(session, a)
+        for a in session.scalars(select(AdapterRow).order_by(AdapterRow.id))
+    ]
 
 
 def get_adapter(session: Session, adapter_id: int) -> dict[str, Any]:
-    row = session.get(Adapter, adapter_id)
+    row = session.get(AdapterRow, adapter_id)
     if row is None:
         raise UnknownAdapter(f"no adapter {adapter_id}", adapter=adapter_id)
     return adapter_dict(session, row)

@@ -14,15 +14,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import numpy.typing as npt
 
+from embcompat.arrays import FloatArray, l2_normalize
 from embcompat.errors import DimensionMismatch, EncoderError
 
-FloatArray = npt.NDArray[np.float32]
 EXTERNAL = "external"
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+def hub_offline() -> None:
+    """Models ship inside packages: never reach for a hub, and keep tokenizers from
+    forking threads under Celery. Set before the first transformers import."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 class Encoder(Protocol):
@@ -31,11 +34,6 @@ class Encoder(Protocol):
     def encode(self, items: Sequence[Any], batch_size: int = 64) -> FloatArray:
         """items: n texts (or arrays) → (n, dim) float32."""
         ...
-
-
-def _l2_normalize(x: FloatArray) -> FloatArray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 class SentenceTransformerEncoder:
@@ -49,6 +47,7 @@ class SentenceTransformerEncoder:
 
     @classmethod
     def from_dir(cls, path: Path, normalize: bool = True) -> SentenceTransformerEncoder:
+        hub_offline()
         from sentence_transformers import SentenceTransformer
 
         try:
@@ -107,7 +106,7 @@ class OnnxEncoder:
             }
             feeds = {k: v for k, v in feeds.items() if k in self.input_names}
             out = self.session.run(None, feeds)[self.output_index]
-            chunks.append(_l2_normalize(np.asarray(out, np.float32)))
+            chunks.append(l2_normalize(np.asarray(out, np.float32)))
         if not chunks:
             return np.zeros((0, getattr(self, "dim", 0)), np.float32)
         return np.concatenate(chunks)
@@ -129,7 +128,7 @@ class PyfuncEncoder:
         if not chunks:
             return np.zeros((0, self.dim), np.float32)
         out = np.concatenate(chunks)
-        return _l2_normalize(out) if self.normalize else out
+        return l2_normalize(out) if self.normalize else out
 
 
 def probe_item(input_kind: str) -> Any:

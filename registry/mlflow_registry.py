@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from embcompat.errors import EmbcompatError, ServiceUnavailable, UnknownVersion
+from embcompat.kinds import Alias
 
-ALIASES = ("serving", "candidate")
 PIP_REQUIREMENTS = ["sentence-transformers", "torch"]  # skip MLflow's slow inference
 
 
@@ -53,6 +53,20 @@ class MlflowRegistry:
                 model, name="encoder", pip_requirements=PIP_REQUIREMENTS
             )
         return self.register(info.model_uri, registered_name, tags)
+
+    def log_pyfunc(
+        self, run_name: str, python_model: Any, weights: Path, tags: dict[str, str]
+    ) -> str:
+        """Log a pyfunc of embcompat's own (its class ships with the package) with one
+        weights file as its artifact; returns the model URI to register."""
+        with self.run(run_name, tags):
+            info = self.mlflow.pyfunc.log_model(
+                name="encoder",
+                python_model=python_model,
+                artifacts={"weights": str(weights)},
+                pip_requirements=["torch==2.13.0", "numpy"],
+            )
+        return str(info.model_uri)
 
     def log_external(
         self, registered_name: str, manifest: dict[str, Any], tags: dict[str, str]
@@ -132,8 +146,8 @@ class MlflowRegistry:
             ) from exc
 
     def set_alias(self, registered_name: str, alias: str, version: str) -> None:
-        if alias not in ALIASES:
-            raise EmbcompatError(f"unknown alias {alias!r}", hint=f"one of {', '.join(ALIASES)}")
+        if alias not in set(Alias):
+            raise EmbcompatError(f"unknown alias {alias!r}", hint=f"one of {', '.join(Alias)}")
         self.client.set_registered_model_alias(registered_name, alias, version)
 
     def alias_version(self, registered_name: str, alias: str) -> str | None:

@@ -1,14 +1,14 @@
 """SQLAlchemy 2 typed ORM: the metadata ledger. ORM rows never leave registry/ and the
 service layer; callers get the plain records of `registry.records`.
 
-States and kinds are stored as short strings and validated through the StrEnums below,
+States and kinds are stored as short strings and validated through the StrEnums of
+`embcompat.kinds`,
 so the same schema works on SQLite and PostgreSQL without native enum types.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -25,6 +25,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from embcompat.kinds import AdapterStatus, ChunkState, JobState, Metric
+
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -36,41 +38,6 @@ NAMING = {
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-class Metric(StrEnum):
-    COSINE = "cosine"
-    IP = "ip"
-    L2 = "l2"
-
-
-class AdapterStatus(StrEnum):
-    TRAINED = "trained"
-    ACCEPTED = "accepted"
-    REFUSED = "refused"
-    RETIRED = "retired"
-
-
-class JobState(StrEnum):
-    PLANNED = "planned"
-    PAIRING = "pairing"
-    TRAINING = "training"
-    GATED = "gated"
-    SERVING_BRIDGE = "serving_bridge"
-    BACKFILLING = "backfilling"
-    DONE = "done"
-    FAILED = "failed"
-    PAUSED = "paused"
-    CANCELLED = "cancelled"
-    ROLLED_BACK = "rolled_back"
-
-
-class ChunkState(StrEnum):
-    PENDING = "pending"
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
 
 
 class Base(DeclarativeBase):
@@ -115,7 +82,7 @@ class ModelVersion(Base):
     parent: Mapped[ModelVersion | None] = relationship(remote_side="ModelVersion.id")
 
 
-class Adapter(Base):
+class AdapterRow(Base):
     __tablename__ = "adapters"
     __table_args__ = (Index("ix_adapters_pair", "from_version_id", "to_version_id"),)
 

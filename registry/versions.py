@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from embcompat.errors import (
-    DimensionMismatch,
     DuplicateVersion,
     EncoderError,
     InvalidInput,
     UnknownModel,
     UnknownVersion,
 )
+from embcompat.kinds import Metric, SourceKind
 from embcompat.registry.encoders import (
     EXTERNAL,
     Encoder,
@@ -32,10 +31,9 @@ from embcompat.registry.encoders import (
 )
 from embcompat.registry.mlflow_registry import MlflowRegistry
 from embcompat.registry.records import ModelVersionRecord
-from embcompat.registry.schema import EmbeddingModel, Metric, ModelVersion
+from embcompat.registry.schema import EmbeddingModel, ModelVersion
 from embcompat.registry.shipped import PARAPHRASE_L3, shipped_model_path
 
-SourceKind = Literal["dir", "shipped", "mlflow", "external"]
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
 
 
@@ -249,32 +247,15 @@ def _load_from_mlflow(registry: MlflowRegistry, uri: str, dim: int, normalized: 
 
 
 def load_encoder(registry: MlflowRegistry, record: ModelVersionRecord) -> Encoder:
-    """The version's encoder, loaded once per process and kept warm."""
+    """Load the version's encoder (seconds to minutes): callers keep it, as the service
+    `Context` does, instead of calling this per request."""
     if record.external:
         raise EncoderError(
             f"{record.ref} is external: clients send its vectors, nothing can encode for it",
             hint="send vectors, or register a version with an encoder",
             version=record.ref,
         )
-    return _encoder_cache(registry, record.encoder_uri, record.dim, record.normalized)
-
-
-_ENCODERS: dict[tuple[str, str], Encoder] = {}
-
-
-def warm_encoder(registry: MlflowRegistry, record: ModelVersionRecord, encoder: Encoder) -> None:
-    """Install the encoder this process uses for a version (e.g. one wrapped with a cache
-    of vectors computed earlier), so that every later `load_encoder` returns it."""
-    if encoder.dim != record.dim:
-        raise DimensionMismatch(f"{record.ref} has dim {record.dim}, the encoder {encoder.dim}")
-    _ENCODERS[(registry.tracking_uri, record.encoder_uri)] = encoder
-
-
-def _encoder_cache(registry: MlflowRegistry, uri: str, dim: int, normalized: bool) -> Encoder:
-    key = (registry.tracking_uri, uri)
-    if key not in _ENCODERS:
-        _ENCODERS[key] = _load_from_mlflow(registry, uri, dim, normalized)
-    return _ENCODERS[key]
+    return _load_from_mlflow(registry, record.encoder_uri, record.dim, record.normalized)
 
 
 __all__ = [

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from embcompat import migrate
-from embcompat.context import Context
+from embcompat.service import migrate
+from embcompat.service.context import Context
 from embcompat.settings import Settings, get_settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,9 +41,10 @@ def make_context(data_dir: Path, database_url: str | None = None) -> Context:
 
 
 @pytest.fixture
-def ctx(tmp_path: Path) -> Context:
+def ctx(tmp_path: Path) -> Iterator[Context]:
     """A migrated SQLite DB and an MLflow sqlite store, both under tmp_path."""
-    return make_context(tmp_path / "data")
+    with make_context(tmp_path / "data") as context:
+        yield context
 
 
 @pytest.fixture
@@ -57,11 +58,7 @@ def pg_url() -> Iterator[str]:
     try:
         yield url
     finally:
-        from embcompat.db import get_engine
-
-        get_engine(url).dispose()
-        get_engine.cache_clear()
-        with admin.connect() as conn:
+        with admin.connect() as conn:  # FORCE ends the connections tests left open
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
 
@@ -92,8 +89,8 @@ def small_real_pair(models_dir: Path) -> dict[str, object]:
 
 def vector_gallery(ctx: Context, name: str, dim: int, index_kind: str = "flat") -> None:
     """A gallery of an external model `vec:v1` of `dim`: clients send its vectors."""
-    from embcompat import galleries
     from embcompat.registry import versions
+    from embcompat.service import galleries
 
     with ctx.session() as s:
         versions.register_version(
@@ -114,29 +111,27 @@ def register_pair(ctx: Context, models_dir: Path) -> None:
 def text_pair_dir(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
     """A data dir whose SQLite DB and MLflow store hold text:v1 and text:v2, built once;
     tests copy it so that each starts from the same registry."""
-    from embcompat.db import get_engine
-
     root = tmp_path_factory.mktemp("text-pair") / "data"
-    ctx = make_context(root)
-    register_pair(ctx, models_dir)
-    get_engine(ctx.settings.resolved_database_url).dispose()  # flush SQLite before copies
+    with make_context(root) as ctx:  # closing disposes the engine: SQLite is flushed
+        register_pair(ctx, models_dir)
     return root
 
 
 @pytest.fixture
-def text_ctx(text_pair_dir: Path, tmp_path: Path) -> Context:
+def text_ctx(text_pair_dir: Path, tmp_path: Path) -> Iterator[Context]:
     """A private copy of the two-version registry (DB, MLflow store and artifacts)."""
     import shutil
 
     dst = tmp_path / "data"
     shutil.copytree(text_pair_dir, dst)
-    return Context(Settings(data_dir=dst))
+    with Context(Settings(data_dir=dst)) as context:
+        yield context
 
 
 def wordnet_items(n: int, seed: int = 3) -> tuple[list, list[str], list[int]]:
     """n gallery items and their labelled queries (query i is relevant to item relevant[i])."""
     from embcompat.datasets import wordnet_task
-    from embcompat.galleries import ItemIn
+    from embcompat.service.galleries import ItemIn
 
     task = wordnet_task(n_queries=n // 4, n_gallery=n, seed=seed)
     items = [

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from celery import Celery
 
+from embcompat.service import galleries, upgrade
+from embcompat.service.context import Context
 from embcompat.settings import Settings
 
 
@@ -32,27 +34,20 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
-def dispatch_upgrade(settings: Settings, job_id: int) -> str:
+def dispatch_upgrade(ctx: Context, job_id: int) -> str:
     """Hand an upgrade job to the workers; with no broker, run it here and now."""
-    if settings.eager_tasks:
-        from embcompat import upgrades
-        from embcompat.context import Context
-
-        return upgrades.run_in_process(Context(settings), job_id).state
-    create_app(settings).send_task("workers.tasks.run_upgrade", args=[job_id])
+    if ctx.settings.eager_tasks:
+        return upgrade.run_in_process(ctx, job_id).state
+    create_app(ctx.settings).send_task("workers.tasks.run_upgrade", args=[job_id])
     return "queued"
 
 
-def dispatch_ingest(settings: Settings, gallery: str) -> str:
+def dispatch_ingest(ctx: Context, gallery: str) -> str:
     """Hand a gallery's staged items to the workers; with no broker, encode them here."""
-    if settings.eager_tasks:
-        from embcompat import galleries
-        from embcompat.context import Context
-
-        ctx = Context(settings)
+    if ctx.settings.eager_tasks:
         while galleries.encode_staged(ctx, gallery):
             pass
         galleries.publish(ctx, gallery)
         return "done"
-    create_app(settings).send_task("workers.tasks.ingest", args=[gallery])
+    create_app(ctx.settings).send_task("workers.tasks.ingest", args=[gallery])
     return "queued"

@@ -1,24 +1,35 @@
-"""Celery tasks over the upgrade steps of `embcompat.upgrades`.
+"""Celery tasks over the upgrade steps of `embcompat.service.upgrade`.
 
 Every task is idempotent (the DB is the ledger): a redelivered or duplicated task finds
-its step done and returns. Only transient errors are retried, with backoff.
+its step done and returns. Only transient errors are retried, with backoff. Tasks take
+ids, never arrays: vectors travel through the vector store.
 """
 
 from __future__ import annotations
 
 import contextlib
+from functools import cached_property
 
-from celery import shared_task
+from celery import Task, shared_task
 from celery.signals import worker_process_init
 from sqlalchemy import select
 
-from embcompat import galleries, upgrades
-from embcompat.context import Context
 from embcompat.errors import EmbcompatError, ServiceUnavailable
-from embcompat.schedule import chunks_due
-from embcompat.registry.schema import Job, JobState
+from embcompat.kinds import JobState
+from embcompat.registry.schema import Job
+from embcompat.service import galleries, upgrade
+from embcompat.service.context import Context
 
 RETRY = {"autoretry_for": (ServiceUnavailable,), "retry_backoff": True, "max_retries": 5}
+
+
+class ContextTask(Task):  # type: ignore[misc]
+    """A task instance lives as long as its worker process: it keeps one service
+    context, so encoders, stores and searchers stay warm across tasks."""
+
+    @cached_property
+    def ctx(self) -> Context:
+        return Context()
 
 
 @worker_process_init.connect
@@ -26,76 +37,56 @@ def warm_encoders(**_: object) -> None:
     """Each worker process loads the encoders of the upgrades in flight before its first
     task, so a chunk's time is encoding, not model loading."""
     with contextlib.suppress(EmbcompatError):  # a failed warm-up must not refuse work
-        upgrades.warm_active_encoders(Context())
+        upgrade.warm_active_encoders(backfill_chunk.ctx)
 
 
-@shared_task(name="workers.tasks.run_upgrade", **RETRY)
-def run_upgrade(job_id: int) -> str:
-    """pair → train → gate, then one backfill task per pending chunk."""
-    ctx = Context()
+@shared_task(name="workers.tasks.run_upgrade", base=ContextTask, bind=True, **RETRY)
+def run_upgrade(self: ContextTask, job_id: int) -> str:
+    """pair → train → gate → map, then one backfill task per chunk due."""
+    ctx = self.ctx
     try:
-        upgrades.step_pair(ctx, job_id)
-        upgrades.step_train(ctx, job_id)
-        upgrades.step_gate(ctx, job_id)
-        for seq in upgrades.map_chunks_needed(ctx, job_id):
-            upgrades.map_chunk(ctx, job_id, seq)  # the mapped space must be whole to serve
-        upgrades.step_start_backfill(ctx, job_id)
-        seqs = chunks_due(ctx, job_id)  # with a schedule, beat's reconcile sends the rest
+        upgrade.prepare(ctx, job_id)
+        seqs = upgrade.chunks_due(ctx, job_id)  # with a schedule, beat's reconcile sends the rest
     except EmbcompatError as exc:
         if exc.transient:
             raise
-        upgrades.fail(ctx, job_id, f"{exc.code}: {exc.message}")
+        upgrade.fail(ctx, job_id, f"{exc.code}: {exc.message}")
         return "failed"
     for seq in seqs:
         backfill_chunk.delay(job_id, seq)
-    if upgrades.chunks_left(ctx, job_id) == 0:
-        upgrades.finalize(ctx, job_id)
-    return upgrades.get_job(ctx, job_id).state
+    if upgrade.chunks_left(ctx, job_id) == 0:
+        upgrade.finalize(ctx, job_id)
+    return upgrade.get_job(ctx, job_id).state
 
 
-@shared_task(name="workers.tasks.backfill_chunk", **RETRY)
-def backfill_chunk(job_id: int, seq: int) -> int:
+@shared_task(name="workers.tasks.backfill_chunk", base=ContextTask, bind=True, **RETRY)
+def backfill_chunk(self: ContextTask, job_id: int, seq: int) -> int:
     """Re-embed one chunk; the task that finishes the last chunk finalizes the job."""
-    ctx = Context()
-    done = upgrades.backfill_chunk(ctx, job_id, seq)
-    if upgrades.chunks_left(ctx, job_id) == 0:
-        upgrades.finalize(ctx, job_id)
+    done = upgrade.backfill_chunk(self.ctx, job_id, seq)
+    if upgrade.chunks_left(self.ctx, job_id) == 0:
+        upgrade.finalize(self.ctx, job_id)
     return done
 
 
-@shared_task(name="workers.tasks.ingest", **RETRY)
-def ingest(gallery: str, batch: int = 1000) -> int:
+@shared_task(name="workers.tasks.ingest", base=ContextTask, bind=True, **RETRY)
+def ingest(self: ContextTask, gallery: str, batch: int = 1000) -> int:
     """Encode a gallery's staged items with its serving version, a batch at a time."""
-    ctx = Context()
     total = 0
-    while done := galleries.encode_staged(ctx, gallery, batch):
+    while done := galleries.encode_staged(self.ctx, gallery, batch):
         total += done
-    galleries.publish(ctx, gallery)
+    galleries.publish(self.ctx, gallery)
     return total
 
 
-@shared_task(name="workers.tasks.map_chunk", **RETRY)
-def map_chunk(job_id: int, seq: int) -> int:
-    """Map one chunk of stored old vectors into the new space (gallery-side adapter)."""
-    return upgrades.map_chunk(Context(), job_id, seq)
-
-
-@shared_task(name="workers.tasks.resume_upgrade")
-def resume_upgrade(job_id: int) -> str:
-    """After resume (or a lost worker): continue the steps and re-dispatch chunks."""
-    return run_upgrade(job_id)
-
-
-@shared_task(name="workers.tasks.reconcile")
-def reconcile() -> int:
+@shared_task(name="workers.tasks.reconcile", base=ContextTask, bind=True)
+def reconcile(self: ContextTask) -> int:
     """Beat, every minute: dispatch the chunks due now for every backfilling job (their
     schedule's window and rate, and chunks whose worker was lost)."""
-    ctx = Context()
-    with ctx.session() as s:
+    with self.ctx.session() as s:
         jobs = list(s.scalars(select(Job.id).where(Job.state == JobState.BACKFILLING)))
     sent = 0
     for job_id in jobs:
-        for seq in chunks_due(ctx, job_id):
+        for seq in upgrade.chunks_due(self.ctx, job_id):
             backfill_chunk.delay(job_id, seq)
             sent += 1
     return sent

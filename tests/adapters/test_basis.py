@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from embcompat.adapters import BasisAdapter, ProcrustesAdapter
-from embcompat.adapters.base import l2_normalize
+from embcompat.arrays import l2_normalize
 
 
 @pytest.fixture

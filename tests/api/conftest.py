@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from embcompat.api.app import create_app
-from embcompat import migrate
+from embcompat.service import migrate
 from embcompat.settings import Settings
 from tests.conftest import REDIS_URL
 

@@ -10,7 +10,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from embcompat.api.app import create_app
-from embcompat import upgrades
+from embcompat.service import upgrade
 from tests.api.conftest import ADMIN, READ, api_settings
 from tests.conftest import REDIS_URL, wordnet_items
 
@@ -62,7 +62,7 @@ def test_register_ingest_upgrade_search_over_http(tmp_path: Path) -> None:
     assert second.status_code == 409 and second.json()["job"] == job_id
 
     ctx = app.state.context  # a worker's part, driven here: the queue has no consumer
-    upgrades.run_in_process(ctx, job_id, stop_after=1)
+    upgrade.run_in_process(ctx, job_id, stop_after=1)
     status = client.get(f"/upgrades/{job_id}", headers=READ).json()
     assert status["state"] == "backfilling" and 0 < status["progress"] < 1
     assert status["eta_s"] is not None and status["rate_per_s"] > 0
@@ -74,7 +74,7 @@ def test_register_ingest_upgrade_search_over_http(tmp_path: Path) -> None:
     assert all(h["score_old"] is not None for row in mid["hits"] for h in row)
     assert client.post(f"/upgrades/{job_id}/pause", headers=ADMIN).json()["state"] == "paused"
     assert client.post(f"/upgrades/{job_id}/resume", headers=ADMIN).json()["state"] == "backfilling"
-    upgrades.run_in_process(ctx, job_id)
+    upgrade.run_in_process(ctx, job_id)
     assert client.get(f"/upgrades/{job_id}", headers=READ).json()["state"] == "done"
     final = client.post(
         "/galleries/docs/search", json={"texts": queries[:1], "k": 3}, headers=READ

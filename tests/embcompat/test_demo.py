@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 from rich.console import Console
 
-from embcompat import upgrades
-from embcompat.context import Context
 from embcompat.demo import GALLERY, run_demo
 from embcompat.registry.schema import JobChunk
+from embcompat.service import upgrade
+from embcompat.service.context import Context
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +18,7 @@ def test_demo_interrupted_then_resumed_finishes_without_regret(text_ctx: Context
     console = Console(record=True, width=120)
     with pytest.raises(KeyboardInterrupt):
         run_demo(text_ctx, n_queries=60, n_gallery=240, console=console, crash_at=3)
-    job = upgrades.latest_job(text_ctx, GALLERY)
+    job = upgrade.latest_job(text_ctx, GALLERY)
     assert job is not None and job.state == "backfilling"
     with text_ctx.session() as s:
         done_before = {c.seq for c in s.query(JobChunk).filter_by(job_id=job.id, state="done")}

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embcompat.adapters.base import l2_normalize
+from embcompat.arrays import l2_normalize
 from embcompat.errors import CorruptArtifact, DimensionMismatch
 from embcompat.index.faiss_index import IndexGenerations, SpaceSearcher
 from embcompat.index.store import SpaceStore

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from embcompat.adapters import ProcrustesAdapter
-from embcompat.adapters.base import l2_normalize
+from embcompat.arrays import l2_normalize
 from embcompat.errors import EncoderError, InvalidInput
 from embcompat.index.faiss_index import IndexGenerations, SpaceSearcher
 from embcompat.index.plans import PATHS, MixedIndex, Plan, search

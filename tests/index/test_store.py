@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from embcompat.errors import DimensionMismatch, DuplicateItem, InvalidVectors
-from embcompat.index.store import MAX_SHARDS, SpaceStore, VectorStore
+from embcompat.index.store import MAX_SHARDS, OpenSpaces, SpaceStore
 
 
 def _vecs(n: int, d: int = 8, seed: int = 0) -> np.ndarray:
@@ -112,10 +112,12 @@ def test_many_small_writes_are_compacted(tmp_path: Path) -> None:
     np.testing.assert_array_equal(store.get(np.arange(3 * MAX_SHARDS))[0], x)
 
 
-def test_move_keeps_an_item_findable_in_one_space_or_both(tmp_path: Path) -> None:
-    vs = VectorStore(tmp_path)
-    vs.space("old", 8).add([1, 2], _vecs(2))
-    vs.space("new", 4)
-    vs.move([1], "old", "new", _vecs(1, d=4))
-    assert vs.spaces() == ["new", "old"]
-    assert vs.space("new").get(np.array([1]))[1][0] and not vs.space("old").get(np.array([1]))[1][0]
+def test_open_spaces_share_one_store_per_folder_and_check_its_dim(tmp_path: Path) -> None:
+    spaces = OpenSpaces()
+    store = spaces.open(tmp_path / "s", 8)
+    store.add([1], _vecs(1))
+    assert spaces.open(tmp_path / "s") is store
+    assert spaces.open(tmp_path / "." / "s", 8) is store  # one store per resolved folder
+    with pytest.raises(DimensionMismatch):
+        spaces.open(tmp_path / "s", 4)
+    assert OpenSpaces().open(tmp_path / "s") is not store  # another context, its own store

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from embcompat.context import Context
 from embcompat.errors import DimensionMismatch, DuplicateVersion, EncoderError, UnknownVersion
 from embcompat.registry import versions
 from embcompat.registry.records import ModelVersionRecord
 from embcompat.registry.schema import ModelVersion
 from embcompat.registry.shipped import MINILM_L6, MPNET
+from embcompat.service.context import Context
 from tests.conftest import make_context
 
 pytestmark = pytest.mark.slow
@@ -113,7 +113,7 @@ def test_encoders_embed_with_declared_dim_and_unit_norm(
     ctx, _ = reg
     with ctx.session() as s:
         rec = versions.get_version(s, ctx.registry, "text", version)
-    vecs = versions.load_encoder(ctx.registry, rec).encode(SENTENCES)
+    vecs = ctx.encoder(rec).encode(SENTENCES)
     assert vecs.shape == (3, dim) and vecs.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
     sims = vecs @ vecs.T
@@ -163,4 +163,4 @@ def test_external_version_registers_but_cannot_encode(ctx: Context, models_dir: 
     assert isinstance(rec, ModelVersionRecord) and rec.external
     assert ctx.registry.get_version("vendor", rec.mlflow_version).tags["source"] == "external"
     with pytest.raises(EncoderError, match="vendor:2024-06 is external"):
-        versions.load_encoder(ctx.registry, rec)
+        ctx.encoder(rec)

@@ -7,14 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embcompat import upgrades
-from embcompat.context import Context
-from embcompat.galleries import ItemIn, create_gallery, ingest, space_store
-from embcompat.search import search
 from embcompat.registry import versions
+from embcompat.service import upgrade
+from embcompat.service.context import Context
+from embcompat.service.galleries import ItemIn, create_gallery, ingest, space_store
+from embcompat.service.search import search
+from embcompat.service.trained import register_trained
 from embcompat.training.fashion import load_fashion_mnist
 from embcompat.training.methods import train_model
-from embcompat.training.serving import register_trained
 from embcompat.training.trainer import TrainConfig
 
 
@@ -57,18 +57,18 @@ def test_bt2_version_serves_the_v1_gallery_without_reembedding(
     g_vectors = v1.embed(gallery_x)  # type: ignore[attr-defined]
     pairs = enumerate(zip(gallery_y, g_vectors, strict=True))
     ingest(ctx, "shop", [ItemIn(f"{i}-{c}", vector=v.tolist()) for i, (c, v) in pairs])
-    enc1 = versions.load_encoder(ctx.registry, r1)
+    enc1 = ctx.encoder(r1)
     old_old = top1(search(ctx, "shop", vectors=enc1.encode(list(qx))).hits, qy)
 
-    job = upgrades.start_upgrade(ctx, "shop", "fashion", "v2", plan="basis")
-    upgrades.step_pair(ctx, job.id)
-    upgrades.step_train(ctx, job.id)
-    upgrades.step_gate(ctx, job.id)
-    state = upgrades.get_job(ctx, job.id)
+    job = upgrade.start_upgrade(ctx, "shop", "fashion", "v2", plan="basis")
+    upgrade.step_pair(ctx, job.id)
+    upgrade.step_train(ctx, job.id)
+    upgrade.step_gate(ctx, job.id)
+    state = upgrade.get_job(ctx, job.id)
     assert (state.state, state.plan) == ("serving_bridge", "basis")
     assert "trained compatible with fashion:v1" in state.report["gate"]["reason"]
 
-    enc2 = versions.load_encoder(ctx.registry, r2)  # the registered pyfunc, fed images
+    enc2 = ctx.encoder(r2)  # the registered pyfunc, fed images
     q2 = enc2.encode(list(qx))
     assert q2.shape == (300, 64) and np.allclose(np.linalg.norm(q2, axis=1), 1, atol=1e-5)
     res = search(ctx, "shop", vectors=q2, k=5)

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from embcompat import galleries, search, upgrades
-from embcompat.context import Context
-from embcompat.settings import Settings
 from embcompat.registry import versions
 from embcompat.registry.schema import Item, JobChunk
-from tests.conftest import REDIS_URL, register_pair, wordnet_items
+from embcompat.service import galleries, search, upgrade
+from embcompat.service.context import Context
+from embcompat.settings import Settings
 from embcompat.workers.app import dispatch_upgrade
+from tests.conftest import REDIS_URL, register_pair, wordnet_items
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -84,7 +84,7 @@ def worker_ctx(
         shutil.copytree(text_pair_dir, data)
         return Context(Settings(data_dir=data, **common))
     pg_url = request.getfixturevalue("pg_url")
-    from embcompat import migrate
+    from embcompat.service import migrate
 
     migrate.upgrade(pg_url)
     ctx = Context(Settings(data_dir=data, database_url=pg_url, **common))
@@ -112,7 +112,7 @@ def test_worker_killed_mid_backfill_job_still_finishes_exactly_once(
     galleries.create_gallery(ctx, "docs", "text", "v1")
     galleries.ingest(ctx, "docs", items)
     galleries.publish(ctx, "docs")
-    job = upgrades.start_upgrade(ctx, "docs", "text", "v2", pairs=60, chunk_size=20)
+    job = upgrade.start_upgrade(ctx, "docs", "text", "v2", pairs=60, chunk_size=20)
 
     log = tmp_path / "worker.log"
     first = _worker(env, log)
@@ -135,7 +135,7 @@ def test_worker_killed_mid_backfill_job_still_finishes_exactly_once(
     thread.start()
     second = None
     try:
-        dispatch_upgrade(s, job.id)
+        dispatch_upgrade(ctx, job.id)
 
         def chunks_done() -> int:
             with ctx.session() as db:
@@ -149,13 +149,13 @@ def test_worker_killed_mid_backfill_job_still_finishes_exactly_once(
                 )
 
         _wait(lambda: chunks_done() >= 3, 240, f"3 chunks done (log: {log})")
-        assert upgrades.get_job(ctx, job.id).state == "backfilling"
+        assert upgrade.get_job(ctx, job.id).state == "backfilling"
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(10)
         left = 16 - chunks_done()
         assert left > 0, "the job finished before the worker was killed"
         second = _worker(env, log)
-        _wait(lambda: upgrades.get_job(ctx, job.id).state == "done", 300, f"done (log: {log})")
+        _wait(lambda: upgrade.get_job(ctx, job.id).state == "done", 300, f"done (log: {log})")
     finally:
         stop.set()
         thread.join(10)

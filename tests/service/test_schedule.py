@@ -6,12 +6,12 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from embcompat import galleries, upgrades
-from embcompat.context import Context
 from embcompat.errors import InvalidInput
-from embcompat.schedule import BackfillSchedule, chunks_due
 from embcompat.registry import versions
 from embcompat.registry.schema import JobChunk
+from embcompat.service import galleries, upgrade
+from embcompat.service.context import Context
+from embcompat.service.upgrade.schedule import BackfillSchedule, chunks_due
 
 
 def test_windows_wrap_past_midnight_and_bad_schedules_are_refused() -> None:
@@ -40,7 +40,7 @@ def test_due_chunks_respect_window_budget_and_leases(ctx: Context, models_dir) -
     galleries.create_gallery(ctx, "g", "m", "a")
     galleries.ingest(ctx, "g", [galleries.ItemIn(f"i{i}", vector=[1.0, i]) for i in range(100)])
     schedule = BackfillSchedule(max_items_per_hour=30, window_start_hour=1, window_end_hour=5)
-    job = upgrades.start_upgrade(
+    job = upgrade.start_upgrade(
         ctx, "g", "m", "b", plan="bridge", pairs=50, chunk_size=10, schedule=schedule
     )
     night = datetime(2026, 1, 1, 2, 0)

@@ -14,9 +14,10 @@ from typing import Any
 
 from sqlalchemy import select
 
-from embcompat.context import Context
 from embcompat.errors import InvalidInput
-from embcompat.registry.schema import ChunkState, Job, JobChunk
+from embcompat.kinds import ChunkState
+from embcompat.registry.schema import Job, JobChunk
+from embcompat.service.context import Context
 
 LEASE = timedelta(minutes=10)  # a queued or running chunk untouched this long is due again
 

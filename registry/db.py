@@ -1,19 +1,18 @@
-"""Engine and session factory built from settings (never at import time)."""
+"""Engine and session factory built from a URL (never at import time); the service
+`Context` owns its engine and disposes it when closed."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 
-@lru_cache(maxsize=8)
-def get_engine(url: str) -> Engine:
-    """One engine per URL per process; SQLite gets foreign keys and a busy timeout."""
+def make_engine(url: str) -> Engine:
+    """An engine for `url`; SQLite gets foreign keys, WAL and a busy timeout."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
@@ -30,9 +29,8 @@ def get_engine(url: str) -> Engine:
 
 
 @contextmanager
-def session_scope(url: str) -> Iterator[Session]:
+def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A transaction: committed on success, rolled back on any error."""
-    factory = sessionmaker(bind=get_engine(url), expire_on_commit=False)
     session = factory()
     try:
         yield session

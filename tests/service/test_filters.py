@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embcompat import galleries, search
-from embcompat.context import Context
 from embcompat.errors import InvalidInput
+from embcompat.service import galleries, search
+from embcompat.service.context import Context
 from tests.conftest import vector_gallery
 
 COLORS = ("red", "green", "blue")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embcompat import galleries, search
-from embcompat.context import Context
 from embcompat.errors import DimensionMismatch
 from embcompat.registry import adapter_records
+from embcompat.service import galleries, search
+from embcompat.service.context import Context
 from tests.conftest import vector_gallery
 
 

@@ -10,28 +10,30 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from sqlalchemy import select
 
-from embcompat.adapters.base import check_vectors
-from embcompat.adapters.io import load_adapter
-from embcompat import upgrades
-from embcompat.context import Context
+from embcompat.arrays import check_vectors
 from embcompat.errors import InvalidInput
-from embcompat.galleries import (
+from embcompat.index.plans import PATHS, MixedIndex, Plan
+from embcompat.index.plans import search as plan_search
+from embcompat.kinds import SERVING_STATES, Merge, ServingPlan
+from embcompat.registry.jobs import active_upgrade, last_done_upgrade
+from embcompat.registry.records import ModelVersionRecord
+from embcompat.registry.schema import Item
+from embcompat.service.context import Context
+from embcompat.service.galleries import (
     Filters,
+    encode_and_store,
     excluded_by,
     get_gallery_row,
+    mapped_searcher,
     space_searcher,
     version_record,
 )
-from embcompat.index.faiss_index import IndexGenerations, SpaceSearcher
-from embcompat.index.plans import PATHS, MixedIndex, Plan
-from embcompat.index.plans import search as plan_search
-from embcompat.registry import versions
-from embcompat.registry.schema import Item
+from embcompat.service.upgrade.jobs import job_adapter, load_platt
 
 
 @dataclass
@@ -60,21 +62,23 @@ class SearchResponse:
 
 class StoreReadThrough:
     """Read-through backfill for the cascade: encode candidates from stored payloads
-    with the new version and store them once (`upgrades.encode_and_store`)."""
+    with the new version and store them once (`galleries.encode_and_store`)."""
 
-    def __init__(self, ctx: Context, gallery: str, version: Any) -> None:
+    def __init__(self, ctx: Context, gallery: str, version: ModelVersionRecord) -> None:
         self.ctx, self.gallery, self.version = ctx, gallery, version
 
     def encode(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        upgrades.encode_and_store(self.ctx, self.gallery, self.version, ids)
+        encode_and_store(self.ctx, self.gallery, self.version, ids)
         store = space_searcher(self.ctx, self.gallery, self.version).store
         vecs, found = store.get(ids)
         return ids[found], vecs[found]
 
 
-def _queries(ctx: Context, version: Any, texts: list[str] | None, vectors: Any) -> np.ndarray:
+def _queries(
+    ctx: Context, version: ModelVersionRecord, texts: list[str] | None, vectors: Any
+) -> np.ndarray:
     if texts is not None:
-        return versions.load_encoder(ctx.registry, version).encode(texts)
+        return ctx.encoder(version).encode(texts)
     return check_vectors(vectors, version.dim, f"query vectors for {version.ref}")
 
 
@@ -104,15 +108,15 @@ def search(
         g = get_gallery_row(s, gallery)
         serving = version_record(ctx, s, g.serving_version_id)
         kind = g.index_kind
-        job = upgrades.active_job_row(s, g.id)
-        mixed_plan = job.plan if job is not None and job.state in upgrades.SERVING_STATES else None
+        job = active_upgrade(s, g.id)
+        mixed_plan = job.plan if job is not None and job.state in SERVING_STATES else None
         old, target = serving, None
         if mixed_plan and job is not None:
             target = version_record(ctx, s, job.to_version_id)
-        elif g.plan == "cascade":  # finished, and the probe said both models beat v2 alone
-            job = upgrades.last_done_job_row(s, g.id)
+        elif g.plan == ServingPlan.CASCADE:  # finished; the probe said both beat v2 alone
+            job = last_done_upgrade(s, g.id)
             if job is not None:
-                mixed_plan = "cascade"
+                mixed_plan = ServingPlan.CASCADE
                 old, target = version_record(ctx, s, job.from_version_id), serving
         job_id = job.id if job else None
         gate = dict((job.report or {}).get("gate", {})) if job else {}
@@ -121,7 +125,7 @@ def search(
         scores, ids = space_searcher(ctx, gallery, serving, kind).search(q, k, exclude=excluded)
         hits = _hits(ctx, ids, scores, lambda r, c: (serving.version, "index", None, None, False))
         return SearchResponse(gallery, "single", hits, latency_ms=_ms(t0))
-    needs_old = mixed_plan in ("dual", "cascade")
+    needs_old = mixed_plan in (ServingPlan.DUAL, ServingPlan.CASCADE)
     if needs_old and texts is None and old_vectors is None:
         raise InvalidInput(
             f"plan {mixed_plan!r} searches with both versions: send text, or old_vectors too",
@@ -129,39 +133,19 @@ def search(
         )
     q_new = _queries(ctx, target, texts, vectors)
     q_old = _queries(ctx, old, texts, old_vectors) if needs_old else None
-    folder = upgrades.job_dir(ctx, job_id)  # type: ignore[arg-type]
-    bridge = (
-        load_adapter(folder / "bridge", target.ref, old.ref) if mixed_plan == "bridge" else None
-    )
-    head = None
-    if mixed_plan == "basis":
-        head = load_adapter(folder / "basis", target.ref, old.ref).head  # type: ignore[attr-defined]
-    labelled = gate.get("probe") or {}
-    learned = mixed_plan == "cascade" and "weight" in labelled
-    plan = Plan(
-        mixed_plan,  # type: ignore[arg-type]
-        "learned" if learned else "rrf" if mixed_plan == "cascade" else "calibrated",
-        bridge=bridge,
-        basis_head=head,
-        calibration=upgrades.load_platt(ctx, job_id),  # type: ignore[arg-type]
-        weight=float(labelled.get("weight", 0.5)),
-        cascade_k=int(labelled.get("cascade_k", 50)),
-        encode_budget=ctx.settings.cascade_encode_budget,
-    )
+    plan = _plan(ctx, ServingPlan(mixed_plan), cast(int, job_id), old, target, gate)
     mapped = None
-    if mixed_plan == "mapped":
-        store = upgrades.mapped_store(ctx, gallery, old, target)
-        gens = IndexGenerations(store.root.parent.parent / "indexes" / store.root.name, kind)  # type: ignore[arg-type]
-        mapped = SpaceSearcher(store, gens)
+    if mixed_plan == ServingPlan.MAPPED:
+        mapped = mapped_searcher(ctx, gallery, old, target, kind)
     index = MixedIndex(
         space_searcher(ctx, gallery, old, kind),
         space_searcher(ctx, gallery, target, kind),
         mapped,
         excluded,
+        ctx.search_pool,
     )
-    writer = (
-        StoreReadThrough(ctx, gallery, target) if read_through and mixed_plan == "cascade" else None
-    )
+    cascade = mixed_plan == ServingPlan.CASCADE
+    writer = StoreReadThrough(ctx, gallery, target) if read_through and cascade else None
     res = plan_search(index, plan, q_new, q_old, k, writer)
 
     def describe(r: int, c: int) -> tuple[str, str, float | None, float | None, bool]:
@@ -175,6 +159,36 @@ def search(
 
     hits = _hits(ctx, res.ids, res.scores, describe)
     return SearchResponse(gallery, mixed_plan, hits, res.warnings, int(res.encodes.sum()), _ms(t0))
+
+
+def _plan(
+    ctx: Context,
+    name: ServingPlan,
+    job_id: int,
+    old: ModelVersionRecord,
+    new: ModelVersionRecord,
+    gate: dict[str, Any],
+) -> Plan:
+    """The serving plan of a job, its adapters and calibration kept on the context."""
+    labelled = gate.get("probe") or {}
+    if name == ServingPlan.CASCADE:
+        merge = Merge.LEARNED if "weight" in labelled else Merge.RRF
+    else:
+        merge = Merge.CALIBRATED
+    bridge = job_adapter(ctx, job_id, "bridge", new, old) if name == ServingPlan.BRIDGE else None
+    head = None
+    if name == ServingPlan.BASIS:
+        head = job_adapter(ctx, job_id, "basis", new, old).head  # type: ignore[attr-defined]
+    return Plan(
+        name,
+        merge,
+        bridge=bridge,
+        basis_head=head,
+        calibration=load_platt(ctx, job_id),
+        weight=float(labelled.get("weight", 0.5)),
+        cascade_k=int(labelled.get("cascade_k", 50)),
+        encode_budget=ctx.settings.cascade_encode_budget,
+    )
 
 
 def _ms(t0: float) -> float:

@@ -19,11 +19,10 @@ import numpy as np
 from sqlalchemy import select
 
 from embcompat.adapters.metrics import hits_at_k, recall_at_k, search
-from embcompat.context import Context
 from embcompat.index.merge import fit_weight, fuse_z, zscore_rows
 from embcompat.index.plans import later_repeats
-from embcompat.registry import versions
 from embcompat.registry.schema import Item
+from embcompat.service.context import Context
 
 MIN_QUERIES = 10
 KS = (50, 100, 200)
@@ -65,8 +64,8 @@ def measure(
             "note": f"fewer than {MIN_QUERIES} probe queries have a relevant item "
             "in the paired sample: nothing measured",
         }
-    q_old = versions.load_encoder(ctx.registry, old).encode(texts)
-    q_new = versions.load_encoder(ctx.registry, new).encode(texts)
+    q_old = ctx.encoder(old).encode(texts)
+    q_new = ctx.encoder(new).encode(texts)
     scale = len(pair_ids) / max(n_gallery, 1)
     k10 = max(1, round(10 * scale)) if scale < 1 else 10
     ranked_old, ranked_new = search(q_old, g_old, k10)[1], search(q_new, g_new, k10)[1]

@@ -6,11 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embcompat import galleries, search, upgrades
-from embcompat.context import Context
 from embcompat.errors import InvalidTransition, UpgradeInProgress, UpgradeRefused
+from embcompat.kinds import JobState
 from embcompat.registry import versions
-from embcompat.registry.schema import JobChunk
+from embcompat.registry.schema import Job, JobChunk
+from embcompat.service import galleries, search, upgrade
+from embcompat.service.context import Context
 from tests.conftest import wordnet_items
 
 pytestmark = pytest.mark.slow
@@ -56,28 +57,28 @@ def test_refusals_happen_before_anything_runs(gallery: tuple, models_dir) -> Non
         )
     galleries.create_gallery(ctx, "empty", "text", "v1")
     with pytest.raises(UpgradeRefused, match="version of another model"):
-        upgrades.start_upgrade(ctx, "docs", "other", "x")
+        upgrade.start_upgrade(ctx, "docs", "other", "x")
     with pytest.raises(UpgradeRefused, match="is external: nothing can re-embed"):
-        upgrades.start_upgrade(ctx, "docs", "text", "ext", plan="backfill")
+        upgrade.start_upgrade(ctx, "docs", "text", "ext", plan="backfill")
     with pytest.raises(UpgradeRefused, match="'empty' is empty"):
-        upgrades.start_upgrade(ctx, "empty", "text", "v2")
-    assert upgrades.latest_job(ctx, "docs") is None
+        upgrade.start_upgrade(ctx, "empty", "text", "v2")
+    assert upgrade.latest_job(ctx, "docs") is None
 
 
 def test_upgrade_end_to_end_with_search_at_every_step(gallery: tuple) -> None:
     ctx, queries, relevant, items = gallery
     before = _recall(ctx, queries, relevant, items)
-    job = upgrades.start_upgrade(ctx, "docs", "text", "v2", pairs=80, chunk_size=40)
+    job = upgrade.start_upgrade(ctx, "docs", "text", "v2", pairs=80, chunk_size=40)
     with pytest.raises(UpgradeInProgress, match="already has upgrade job"):
-        upgrades.start_upgrade(ctx, "docs", "text", "v2")
+        upgrade.start_upgrade(ctx, "docs", "text", "v2")
     states, recalls = [], []
 
-    def on_chunk(rec: upgrades.JobRecord) -> None:
+    def on_chunk(rec: upgrade.JobRecord) -> None:
         states.append(rec.state)
         recalls.append(_recall(ctx, queries, relevant, items))
 
     # stop after two chunks (like Ctrl-C), then resume: nothing is redone
-    partial = upgrades.run_in_process(ctx, job.id, on_chunk, stop_after=2)
+    partial = upgrade.run_in_process(ctx, job.id, on_chunk, stop_after=2)
     assert partial.state == "backfilling" and partial.plan == "cascade"
     assert partial.report["gate"]["held_out_pairs"] == 16
     subset = [it.id for it in items[1::3]]  # the cascade keeps a filter on both proposers
@@ -85,7 +86,7 @@ def test_upgrade_end_to_end_with_search_at_every_step(gallery: tuple) -> None:
     assert all(len(row) == 10 and {h.item for h in row} <= set(subset) for row in res.hits)
     with ctx.session() as s:
         attempts_before = {c.seq: c.attempts for c in s.query(JobChunk).filter_by(job_id=job.id)}
-    final = upgrades.run_in_process(ctx, job.id, on_chunk)
+    final = upgrade.run_in_process(ctx, job.id, on_chunk)
     assert final.state == "done" and final.items_done == final.items_total == 240
     with ctx.session() as s:
         chunks = s.query(JobChunk).filter_by(job_id=job.id).all()
@@ -108,29 +109,29 @@ def test_upgrade_end_to_end_with_search_at_every_step(gallery: tuple) -> None:
 
 def test_pause_resume_cancel_and_rollback_follow_the_state_machine(gallery: tuple) -> None:
     ctx = gallery[0]
-    job = upgrades.start_upgrade(ctx, "docs", "text", "v2", pairs=60, chunk_size=60)
-    upgrades.run_in_process(ctx, job.id, stop_after=0)
-    assert upgrades.pause(ctx, job.id).state == "paused"
+    job = upgrade.start_upgrade(ctx, "docs", "text", "v2", pairs=60, chunk_size=60)
+    upgrade.run_in_process(ctx, job.id, stop_after=0)
+    assert upgrade.pause(ctx, job.id).state == "paused"
     with pytest.raises(InvalidTransition, match="cannot go from paused to done"):
         with ctx.session() as s:
-            upgrades.transition(upgrades._job(s, job.id), upgrades.JobState.DONE)
-    assert upgrades.resume(ctx, job.id).state == "backfilling"
-    rolled = upgrades.rollback(ctx, job.id)
+            upgrade.transition(s.get(Job, job.id), JobState.DONE)
+    assert upgrade.resume(ctx, job.id).state == "backfilling"
+    rolled = upgrade.rollback(ctx, job.id)
     assert rolled.state == "rolled_back"
     g = galleries.get_gallery(ctx, "docs")
     assert g.serving_version == "v1" and g.plan is None
     assert search.search(ctx, "docs", texts=["a dog"], k=3).plan == "single"
     with pytest.raises(InvalidTransition):
-        upgrades.cancel(ctx, job.id)
-    second = upgrades.start_upgrade(ctx, "docs", "text", "v2", pairs=60)
-    assert upgrades.cancel(ctx, second.id).state == "cancelled"
+        upgrade.cancel(ctx, job.id)
+    second = upgrade.start_upgrade(ctx, "docs", "text", "v2", pairs=60)
+    assert upgrade.cancel(ctx, second.id).state == "cancelled"
 
 
 @pytest.mark.parametrize("plan", ["mapped", "bridge", "dual", "basis"])
 def test_each_plan_serves_mid_upgrade_with_its_paths(gallery: tuple, plan: str) -> None:
     ctx, queries, relevant, items = gallery
-    job = upgrades.start_upgrade(ctx, "docs", "text", "v2", plan=plan, pairs=60, chunk_size=60)
-    rec = upgrades.run_in_process(ctx, job.id, stop_after=1)
+    job = upgrade.start_upgrade(ctx, "docs", "text", "v2", plan=plan, pairs=60, chunk_size=60)
+    rec = upgrade.run_in_process(ctx, job.id, stop_after=1)
     gate = rec.report["gate"]
     expected = plan if plan != "bridge" or gate["bridge_accepted"] else "dual"
     assert rec.plan == expected, gate
@@ -138,7 +139,7 @@ def test_each_plan_serves_mid_upgrade_with_its_paths(gallery: tuple, plan: str) 
         with ctx.session() as s:
             old = versions.get_version(s, ctx.registry, "text", "v1")
             new = versions.get_version(s, ctx.registry, "text", "v2")
-        assert len(upgrades.mapped_store(ctx, "docs", old, new)) == len(items)
+        assert len(galleries.mapped_store(ctx, "docs", old, new)) == len(items)
     res = search.search(ctx, "docs", texts=queries[:20], k=10)
     paths = {h.path for row in res.hits for h in row}
     old_path = {"dual": "old"}.get(expected, expected)
@@ -155,8 +156,8 @@ def test_each_plan_serves_mid_upgrade_with_its_paths(gallery: tuple, plan: str) 
 def test_a_labelled_probe_sets_the_fusion_and_decides_whether_v1_is_kept(gallery: tuple) -> None:
     ctx, queries, relevant, items = gallery
     probe = [{"text": q, "relevant": [items[r].id]} for q, r in zip(queries, relevant, strict=True)]
-    job = upgrades.start_upgrade(ctx, "docs", "text", "v2", pairs=160, chunk_size=80, probe=probe)
-    done = upgrades.run_in_process(ctx, job.id)
+    job = upgrade.start_upgrade(ctx, "docs", "text", "v2", pairs=160, chunk_size=80, probe=probe)
+    done = upgrade.run_in_process(ctx, job.id)
     measured = done.report["gate"]["probe"]
     assert measured["queries"] >= 10 and measured["sub_gallery"] == 160
     assert 0.0 <= measured["weight"] <= 1.0 and measured["cascade_k"] in (50, 100, 200)
@@ -177,7 +178,7 @@ def test_staged_items_are_encoded_by_the_ingest_step(text_ctx: Context) -> None:
     galleries.create_gallery(text_ctx, "staged", "text", "v1")
     assert galleries.stage(text_ctx, "staged", items) == 80
     assert galleries.stats(text_ctx, "staged")["items_per_version"] == {}
-    assert dispatch_ingest(text_ctx.settings, "staged") == "done"  # no broker: in-process
+    assert dispatch_ingest(text_ctx, "staged") == "done"  # no broker: in-process
     assert galleries.stats(text_ctx, "staged")["items_per_version"] == {"v1": 80}
     hits = search.search(text_ctx, "staged", texts=queries[:1], k=10).hits[0]
     assert items[relevant[0]].id in {h.item for h in hits}

@@ -1,0 +1,133 @@
+"""The service context that the API, the CLI and the workers share: settings, a DB
+transaction, the MLflow registry, and the process's warm state (open vector stores,
+index searchers, encoders, adapters, the search thread pool). Each is built on first
+use, never at import, and released by `close()`: two contexts share nothing."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import cached_property
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from embcompat.errors import DimensionMismatch, ServiceUnavailable
+from embcompat.index.store import OpenSpaces
+from embcompat.registry import versions
+from embcompat.registry.db import make_engine, session_scope
+from embcompat.registry.encoders import Encoder
+from embcompat.registry.mlflow_registry import MlflowRegistry
+from embcompat.registry.records import ModelVersionRecord
+from embcompat.settings import Settings, get_settings
+from embcompat.training.legacy import release_0_1_names
+
+T = TypeVar("T")
+
+
+class Context:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.spaces = OpenSpaces()
+        self._cache: dict[tuple[str, Any], Any] = {}
+        self._lock = threading.RLock()
+
+    @property
+    def data_dir(self) -> Path:
+        return self.settings.resolved_data_dir
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @cached_property
+    def engine(self) -> Engine:
+        return make_engine(self.settings.resolved_database_url)
+
+    @cached_property
+    def _sessions(self) -> sessionmaker[Session]:
+        return sessionmaker(bind=self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One DB transaction; an unreachable database becomes a transient error."""
+        try:
+            with session_scope(self._sessions) as session:
+                yield session
+        except OperationalError as exc:
+            raise ServiceUnavailable(f"database unreachable: {exc.orig}") from exc
+
+    @cached_property
+    def registry(self) -> MlflowRegistry:
+        return MlflowRegistry(
+            self.settings.resolved_mlflow_uri,
+            self.settings.mlflow_artifact_root,
+            self.settings.mlflow_experiment,
+        )
+
+    @cached_property
+    def search_pool(self) -> ThreadPoolExecutor:
+        """Searches the two spaces of a mixed gallery side by side."""
+        return ThreadPoolExecutor(max_workers=2, thread_name_prefix="embcompat-space")
+
+    def cached(self, kind: str, key: Any, build: Callable[[], T]) -> T:
+        """The value kept under (kind, key), built once by `build` (encoders, searchers,
+        adapters: what the per-request path must not load twice)."""
+        with self._lock:
+            if (kind, key) not in self._cache:
+                self._cache[(kind, key)] = build()
+            return self._cache[(kind, key)]  # type: ignore[no-any-return]
+
+    def forget(self, kind: str, key: Any) -> None:
+        with self._lock:
+            self._cache.pop((kind, key), None)
+
+    def encoder(self, version: ModelVersionRecord) -> Encoder:
+        """The version's encoder, loaded once per context and kept warm (models logged
+        by release 0.1 load under that release's module names)."""
+
+        def load() -> Encoder:
+            with release_0_1_names():
+                return versions.load_encoder(self.registry, version)
+
+        return self.cached("encoder", version.encoder_uri, load)
+
+    def install_encoder(self, version: ModelVersionRecord, encoder: Encoder) -> None:
+        """Use `encoder` for `version` from now on (e.g. one wrapped with a cache of
+        vectors computed earlier), checked against the version's dim."""
+        if encoder.dim != version.dim:
+            raise DimensionMismatch(
+                f"{version.ref} has dim {version.dim}, the encoder {encoder.dim}"
+            )
+        with self._lock:
+            self._cache[("encoder", version.encoder_uri)] = encoder
+
+    def close(self) -> None:
+        """Release the pool, the engine and every cached object."""
+        if "search_pool" in self.__dict__:
+            self.search_pool.shutdown(wait=False)
+        if "engine" in self.__dict__:
+            self.engine.dispose()
+        with self._lock:
+            self._cache.clear()
+        self.spaces = OpenSpaces()
+        for name in ("engine", "_sessions", "search_pool"):
+            self.__dict__.pop(name, None)
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,54 @@
+"""Galleries: items and their vectors per model version, filters, index publishing."""
+
+from embcompat.service.galleries.filters import Filters, MetaValue, excluded_by
+from embcompat.service.galleries.items import (
+    ItemIn,
+    delete_items,
+    encode_and_store,
+    encode_items,
+    encode_staged,
+    ingest,
+    stage,
+)
+from embcompat.service.galleries.layout import (
+    gallery_dir,
+    get_gallery_row,
+    mapped_searcher,
+    mapped_store,
+    space_searcher,
+    space_store,
+    version_record,
+)
+from embcompat.service.galleries.publish import publish, stats
+from embcompat.service.galleries.records import (
+    GalleryRecord,
+    create_gallery,
+    get_gallery,
+    list_galleries,
+)
+
+__all__ = [
+    "Filters",
+    "GalleryRecord",
+    "ItemIn",
+    "MetaValue",
+    "create_gallery",
+    "delete_items",
+    "encode_and_store",
+    "encode_items",
+    "encode_staged",
+    "excluded_by",
+    "gallery_dir",
+    "get_gallery",
+    "get_gallery_row",
+    "ingest",
+    "list_galleries",
+    "mapped_searcher",
+    "mapped_store",
+    "publish",
+    "space_searcher",
+    "space_store",
+    "stage",
+    "stats",
+    "version_record",
+]

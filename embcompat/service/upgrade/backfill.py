@@ -1,0 +1,179 @@
+"""Moving the gallery into the new space: backfill chunks (re-embed), map chunks
+(stored old vectors through the gallery-side adapter) and finalize.
+
+The chunk ledger (`job_chunks`, ranges of item ids) makes every chunk happen once: a
+chunk re-run skips items already upgraded (by an earlier attempt, by the pair sample,
+or by read-through search)."""
+
+from __future__ import annotations
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from embcompat.arrays import IdArray
+from embcompat.kinds import TERMINAL_STATES, ChunkState, JobState, ServingPlan
+from embcompat.registry import versions
+from embcompat.registry.schema import Item, Job, JobChunk
+from embcompat.service.context import Context
+from embcompat.service.galleries import (
+    encode_and_store,
+    mapped_store,
+    space_searcher,
+    space_store,
+    version_record,
+)
+from embcompat.service.galleries.layout import gallery_row_by_id
+from embcompat.service.upgrade.jobs import (
+    count_upgraded,
+    enter,
+    job_adapter,
+    job_row,
+    job_versions,
+)
+from embcompat.service.upgrade.states import transition
+
+
+def _chunk(session: Session, job_id: int, seq: int) -> JobChunk:
+    return session.scalars(
+        select(JobChunk).where(JobChunk.job_id == job_id, JobChunk.seq == seq)
+    ).one()
+
+
+def _chunk_item_ids(session: Session, job: Job, chunk: JobChunk) -> IdArray:
+    """The gallery's items in the chunk's id range (items deleted since are gone)."""
+    rows = session.execute(
+        select(Item.id).where(
+            Item.gallery_id == job.gallery_id, Item.id >= chunk.start, Item.id < chunk.stop
+        )
+    )
+    return np.array([i for (i,) in rows], np.int64)
+
+
+def map_chunks_needed(ctx: Context, job_id: int) -> list[int]:
+    """The chunks to map before serving, when the job serves the `mapped` plan."""
+    with ctx.session() as s:
+        job = job_row(s, job_id)
+        if job.plan != ServingPlan.MAPPED or job.state != JobState.SERVING_BRIDGE:
+            return []
+        return [c.seq for c in s.scalars(select(JobChunk).where(JobChunk.job_id == job_id))]
+
+
+def map_chunk(ctx: Context, job_id: int, seq: int) -> int:
+    """Push one chunk's stored old vectors through the gallery-side adapter into the
+    mapped space (idempotent: ids already mapped are skipped). Returns vectors mapped."""
+    v = job_versions(ctx, job_id)
+    with ctx.session() as s:
+        ids = _chunk_item_ids(s, job_row(s, job_id), _chunk(s, job_id, seq))
+    mapper = job_adapter(ctx, job_id, "mapper", v.old, v.new)
+    vectors, found = space_store(ctx, v.gallery, v.old).get(ids)
+    target = mapped_store(ctx, v.gallery, v.old, v.new)
+    return len(target.add_missing(ids[found], mapper.transform(vectors[found])))
+
+
+def step_start_backfill(ctx: Context, job_id: int) -> list[int]:
+    """Enter backfilling; returns the chunk seqs still to do (for dispatch)."""
+    enter(ctx, job_id, JobState.SERVING_BRIDGE, JobState.BACKFILLING)
+    with ctx.session() as s:
+        if job_row(s, job_id).state != JobState.BACKFILLING:
+            return []
+        return [
+            c.seq
+            for c in s.scalars(
+                select(JobChunk)
+                .where(JobChunk.job_id == job_id, JobChunk.state != ChunkState.DONE)
+                .order_by(JobChunk.seq)
+            )
+        ]
+
+
+def backfill_chunk(ctx: Context, job_id: int, seq: int) -> int:
+    """Re-embed one chunk's items with the new version; done exactly once per chunk.
+    Returns how many items this call upgraded."""
+    with ctx.session() as s:
+        job = job_row(s, job_id)
+        chunk = _chunk(s, job_id, seq)
+        if chunk.state == ChunkState.DONE or job.state != JobState.BACKFILLING:
+            return 0
+        chunk.state, chunk.attempts = ChunkState.RUNNING, chunk.attempts + 1
+        ids = _chunk_item_ids(s, job, chunk)
+    v = job_versions(ctx, job_id)
+    try:
+        added = encode_and_store(ctx, v.gallery, v.new, ids)
+    except Exception as exc:
+        with ctx.session() as s:
+            c = _chunk(s, job_id, seq)
+            c.state, c.error = ChunkState.FAILED, repr(exc)[:2000]
+        raise
+    with ctx.session() as s:
+        c = _chunk(s, job_id, seq)
+        c.state, c.items_done, c.error = ChunkState.DONE, len(ids), None
+        job = job_row(s, job_id, lock=True)
+        job.items_done = count_upgraded(s, job)
+    return len(added)
+
+
+def chunks_left(ctx: Context, job_id: int) -> int:
+    with ctx.session() as s:
+        return (
+            s.scalar(
+                select(func.count(JobChunk.id)).where(
+                    JobChunk.job_id == job_id, JobChunk.state != ChunkState.DONE
+                )
+            )
+            or 0
+        )
+
+
+def finalize(ctx: Context, job_id: int) -> bool:
+    """When every chunk is done: publish the new space's index, serve the new version
+    (MLflow `serving` alias), retire the bridge. Idempotent; False if not ready."""
+    if chunks_left(ctx, job_id):
+        return False
+    v = job_versions(ctx, job_id)
+    with ctx.session() as s:
+        if job_row(s, job_id).state != JobState.BACKFILLING:
+            return False
+    searcher = space_searcher(ctx, v.gallery, v.new, v.index_kind)
+    searcher.generations.publish(searcher.store)
+    with ctx.session() as s:
+        job = job_row(s, job_id, lock=True)
+        if job.state != JobState.BACKFILLING:
+            return False
+        g = gallery_row_by_id(s, job.gallery_id)
+        labelled = job.report.get("gate", {}).get("probe") or {}
+        keep = job.plan == ServingPlan.CASCADE and bool(labelled.get("keep_old_at_100"))
+        if keep:
+            reason = (
+                "the labelled probe measured a fusion gain worth keeping v1's vectors and encoder"
+            )
+        elif not labelled.get("r10_new_new"):
+            reason = "v1 retired: no labelled probe measured a fusion gain worth keeping it"
+        else:
+            reason = "v1 retired: the fusion gain on the probe is under one point"
+        job.report = {
+            **job.report,
+            "finalize": {"keep_old": keep, "fusion_gain": labelled.get("fusion_gain"),
+                         "reason": reason},
+        }  # fmt: skip
+        g.serving_version_id, g.plan = v.new.id, ServingPlan.CASCADE.value if keep else None
+        job.items_done = count_upgraded(s, job)
+        versions.promote(s, ctx.registry, v.new.model, v.new.version, "serving")
+        transition(job, JobState.DONE)
+    return True
+
+
+def warm_active_encoders(ctx: Context) -> int:
+    """Load the new version's encoder of every upgrade that has not ended; returns how many."""
+    with ctx.session() as s:
+        rows = s.scalars(
+            select(Job).where(
+                Job.kind == "upgrade", Job.state.not_in([t.value for t in TERMINAL_STATES])
+            )
+        ).all()
+        targets = {r.to_version_id for r in rows if r.to_version_id is not None}
+        records = [version_record(ctx, s, t) for t in targets]
+    for rec in records:
+        if not rec.external:
+            ctx.encoder(rec)
+    return len(records)

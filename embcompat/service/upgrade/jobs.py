@@ -1,0 +1,136 @@
+"""What every step of an upgrade reads: the job row, its versions, its folder (paired
+sample, adapters, calibration) and the adapters in it, loaded once per context."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from embcompat.adapters.base import Adapter
+from embcompat.adapters.io import load_adapter
+from embcompat.arrays import FloatArray, IdArray
+from embcompat.errors import UnknownJob
+from embcompat.index.merge import Platt
+from embcompat.kinds import JobState, UpgradePlan
+from embcompat.registry.records import ModelVersionRecord
+from embcompat.registry.schema import Item, Job
+from embcompat.service.context import Context
+from embcompat.service.galleries import space_store, version_record
+from embcompat.service.galleries.layout import gallery_row_by_id
+from embcompat.service.upgrade.states import transition
+
+
+def job_row(session: Session, job_id: int, lock: bool = False) -> Job:
+    """The job's row; `lock` takes a row lock where the database has them (PostgreSQL)."""
+    query = select(Job).where(Job.id == job_id)
+    if lock and session.bind is not None and session.bind.dialect.name == "postgresql":
+        query = query.with_for_update()
+    job = session.scalars(query).one_or_none()
+    if job is None:
+        raise UnknownJob(f"no upgrade job {job_id}", job=job_id)
+    return job
+
+
+def job_dir(ctx: Context, job_id: int) -> Path:
+    return ctx.data_dir / "jobs" / str(job_id)
+
+
+@dataclass(frozen=True)
+class JobVersions:
+    old: ModelVersionRecord
+    new: ModelVersionRecord
+    gallery: str
+    index_kind: str
+
+
+def job_versions(ctx: Context, job_id: int) -> JobVersions:
+    with ctx.session() as s:
+        job = job_row(s, job_id)
+        g = gallery_row_by_id(s, job.gallery_id)
+        return JobVersions(
+            version_record(ctx, s, job.from_version_id),
+            version_record(ctx, s, job.to_version_id),
+            g.name,
+            g.index_kind,
+        )
+
+
+def enter(ctx: Context, job_id: int, expected: JobState, to: JobState) -> bool:
+    """Move the job from `expected` to `to`; False when it is elsewhere (already past
+    this step, paused or cancelled), so a re-delivered task does nothing."""
+    with ctx.session() as s:
+        job = job_row(s, job_id, lock=True)
+        if job.state != expected:
+            return False
+        if job.started_at is None:
+            job.started_at = datetime.now(UTC)
+        transition(job, to)
+        return True
+
+
+def count_upgraded(session: Session, job: Job) -> int:
+    """Items of the job's gallery whose vector is in the new version's space."""
+    return (
+        session.scalar(
+            select(func.count(Item.id)).where(
+                Item.gallery_id == job.gallery_id, Item.vector_version_id == job.to_version_id
+            )
+        )
+        or 0
+    )
+
+
+def declared_compatible(old: ModelVersionRecord, new: ModelVersionRecord) -> bool:
+    """The new version was trained to be compatible with the old one (BCT, BT², OCA,
+    d-Simplex: `training/`): its `compatible_with` tag names the old version, and its
+    first old.dim coordinates live in the old space."""
+    return new.tags.get("compatible_with") == old.ref and new.dim >= old.dim
+
+
+def serves_compatible(ctx: Context, job_id: int) -> bool:
+    """Plan `basis` (or `auto`) to a declared-compatible version: served at once with
+    old vectors zero-padded and no adapter, so nothing is paired, fitted or re-embedded."""
+    v = job_versions(ctx, job_id)
+    with ctx.session() as s:
+        requested = job_row(s, job_id).params["plan"]
+    return requested in (UpgradePlan.BASIS, UpgradePlan.AUTO) and declared_compatible(v.old, v.new)
+
+
+def paired_vectors(ctx: Context, job_id: int) -> tuple[IdArray, FloatArray, FloatArray]:
+    """(ids, old vectors, new vectors) of the paired sample, rows aligned."""
+    v = job_versions(ctx, job_id)
+    ids = np.load(job_dir(ctx, job_id) / "pairs.npy")
+    x_old, f_old = space_store(ctx, v.gallery, v.old).get(ids)
+    x_new, f_new = space_store(ctx, v.gallery, v.new).get(ids)
+    both = f_old & f_new
+    return ids[both], x_old[both], x_new[both]
+
+
+def job_adapter(
+    ctx: Context, job_id: int, name: str, source: ModelVersionRecord, target: ModelVersionRecord
+) -> Adapter:
+    """An adapter the job fitted (`bridge`, `mapper`, `basis`), loaded and checksummed
+    once per context: the folder is written once, before the job serves."""
+    folder = job_dir(ctx, job_id) / name
+    return ctx.cached(
+        "adapter", (folder, source.ref, target.ref),
+        lambda: load_adapter(folder, source=source.ref, target=target.ref),
+    )  # fmt: skip
+
+
+def load_platt(ctx: Context, job_id: int) -> dict[str, Platt]:
+    """The job's score calibration per search path (empty before fitting; kept once
+    written, since fitting writes it once)."""
+    path = job_dir(ctx, job_id) / "calibration.json"
+    if not path.exists():
+        return {}
+    return ctx.cached(
+        "calibration", path,
+        lambda: {k: Platt(**v) for k, v in json.loads(path.read_text()).items()},
+    )  # fmt: skip
