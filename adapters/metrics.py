@@ -92,8 +92,10 @@ def negative_flip_rate(before: npt.NDArray[np.bool_], after: npt.NDArray[np.bool
 
 def neighbour_recall(predicted: IntArray, truth: IntArray, k: int = 10) -> float:
     """Label-free proxy: overlap of a ranking's top k with the reference top k,
-    predicted and truth: (nq, ≥k) → mean share of the reference found."""
-    return float(knn_intersection_measure(predicted[:, :k], truth[:, :k]))
+    predicted and truth: (nq, ·) → mean share of k found (a gallery of fewer than k
+    items ranks fewer columns: the overlap is counted on the columns both have)."""
+    width = min(k, predicted.shape[1], truth.shape[1])
+    return float(knn_intersection_measure(predicted[:, :width], truth[:, :width])) * width / k
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ settings. Tokens are read from settings and never logged.
 
 from __future__ import annotations
 
+import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,11 +22,13 @@ from embcompat import __version__
 from embcompat.api import routes
 from embcompat.api.deps import Ctx, Read
 from embcompat.api.metrics import CONTENT_TYPE, Metrics
-from embcompat.errors import EmbcompatError
+from embcompat.errors import CorruptArtifact, EmbcompatError
+from embcompat.service import galleries
 from embcompat.service.context import Context
 from embcompat.settings import Settings, get_settings
 
 PROBLEM = "application/problem+json"
+log = logging.getLogger("embcompat.api")
 
 
 def _problem(status: int, body: dict[str, Any]) -> JSONResponse:
@@ -52,17 +56,40 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.middleware("http")
     async def measure(request: Request, call_next: Any) -> Any:
+        """Every request gets an id (X-Request-ID) and is counted; an error no handler
+        knows becomes a problem+json 500 carrying that id, logged with its traceback."""
         t0 = time.perf_counter()
-        response = await call_next(request)
+        request_id = uuid.uuid4().hex
+        request.state.request_id = request_id
+        try:
+            response = await call_next(request)
+        except Exception:
+            log.exception("unhandled error, request %s %s %s", request_id, request.method,
+                          request.url.path)  # fmt: skip
+            response = _problem(
+                500,
+                {
+                    "type": "https://embcompat.dev/errors/internal_error",
+                    "title": "internal error",
+                    "status": 500,
+                    "code": "internal_error",
+                    "detail": "the server failed to answer this request; it is logged",
+                    "request_id": request_id,
+                },
+            )
+            app.state.metrics.unhandled.inc()
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
         app.state.metrics.observe(
             request.method, path, response.status_code, time.perf_counter() - t0
         )
+        response.headers["X-Request-ID"] = request_id
         return response
 
     @app.exception_handler(EmbcompatError)
-    async def embcompat_error(_: Request, exc: EmbcompatError) -> JSONResponse:
+    async def embcompat_error(request: Request, exc: EmbcompatError) -> JSONResponse:
+        if isinstance(exc, CorruptArtifact):
+            app.state.context.health.report(exc)
         return _problem(exc.http_status, exc.to_problem())
 
     @app.exception_handler(RequestValidationError)
@@ -91,6 +118,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/ready", tags=["ops"])
     def ready(ctx: Ctx) -> JSONResponse:
+        """503 when a shared dependency (DB, MLflow, broker) is down; galleries whose
+        files failed a check are listed under `degraded` (the others serve as usual)."""
         checks: dict[str, str] = {}
         try:
             with ctx.session() as s:
@@ -112,7 +141,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             except Exception as exc:
                 checks["broker"] = f"unreachable: {type(exc).__name__}"
         ok = all(v == "ok" for v in checks.values())
-        return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+        degraded = galleries.degraded(ctx) if checks.get("database") == "ok" else {}
+        body = {"ready": ok, "checks": checks, "degraded": degraded}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", tags=["ops"], dependencies=[Read], response_class=PlainTextResponse)
     def metrics() -> Response:

@@ -103,6 +103,18 @@ def publish(name: str, ctx: Ctx) -> dict[str, int]:
     return galleries.publish(ctx, name)
 
 
+@gals.post("/{name}/verify", dependencies=[Admin])
+def verify_gallery(name: str, ctx: Ctx) -> dict[str, Any]:
+    """Read every file of the gallery against its checksum: {space: problem}."""
+    return {"gallery": name, "problems": galleries.verify(ctx, name)}
+
+
+@gals.post("/{name}/repair", dependencies=[Admin])
+def repair_gallery(name: str, ctx: Ctx) -> dict[str, Any]:
+    """Rebuild every space from its sound vectors and the stored payloads, re-publish."""
+    return {"gallery": name, "spaces": galleries.repair(ctx, name)}
+
+
 @gals.post("/{name}/search", dependencies=[Read])
 def search_gallery(name: str, body: SearchIn, ctx: Ctx, request: Request) -> dict[str, Any]:
     res = search.search(

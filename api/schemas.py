@@ -1,12 +1,48 @@
-"""Request bodies: the HTTP shapes of the service layer's inputs, validated at the edge."""
+"""Request bodies: the HTTP shapes of the service layer's inputs, validated at the edge.
+
+Strict where a coercion would change meaning: `k` is an integer, not "5" or true; vector
+components are numbers, not strings or booleans; filter values keep their type (true is
+not 1). Text must be encodable (no lone surrogates) and vectors rectangular; each
+refusal is a 422 naming the field."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 
 from embcompat.kinds import IndexKind, Metric, SourceKind, UpgradePlan
 
+
+def _encodable(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text is not valid Unicode at position {exc.start}") from None
+    return value
+
+
+Text = Annotated[StrictStr, AfterValidator(_encodable)]
+Number = StrictFloat | StrictInt
+MetaValue = StrictStr | StrictInt | StrictFloat | StrictBool
+Vector = list[Number]
 Name = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _rectangular(rows: list[Vector] | None, field: str) -> None:
+    if rows and len({len(r) for r in rows}) > 1:
+        lengths = sorted({len(r) for r in rows})
+        raise ValueError(f"{field}: every vector needs the same length, got {lengths}")
 
 
 class Body(BaseModel):
@@ -15,7 +51,7 @@ class Body(BaseModel):
 
 class VersionIn(Body):
     version: str = Name
-    dim: int = Field(gt=0, le=65536)
+    dim: StrictInt = Field(gt=0, le=65536)
     source: SourceKind
     location: str | None = Field(default=None, max_length=1000)
     metric: Metric = Metric.COSINE
@@ -30,46 +66,57 @@ class GalleryIn(Body):
 
 
 class ItemBody(Body):
-    id: str = Field(min_length=1, max_length=500)
-    text: str | None = Field(default=None, max_length=100_000)
-    vector: list[float] | None = Field(default=None, max_length=65536)
-    metadata: dict[str, str | int | float | bool] | None = Field(default=None, max_length=100)
+    id: Text = Field(min_length=1, max_length=500)
+    text: Text | None = Field(default=None, max_length=100_000)
+    vector: Vector | None = Field(default=None, max_length=65536)
+    metadata: dict[Text, MetaValue] | None = Field(default=None, max_length=100)
 
 
 class ItemsIn(Body):
     items: list[ItemBody] = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _same_dims(self) -> ItemsIn:
+        _rectangular([i.vector for i in self.items if i.vector is not None], "items.vector")
+        return self
+
 
 class ItemIdsIn(Body):
-    ids: list[str] = Field(min_length=1, max_length=10_000)
+    ids: list[Text] = Field(min_length=1, max_length=10_000)
 
 
 class SearchIn(Body):
-    texts: list[str] | None = Field(default=None, min_length=1, max_length=1000)
-    vectors: list[list[float]] | None = Field(default=None, min_length=1, max_length=1000)
-    old_vectors: list[list[float]] | None = Field(default=None, min_length=1, max_length=1000)
-    k: int = Field(default=10, ge=1, le=1000)
-    filters: dict[str, str | int | float | bool | list[str | int | float | bool]] | None = Field(
+    texts: list[Text] | None = Field(default=None, min_length=1, max_length=1000)
+    vectors: list[Vector] | None = Field(default=None, min_length=1, max_length=1000)
+    old_vectors: list[Vector] | None = Field(default=None, min_length=1, max_length=1000)
+    k: StrictInt = Field(default=10, ge=1, le=1000)
+    filters: dict[Text, MetaValue | list[MetaValue]] | None = Field(
         default=None, max_length=20, description="item metadata {key: value or [values]}"
     )
 
+    @model_validator(mode="after")
+    def _same_dims(self) -> SearchIn:
+        _rectangular(self.vectors, "vectors")
+        _rectangular(self.old_vectors, "old_vectors")
+        return self
+
 
 class ProbeQuery(Body):
-    text: str = Field(min_length=1, max_length=10_000)
-    relevant: list[str] = Field(min_length=1, max_length=1000)
+    text: Text = Field(min_length=1, max_length=10_000)
+    relevant: list[Text] = Field(min_length=1, max_length=1000)
 
 
 class ScheduleIn(Body):
-    max_items_per_hour: int | None = Field(default=None, ge=1, le=10**9)
-    window_start_hour: int | None = Field(default=None, ge=0, le=23)
-    window_end_hour: int | None = Field(default=None, ge=0, le=23)
+    max_items_per_hour: StrictInt | None = Field(default=None, ge=1, le=10**9)
+    window_start_hour: StrictInt | None = Field(default=None, ge=0, le=23)
+    window_end_hour: StrictInt | None = Field(default=None, ge=0, le=23)
 
 
 class UpgradeIn(Body):
     model: str = Name
     version: str = Name
     plan: UpgradePlan = UpgradePlan.AUTO
-    pairs: int = Field(default=2000, ge=50, le=1_000_000)
-    chunk_size: int = Field(default=1000, ge=1, le=1_000_000)
+    pairs: StrictInt = Field(default=2000, ge=50, le=1_000_000)
+    chunk_size: StrictInt = Field(default=1000, ge=1, le=1_000_000)
     probe: list[ProbeQuery] | None = Field(default=None, max_length=100_000)
     schedule: ScheduleIn | None = None

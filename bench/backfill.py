@@ -133,7 +133,7 @@ def _map_ratio(ctx: Context, repeats: int = 3) -> tuple[float, float]:
     with ctx.session() as s:
         seqs = [c.seq for c in s.query(JobChunk).filter_by(job_id=job.id)]
     for _ in range(repeats):
-        root = galleries.mapped_store(ctx, "docs", old, new).root
+        root = galleries.mapped_store(ctx, "docs", old, new, job.id).root
         for f in root.glob("*"):
             f.unlink()  # start each repeat from an empty mapped space
         root.rmdir()

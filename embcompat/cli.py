@@ -223,6 +223,23 @@ def gallery_stats(name: str) -> None:
     _print_json(_guard(lambda: galleries.stats(Context(), name)))
 
 
+@gallery_app.command("verify")
+def gallery_verify(name: str) -> None:
+    """Read every file of the gallery against its checksum; exit 1 when one fails."""
+    problems = _guard(lambda: galleries.verify(Context(), name))
+    _print_json({"gallery": name, "problems": problems})
+    if problems:
+        raise typer.Exit(1)
+
+
+@gallery_app.command("repair")
+def gallery_repair(name: str) -> None:
+    """Rebuild damaged spaces from sound vectors and stored payloads; re-publish."""
+    with console.status(f"repairing {name}"):
+        report = _guard(lambda: galleries.repair(Context(), name))
+    _print_json({"gallery": name, "spaces": report})
+
+
 def _parse_filters(specs: list[str]) -> dict[str, Any] | None:
     """`key=value` (repeat a key for any-of) → the filters of `search.search`."""
     out: dict[str, list[str]] = {}

@@ -93,6 +93,9 @@ class JobState(StrEnum):
 
 
 TERMINAL_STATES = frozenset({JobState.DONE, JobState.CANCELLED, JobState.ROLLED_BACK})
+# A gallery has at most one job in these states (a unique index in the DB says so); a
+# failed job waits for resume, cancel or rollback without blocking a new upgrade.
+ACTIVE_STATES = frozenset(set(JobState) - TERMINAL_STATES - {JobState.FAILED})
 SERVING_STATES = frozenset({JobState.SERVING_BRIDGE, JobState.BACKFILLING})
 
 

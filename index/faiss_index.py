@@ -12,10 +12,13 @@ after it are searched exactly, rows removed are filtered), so writes are visible
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import tempfile
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +44,13 @@ from embcompat.kinds import FLOAT_INDEX_KINDS, IndexKind
 IndexMetric = Literal["ip", "l2"]
 # binary kinds: 1-bit ITQ codes in memory (faiss IndexBinaryFlat / IndexBinaryHNSW), the
 # top 100 candidates re-ranked with the floats read from the store on disk (index.binary)
+
+
+def _gen_number(folder: Path) -> int:
+    try:
+        return int(folder.name.removeprefix("gen-"))
+    except ValueError:
+        return 0
 
 
 def build_index(
@@ -86,9 +96,17 @@ class IndexGenerations:
     """The published generations of one space's index under `root/`."""
 
     def __init__(
-        self, root: Path, kind: IndexKind | str = IndexKind.FLAT, metric: IndexMetric = "ip"
+        self,
+        root: Path,
+        kind: IndexKind | str = IndexKind.FLAT,
+        metric: IndexMetric = "ip",
+        where: Mapping[str, str] | None = None,
     ) -> None:
+        """`where` names the space in errors ({"gallery": "docs", "space": "v3"}), which
+        never carry server paths."""
         self.root = Path(root)
+        self.where = dict(where or {"space": self.root.name})
+        self.label = ", ".join(f"{k} {v!r}" for k, v in self.where.items())
         try:
             self.kind = IndexKind(kind)
         except ValueError:
@@ -99,7 +117,8 @@ class IndexGenerations:
         self._loaded: Generation | None = None
         self._lock = threading.Lock()
         self.fitted_binarizer: Binarizer | None = None  # set by a publish that fitted one
-        self._current: tuple[tuple[int, int], int] | None = None
+        self._current: tuple[tuple[int, ...], int] | None = None
+        self._failed: CorruptArtifact | None = None
 
     def current_number(self) -> int | None:
         """The published number; CURRENT is re-read only when its inode or mtime changed
@@ -108,19 +127,44 @@ class IndexGenerations:
             st = os.stat(self.root / "CURRENT")
         except FileNotFoundError:
             return None
-        key = (st.st_ino, st.st_mtime_ns)
+        key = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)  # see SpaceStore
         if self._current is None or self._current[0] != key:
-            self._current = (key, int((self.root / "CURRENT").read_text()))
+            try:
+                number = int((self.root / "CURRENT").read_text().strip())
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                raise CorruptArtifact(
+                    f"{self.label}: the pointer to its current index generation is damaged",
+                    hint="run `embcompat gallery repair` to publish a fresh generation",
+                    **self.where,
+                ) from exc
+            if number < 1:
+                raise CorruptArtifact(
+                    f"{self.label}: its current generation {number} is invalid", **self.where
+                )
+            self._current = (key, number)
         return self._current[1]
 
     def publish(self, store: SpaceStore, keep: int = 2) -> int:
-        """Build from the store's snapshot and switch readers to it; returns its number."""
+        """Build from the store's snapshot and switch readers to it; returns its number.
+        Publishers of one space take turns (a lock file): each builds in a folder of its
+        own and the numbers never collide. A damaged CURRENT is replaced."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".publish.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                return self._publish_locked(store, keep)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _publish_locked(self, store: SpaceStore, keep: int) -> int:
         snap = store.snapshot()
-        number = (self.current_number() or 0) + 1
+        try:
+            current = self.current_number() or 0
+        except CorruptArtifact:
+            current = max((_gen_number(p) for p in self.root.glob("gen-*")), default=0)
+        number = current + 1
         folder = self.root / f"gen-{number:06d}"
-        tmp = self.root / f".gen-{number:06d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".gen-{number:06d}.", suffix=".tmp"))
         built, checksum = self.kind, None
         binary = self.kind.startswith("binary") and len(snap) >= MIN_VECTORS
         if binary:
@@ -151,6 +195,7 @@ class IndexGenerations:
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
         atomic_write(self.root / "CURRENT", str(number).encode())
+        self._failed = self._current = None
         for old in sorted(self.root.glob("gen-*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         return number
@@ -164,47 +209,75 @@ class IndexGenerations:
         with self._lock:
             if self._loaded and self._loaded.number == number:
                 return self._loaded
-            folder = self.root / f"gen-{number:06d}"
+            if self._failed is not None and self._failed.context.get("generation") == number:
+                raise self._failed  # checked once: a damaged file is not re-read per query
             try:
-                meta = json.loads((folder / "meta.json").read_text())
-                ids = np.load(folder / "ids.npy")
-                index: faiss.Index | BinaryRerankIndex | None = None
-                if meta.get("binary"):
-                    binarizer = load_binarizer(self.root)
-                    stages = TwoStageSearcher(
-                        binarizer, BinaryIndex.load(folder), [store] if store else []
-                    )
-                    index = BinaryRerankIndex(stages)
-                elif meta["count"]:
-                    if sha256_file(folder / "index.faiss") != meta["sha256"]:
-                        raise CorruptArtifact(f"index file of {folder} fails its checksum")
-                    index = faiss.read_index(str(folder / "index.faiss"))
-            except CorruptArtifact:
+                self._loaded = self._load(number, store)
+            except CorruptArtifact as exc:
+                exc.context["generation"] = number
+                self._failed = exc
                 raise
-            except (OSError, ValueError, RuntimeError, KeyError) as exc:
-                raise CorruptArtifact(f"index generation {folder} is unreadable: {exc}") from exc
-            self._loaded = Generation(number, index, ids, int(meta["store_seq"]))
             return self._loaded
+
+    def _load(self, number: int, store: SpaceStore | None) -> Generation:
+        folder = self.root / f"gen-{number:06d}"
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            ids = np.load(folder / "ids.npy")
+            index: faiss.Index | BinaryRerankIndex | None = None
+            if meta.get("binary"):
+                binarizer = load_binarizer(self.root)
+                stages = TwoStageSearcher(
+                    binarizer, BinaryIndex.load(folder), [store] if store else []
+                )
+                index = BinaryRerankIndex(stages)
+            elif meta["count"]:
+                if sha256_file(folder / "index.faiss") != meta["sha256"]:
+                    raise CorruptArtifact(
+                        f"{self.label}: index generation {number} fails its checksum",
+                        **self.where,
+                    )
+                index = faiss.read_index(str(folder / "index.faiss"))
+        except CorruptArtifact:
+            raise
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise CorruptArtifact(
+                f"{self.label}: index generation {number} is unreadable ({type(exc).__name__})"
+            ) from exc
+        return Generation(number, index, ids, int(meta["store_seq"]))
 
 
 class SpaceSearcher:
     """Searches one space: its current index generation plus the store's changes since."""
 
-    def __init__(self, store: SpaceStore, generations: IndexGenerations) -> None:
+    def __init__(
+        self,
+        store: SpaceStore,
+        generations: IndexGenerations,
+        on_fallback: Callable[[CorruptArtifact], None] | None = None,
+    ) -> None:
+        """`on_fallback(error)`: told of every search answered exactly from the store
+        because the index generation is damaged."""
         self.store = store
         self.generations = generations
+        self.on_fallback = on_fallback
         self.last_error: str | None = None
         self._delta: tuple[tuple[int, int], IdArray, FloatArray, IdArray] | None = None
         self._n_excluded: tuple[int, IdArray, int] | None = None
 
     def _plan(self, gen: Generation | None) -> tuple[IdArray, FloatArray, IdArray]:
-        """(ids added since the generation, their vectors, live ids) for this snapshot."""
+        """(ids whose vector the generation lacks or holds an older copy of, their
+        vectors, the sorted ids whose indexed vector is still current) for this
+        snapshot. A row written after the generation was built is served from the
+        store, never from the index: an updated item is found by its new vector."""
         snap = self.store.snapshot()
         key = (gen.number if gen else -1, snap.seq)
         if self._delta is None or self._delta[0] != key:
             gen_ids = gen.ids if gen else np.zeros(0, np.int64)
-            added = ~np.isin(snap.ids, gen_ids)
-            self._delta = (key, snap.ids[added], snap.vectors[added], snap.sorted_ids)
+            built_at = gen.store_seq if gen else -1
+            added = (snap.written > built_at) | ~np.isin(snap.ids, gen_ids)
+            current = np.sort(snap.ids[~added])
+            self._delta = (key, snap.ids[added], snap.vectors[added], current)
         return self._delta[1:]
 
     def _excluded_in(self, gen: Generation, excluded: IdArray | None) -> int:
@@ -267,13 +340,15 @@ class SpaceSearcher:
             self.last_error = None
         except CorruptArtifact as exc:
             gen, self.last_error = None, exc.message  # answer exactly from the store
+            if self.on_fallback is not None:
+                self.on_fallback(exc)
         added_ids, added_vecs, live = self._plan(gen)
         excluded = exclude if exclude is not None and len(exclude) else None
         if excluded is not None and not (excluded[1:] >= excluded[:-1]).all():
             excluded = np.sort(excluded)
         parts_s, parts_i = [], []
         if gen is not None and gen.index is not None:
-            removed = max(len(gen.ids) - (len(live) - len(added_ids)), 0)
+            removed = max(len(gen.ids) - len(live), 0)
             # only excluded ids this index holds make it short (a filter spans all spaces)
             n_ex = self._excluded_in(gen, excluded)
             if isinstance(gen.index, BinaryRerankIndex):

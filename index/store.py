@@ -1,20 +1,22 @@
 """Vector store: per gallery and space, float32 shards on disk keyed by int64 item ids.
 
-A space is a folder of immutable shards (`shard-N.npy` vectors, `shard-N.ids.npy` ids)
-and a `manifest.json` naming the live shards. A delete rewrites the shards it touches
-without those rows (deletes are rare: an upgrade keeps old vectors until it finishes,
-then retires the whole old space). Every write puts new
-files in place with temp file + fsync + rename and commits by renaming a new manifest, so
+A space is a folder of immutable shards (`index.shards`: vectors, ids and the content
+fingerprint of each vector) and a `manifest.json` naming the live shards with the sha256
+of each file; a shard is verified against it when this process first reads it. A delete
+rewrites the shards it touches without those rows (deletes are rare: an upgrade keeps old
+vectors until it finishes, then retires the whole old space). Every write puts new files
+in place with temp file + fsync + rename and commits by renaming a new manifest, so
 a crash at any point leaves the previous manifest, and the state it names, readable.
 Writers serialise on a lock file; readers never lock and see one manifest or the next.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,8 @@ import numpy.typing as npt
 
 from embcompat.arrays import FloatArray, IdArray, check_vectors
 from embcompat.errors import CorruptArtifact, DimensionMismatch, DuplicateItem, InvalidInput
-from embcompat.files import atomic_write, npy_bytes
+from embcompat.files import atomic_write
+from embcompat.index.shards import Shard, SourceArray, read_shard, shard_files, write_shard
 
 MANIFEST = "manifest.json"
 MAX_SHARDS = 32
@@ -39,6 +42,8 @@ class Snapshot:
     dim: int
     ids: IdArray
     vectors: FloatArray
+    sources: SourceArray  # content fingerprint of each vector (0: unknown)
+    written: IdArray  # the store seq at which each row's file was written
     order: IdArray  # argsort of ids, for lookups
     sorted_ids: IdArray  # ids[order]: what exclusions and membership tests take
 
@@ -62,28 +67,35 @@ class _Layout:
     order: IdArray
     shard: IdArray
     row: IdArray
-    shards: list[np.memmap[Any, Any]]
+    shards: list[np.memmap[Any, Any] | FloatArray]
 
 
 class SpaceStore:
     """The vectors of one space (a model version, or a mapped copy) of one gallery."""
 
-    def __init__(self, root: Path, dim: int | None = None) -> None:
+    def __init__(
+        self, root: Path, dim: int | None = None, where: Mapping[str, str] | None = None
+    ) -> None:
+        """`where` names the space in errors ({"gallery": "docs", "space": "v3"}), which
+        never carry server paths."""
         self.root = Path(root)
+        self.where = dict(where or {"space": self.root.name})
+        self.label = ", ".join(f"{k} {v!r}" for k, v in self.where.items())
         self.root.mkdir(parents=True, exist_ok=True)
-        self._cache: tuple[tuple[int, int], Snapshot] | None = None
-        self._layout_cache: tuple[tuple[int, int], _Layout] | None = None
+        self._cache: tuple[tuple[int, ...], Snapshot] | None = None
+        self._layout_cache: tuple[tuple[int, ...], _Layout] | None = None
         self._dim: int | None = None
+        self._verified: set[str] = set()  # shards checked against their checksums
         manifest = self._read_manifest()
         if manifest is None:
             if dim is None:
-                raise InvalidInput(f"space {self.root.name!r} does not exist and has no dim")
+                raise InvalidInput(f"{self.label} does not exist and has no dim")
             with self._locked():
                 if self._read_manifest() is None:
-                    self._commit({"seq": 0, "dim": dim, "shards": []})
+                    self._commit({"seq": 0, "dim": dim, "shards": [], "sha256": {}})
         elif dim is not None and manifest["dim"] != dim:
             raise DimensionMismatch(
-                f"space {self.root.name!r} holds dim {manifest['dim']}, not {dim}", field="dim"
+                f"{self.label} holds dim {manifest['dim']}, not {dim}", field="dim"
             )
 
     @property
@@ -96,22 +108,63 @@ class SpaceStore:
     # -- reading ---------------------------------------------------------------
     def _read_manifest(self) -> dict[str, Any] | None:
         try:
-            return json.loads((self.root / MANIFEST).read_text())  # type: ignore[no-any-return]
+            manifest = json.loads((self.root / MANIFEST).read_text())
         except FileNotFoundError:
             return None
-        except ValueError as exc:
-            raise CorruptArtifact(f"manifest of space {self.root} is unreadable: {exc}") from exc
+        except (OSError, ValueError) as exc:
+            raise self._corrupt(f"its manifest is unreadable ({type(exc).__name__})") from exc
+        if not (
+            isinstance(manifest, dict)
+            and isinstance(manifest.get("seq"), int)
+            and isinstance(manifest.get("dim"), int)
+            and isinstance(manifest.get("shards"), list)
+        ):
+            raise self._corrupt("its manifest is malformed")
+        return manifest
+
+    def _corrupt(self, what: str) -> CorruptArtifact:
+        return CorruptArtifact(
+            f"{self.label}: {what}",
+            hint="run `embcompat gallery repair` to rebuild the space",
+            **self.where,
+        )
 
     def _manifest(self) -> dict[str, Any]:
         manifest = self._read_manifest()
         if manifest is None:
-            raise CorruptArtifact(f"space {self.root} lost its manifest")
+            raise self._corrupt("its manifest is missing")
         return manifest
 
-    def _manifest_key(self) -> tuple[int, int]:
-        """Identifies the committed manifest (a commit renames a new file into place)."""
+    def _shard(self, m: dict[str, Any], name: str) -> Shard:
+        """One shard of manifest `m`, verified against its checksums the first time."""
+        verify = name not in self._verified
+        shard = read_shard(self.root, name, m["dim"], m.get("sha256"), verify, self.where)
+        self._verified.add(name)
+        return shard
+
+    def intact_shards(self) -> list[Shard]:
+        """The live shards that pass their checks now (what a repair keeps)."""
+        m = self._manifest()
+        out = []
+        for name in m["shards"]:
+            with contextlib.suppress(CorruptArtifact):
+                out.append(read_shard(self.root, name, m["dim"], m.get("sha256"), True, self.where))
+        return out
+
+    def verify(self) -> int:
+        """Check every live shard against its checksums now (not only on first read);
+        returns how many vectors the space holds."""
+        self._verified.clear()
+        self._cache = self._layout_cache = None
+        return len(self.snapshot())
+
+    def _manifest_key(self) -> tuple[int, ...]:
+        """Identifies the committed manifest (a commit renames a new file into place).
+        File times tick by the kernel's coarse clock (milliseconds) and a freed inode
+        number is soon reused, so two quick commits can look alike: commits of this
+        store drop its caches themselves, and the size and ctime narrow the rest."""
         st = (self.root / MANIFEST).stat()
-        return st.st_ino, st.st_mtime_ns
+        return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
 
     def snapshot(self) -> Snapshot:
         """The live ids and vectors; cached until the manifest file changes."""
@@ -119,16 +172,34 @@ class SpaceStore:
         if self._cache and self._cache[0] == key:
             return self._cache[1]
         m = self._manifest()
-        ids_parts, vec_parts = [], []
-        for shard in m["shards"]:
-            ids_parts.append(np.load(self.root / f"{shard}.ids.npy"))
-            vec_parts.append(np.load(self.root / f"{shard}.npy", mmap_mode="r"))
-        ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
-        vecs = np.concatenate(vec_parts) if vec_parts else np.zeros((0, m["dim"]), np.float32)
+        shards = [self._shard(m, name) for name in m["shards"]]
+        ids = np.concatenate([s.ids for s in shards]) if shards else np.zeros(0, np.int64)
+        vecs = (
+            np.concatenate([s.vectors for s in shards])
+            if shards
+            else np.zeros((0, m["dim"]), np.float32)
+        )
+        src = np.concatenate([s.sources for s in shards]) if shards else np.zeros(0, np.uint64)
+        seqs = [_written(name) for name in m["shards"]]
+        written = np.concatenate(
+            [np.zeros(0, np.int64)]
+            + [np.full(len(s.ids), q, np.int64) for s, q in zip(shards, seqs, strict=True)]
+        )
         order = np.argsort(ids, kind="stable")
-        snap = Snapshot(m["seq"], m["dim"], ids, np.ascontiguousarray(vecs), order, ids[order])
+        snap = Snapshot(
+            m["seq"], m["dim"], ids, np.ascontiguousarray(vecs), src, written, order, ids[order]
+        )
         self._cache = (key, snap)
         return snap
+
+    def sources(self, ids: IdArray) -> tuple[SourceArray, npt.NDArray[np.bool_]]:
+        """ids: (n,) → the content fingerprint of each stored vector (0 where missing or
+        unknown) and a found mask (n,)."""
+        snap = self.snapshot()
+        rows, found = snap.positions(np.asarray(ids, np.int64))
+        out = np.zeros(len(rows), np.uint64)
+        out[found] = snap.sources[rows[found]]
+        return out, found
 
     def get(self, ids: IdArray) -> tuple[FloatArray, npt.NDArray[np.bool_]]:
         """ids: (n,) → vectors (n, dim) (zeros where missing) and a found mask (n,)."""
@@ -168,8 +239,9 @@ class SpaceStore:
         if self._layout_cache and self._layout_cache[0] == key:
             return self._layout_cache[1]
         m = self._manifest()
-        ids = [np.load(self.root / f"{s}.ids.npy") for s in m["shards"]]
-        shards = [np.load(self.root / f"{s}.npy", mmap_mode="r") for s in m["shards"]]
+        loaded = [self._shard(m, name) for name in m["shards"]]
+        ids = [s.ids for s in loaded]
+        shards = [s.vectors for s in loaded]
         all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         layout = _Layout(
             m["dim"],
@@ -194,50 +266,63 @@ class SpaceStore:
 
     def _commit(self, manifest: dict[str, Any]) -> None:
         atomic_write(self.root / MANIFEST, json.dumps(manifest).encode())
+        self._cache = self._layout_cache = None
 
-    def add_missing(self, ids: Any, vectors: Any) -> IdArray:
-        """Add only the ids not yet present, atomically: two writers racing on an item
-        store it once. Returns the ids this call added."""
+    def _checked(
+        self, ids: Any, vectors: Any, sources: Any
+    ) -> tuple[IdArray, FloatArray, SourceArray]:
         ids = np.asarray(ids, dtype=np.int64).ravel()
-        vecs = check_vectors(vectors, self.dim, f"space {self.root.name!r}")
+        vecs = check_vectors(vectors, self.dim, self.label)
+        src = (
+            np.zeros(len(ids), np.uint64)
+            if sources is None
+            else np.asarray(sources, dtype=np.uint64).ravel()
+        )
+        if not len(ids) == len(vecs) == len(src):
+            raise InvalidInput(f"{len(ids)} ids for {len(vecs)} vectors and {len(src)} sources")
+        return ids, vecs, src
+
+    def add_missing(self, ids: Any, vectors: Any, sources: Any = None) -> IdArray:
+        """Add only the ids not yet present, atomically: two writers racing on an item
+        store it once. `sources`: (n,) content fingerprints. Returns the ids added."""
+        ids, vecs, src = self._checked(ids, vectors, sources)
         with self._locked():
             fresh = ~np.isin(ids, self.snapshot().ids)
             if fresh.any():
-                self._append_locked(ids[fresh], vecs[fresh], clash=None)
+                self._append_locked(ids[fresh], vecs[fresh], src[fresh], clash=None)
         return ids[fresh]
 
-    def add(self, ids: Any, vectors: Any, *, replace: bool = False) -> int:
+    def add(self, ids: Any, vectors: Any, sources: Any = None, *, replace: bool = False) -> int:
         """Append vectors for new ids; `replace=True` overwrites ids already present.
+        `sources`: (n,) content fingerprints of the vectors (0: unknown).
 
         Returns how many ids were written. Refuses duplicate ids within the batch, ids
         already live (unless replace), wrong dims and non-finite values."""
-        ids = np.asarray(ids, dtype=np.int64).ravel()
-        vecs = check_vectors(vectors, self.dim, f"space {self.root.name!r}")
-        if len(ids) != len(vecs):
-            raise InvalidInput(f"{len(ids)} ids for {len(vecs)} vectors")
+        ids, vecs, src = self._checked(ids, vectors, sources)
         if len(np.unique(ids)) != len(ids):
-            raise DuplicateItem(f"duplicate item ids in one batch for space {self.root.name!r}")
+            raise DuplicateItem(f"duplicate item ids in one batch for {self.label}")
         if len(ids) == 0:
             return 0
         with self._locked():
             clash = np.isin(ids, self.snapshot().ids)
             if clash.any() and not replace:
                 raise DuplicateItem(
-                    f"space {self.root.name!r} already holds item id {int(ids[clash][0])} "
+                    f"{self.label} already holds item id {int(ids[clash][0])} "
                     f"({int(clash.sum())} clashing)",
                     hint="use replace to overwrite",
                 )
-            self._append_locked(ids, vecs, clash=ids[clash] if clash.any() else None)
+            self._append_locked(ids, vecs, src, clash=ids[clash] if clash.any() else None)
         return len(ids)
 
-    def _append_locked(self, ids: IdArray, vecs: FloatArray, clash: IdArray | None) -> None:
+    def _append_locked(
+        self, ids: IdArray, vecs: FloatArray, src: SourceArray, clash: IdArray | None
+    ) -> None:
         """Write one shard and commit it; `clash` ids are dropped from older shards."""
         m = self._manifest()
         seq = m["seq"] + 1
         shard = f"shard-{seq:08d}"
-        atomic_write(self.root / f"{shard}.npy", npy_bytes(vecs))
-        atomic_write(self.root / f"{shard}.ids.npy", npy_bytes(ids))
-        m = {**m, "seq": seq, "shards": [*m["shards"], shard]}
+        sums = write_shard(self.root, shard, ids, vecs, src)
+        m = {**m, "seq": seq, "shards": [*m["shards"], shard], "sha256": {**_sums(m), **sums}}
         if clash is not None:
             m = self._without(m, clash, seq, keep=shard)
         if len(m["shards"]) > MAX_SHARDS:
@@ -260,34 +345,41 @@ class SpaceStore:
     ) -> dict[str, Any]:
         """The manifest with `ids` gone: shards holding them are rewritten without them
         (new files; the old ones stay until `garbage_collect`, for readers still on them)."""
-        shards = []
+        shards, sums = [], _sums(m)
         for shard in m["shards"]:
             if shard == keep:
                 shards.append(shard)
                 continue
-            sids = np.load(self.root / f"{shard}.ids.npy")
-            hit = np.isin(sids, ids)
+            old = self._shard(m, shard)
+            hit = np.isin(old.ids, ids)
             if not hit.any():
                 shards.append(shard)
                 continue
             if (~hit).any():
                 name = f"{shard}.c{seq:08d}"
-                vecs = np.load(self.root / f"{shard}.npy")[~hit]
-                atomic_write(self.root / f"{name}.npy", npy_bytes(vecs))
-                atomic_write(self.root / f"{name}.ids.npy", npy_bytes(sids[~hit]))
+                sums.update(
+                    write_shard(
+                        self.root, name, old.ids[~hit], old.vectors[~hit], old.sources[~hit]
+                    )
+                )
                 shards.append(name)
-        return {**m, "seq": seq, "shards": shards}
+        return {**m, "seq": seq, "shards": shards, "sha256": _live_sums(sums, shards)}
 
     def _compacted(self, m: dict[str, Any], seq: int) -> dict[str, Any]:
         """Many small writes (read-through backfill) make many shards: merge all but the
         first (usually the large ingest) into one."""
         first, rest = m["shards"][0], m["shards"][1:]
         name = f"shard-{seq:08d}.m"
-        ids = np.concatenate([np.load(self.root / f"{s}.ids.npy") for s in rest])
-        vecs = np.concatenate([np.load(self.root / f"{s}.npy") for s in rest])
-        atomic_write(self.root / f"{name}.npy", npy_bytes(vecs))
-        atomic_write(self.root / f"{name}.ids.npy", npy_bytes(ids))
-        return {**m, "shards": [first, name]}
+        parts = [self._shard(m, s) for s in rest]
+        sums = write_shard(
+            self.root,
+            name,
+            np.concatenate([p.ids for p in parts]),
+            np.concatenate([p.vectors for p in parts]),
+            np.concatenate([p.sources for p in parts]),
+        )
+        shards = [first, name]
+        return {**m, "shards": shards, "sha256": _live_sums({**_sums(m), **sums}, shards)}
 
     def garbage_collect(self) -> int:
         """Remove shard files no manifest names (left by crashes or compaction)."""
@@ -295,7 +387,8 @@ class SpaceStore:
             named = set(self._manifest()["shards"])
             removed = 0
             for f in self.root.glob("shard-*.npy"):
-                base = f.name.removesuffix(".ids.npy").removesuffix(".npy")
+                base = f.name.removesuffix(".ids.npy").removesuffix(".src.npy")
+                base = base.removesuffix(".npy")
                 if base not in named:
                     f.unlink()
                     removed += 1
@@ -303,6 +396,24 @@ class SpaceStore:
                 f.unlink()
                 removed += 1
         return removed
+
+
+def _written(shard: str) -> int:
+    """The store seq at which a shard's rows were written: the first number in its name
+    (`shard-00000012`; rewritten without deleted rows, `shard-00000012.c00000015`, its
+    rows are the same vectors; a compaction's `shard-00000020.m` rows count as new)."""
+    return int(shard.removeprefix("shard-").split(".")[0])
+
+
+def _sums(m: dict[str, Any]) -> dict[str, str]:
+    """The manifest's checksums ({} for a space written before they existed)."""
+    return dict(m.get("sha256") or {})
+
+
+def _live_sums(sums: dict[str, str], shards: list[str]) -> dict[str, str]:
+    """Checksums of the files of `shards` only; a pre-checksum shard stays unlisted."""
+    files = {f for name in shards for f in shard_files(name)}
+    return {f: h for f, h in sums.items() if f in files}
 
 
 class OpenSpaces:
@@ -314,14 +425,19 @@ class OpenSpaces:
         self._open: dict[Path, SpaceStore] = {}
         self._lock = threading.Lock()
 
-    def open(self, root: Path, dim: int | None = None) -> SpaceStore:
+    def open(
+        self, root: Path, dim: int | None = None, where: Mapping[str, str] | None = None
+    ) -> SpaceStore:
         key = Path(root).resolve()
         with self._lock:
             store = self._open.get(key)
             if store is None or not (key / MANIFEST).exists():
-                store = self._open[key] = SpaceStore(key, dim)
+                store = self._open[key] = SpaceStore(key, dim, where)
         if dim is not None and store.dim != dim:
-            raise DimensionMismatch(
-                f"space {key.name!r} holds dim {store.dim}, not {dim}", field="dim"
-            )
+            raise DimensionMismatch(f"{store.label} holds dim {store.dim}, not {dim}", field="dim")
         return store
+
+    def forget(self, root: Path) -> None:
+        """Drop the open store of `root` (its folder was replaced, e.g. by a repair)."""
+        with self._lock:
+            self._open.pop(Path(root).resolve(), None)

@@ -22,10 +22,11 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from embcompat.kinds import AdapterStatus, ChunkState, JobState, Metric
+from embcompat.kinds import ACTIVE_STATES, AdapterStatus, ChunkState, JobState, Metric
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -129,9 +130,26 @@ class Item(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+ACTIVE_UPGRADE = text(
+    "kind = 'upgrade' AND state IN ("
+    + ", ".join(f"'{s.value}'" for s in sorted(ACTIVE_STATES))
+    + ")"
+)
+
+
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_gallery_state", "gallery_id", "state"),)
+    __table_args__ = (
+        Index("ix_jobs_gallery_state", "gallery_id", "state"),
+        # one active upgrade per gallery, enforced by the database itself
+        Index(
+            "uq_jobs_one_active_upgrade",
+            "gallery_id",
+            unique=True,
+            sqlite_where=ACTIVE_UPGRADE,
+            postgresql_where=ACTIVE_UPGRADE,
+        ),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(String(32))

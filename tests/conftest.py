@@ -117,6 +117,18 @@ def text_pair_dir(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) ->
     return root
 
 
+@pytest.fixture(scope="session")
+def hash_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data dir whose registry holds the tiny deterministic `hash` models (v1, v2 a
+    rotation of v1, v2c compatible with v1), built once; tests copy it."""
+    from tests.service.hash_models import register_hash_pair
+
+    root = tmp_path_factory.mktemp("hash") / "data"
+    with make_context(root) as ctx:
+        register_hash_pair(ctx)
+    return root
+
+
 @pytest.fixture
 def text_ctx(text_pair_dir: Path, tmp_path: Path) -> Iterator[Context]:
     """A private copy of the two-version registry (DB, MLflow store and artifacts)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from functools import cached_property
+from typing import Any
 
 from celery import Task, shared_task
 from celery.signals import worker_process_init
@@ -21,6 +22,7 @@ from embcompat.service import galleries, upgrade
 from embcompat.service.context import Context
 
 RETRY = {"autoretry_for": (ServiceUnavailable,), "retry_backoff": True, "max_retries": 5}
+JOB_TASKS = ("workers.tasks.run_upgrade", "workers.tasks.backfill_chunk")
 
 
 class ContextTask(Task):  # type: ignore[misc]
@@ -30,6 +32,13 @@ class ContextTask(Task):  # type: ignore[misc]
     @cached_property
     def ctx(self) -> Context:
         return Context()
+
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        """A job task that failed for good (retries spent) fails its job, with the error:
+        nothing else would move it."""
+        if self.name in JOB_TASKS and args:
+            with contextlib.suppress(EmbcompatError):
+                upgrade.fail(self.ctx, int(args[0]), f"{type(exc).__name__}: {exc}")
 
 
 @worker_process_init.connect
@@ -45,12 +54,12 @@ def run_upgrade(self: ContextTask, job_id: int) -> str:
     """pair → train → gate → map, then one backfill task per chunk due."""
     ctx = self.ctx
     try:
-        upgrade.prepare(ctx, job_id)
-        seqs = upgrade.chunks_due(ctx, job_id)  # with a schedule, beat's reconcile sends the rest
+        with upgrade.failing_job(ctx, job_id, transient_too=False):
+            upgrade.prepare(ctx, job_id)
+            seqs = upgrade.chunks_due(ctx, job_id)  # with a schedule, beat sends the rest
     except EmbcompatError as exc:
         if exc.transient:
-            raise
-        upgrade.fail(ctx, job_id, f"{exc.code}: {exc.message}")
+            raise  # retried; on_failure fails the job once the retries are spent
         return "failed"
     for seq in seqs:
         backfill_chunk.delay(job_id, seq)
@@ -62,9 +71,10 @@ def run_upgrade(self: ContextTask, job_id: int) -> str:
 @shared_task(name="workers.tasks.backfill_chunk", base=ContextTask, bind=True, **RETRY)
 def backfill_chunk(self: ContextTask, job_id: int, seq: int) -> int:
     """Re-embed one chunk; the task that finishes the last chunk finalizes the job."""
-    done = upgrade.backfill_chunk(self.ctx, job_id, seq)
-    if upgrade.chunks_left(self.ctx, job_id) == 0:
-        upgrade.finalize(self.ctx, job_id)
+    with upgrade.failing_job(self.ctx, job_id, transient_too=False):
+        done = upgrade.backfill_chunk(self.ctx, job_id, seq)
+        if upgrade.chunks_left(self.ctx, job_id) == 0:
+            upgrade.finalize(self.ctx, job_id)
     return done
 
 

@@ -21,10 +21,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from embcompat.errors import DimensionMismatch, ServiceUnavailable
 from embcompat.index.store import OpenSpaces
 from embcompat.registry import versions
-from embcompat.registry.db import make_engine, session_scope
+from embcompat.registry.db import WRITER, make_engine, session_scope
 from embcompat.registry.encoders import Encoder
 from embcompat.registry.mlflow_registry import MlflowRegistry
 from embcompat.registry.records import ModelVersionRecord
+from embcompat.service.health import Health
 from embcompat.settings import Settings, get_settings
 from embcompat.training.legacy import release_0_1_names
 
@@ -36,6 +37,7 @@ class Context:
         self.settings = settings or get_settings()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.spaces = OpenSpaces()
+        self.health = Health()
         self._cache: dict[tuple[str, Any], Any] = {}
         self._lock = threading.RLock()
 
@@ -55,14 +57,20 @@ class Context:
     def _sessions(self) -> sessionmaker[Session]:
         return sessionmaker(bind=self.engine, expire_on_commit=False)
 
+    @cached_property
+    def _write_sessions(self) -> sessionmaker[Session]:
+        return sessionmaker(bind=self.engine.execution_options(**WRITER), expire_on_commit=False)
+
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        """One DB transaction; an unreachable database becomes a transient error."""
+    def session(self, write: bool = False) -> Iterator[Session]:
+        """One DB transaction; an unreachable database becomes a transient error.
+        `write`: a transaction that reads then writes where others may write at once
+        (SQLite: the write lock from BEGIN on; never open one inside another)."""
         try:
-            with session_scope(self._sessions) as session:
+            with session_scope(self._write_sessions if write else self._sessions) as session:
                 yield session
         except OperationalError as exc:
-            raise ServiceUnavailable(f"database unreachable: {exc.orig}") from exc
+            raise ServiceUnavailable(f"database unavailable: {exc.orig}") from exc
 
     @cached_property
     def registry(self) -> MlflowRegistry:
@@ -118,7 +126,7 @@ class Context:
         with self._lock:
             self._cache.clear()
         self.spaces = OpenSpaces()
-        for name in ("engine", "_sessions", "search_pool"):
+        for name in ("engine", "_sessions", "_write_sessions", "search_pool"):
             self.__dict__.pop(name, None)
 
     def __enter__(self) -> Context:

@@ -136,7 +136,7 @@ def search(
     plan = _plan(ctx, ServingPlan(mixed_plan), cast(int, job_id), old, target, gate)
     mapped = None
     if mixed_plan == ServingPlan.MAPPED:
-        mapped = mapped_searcher(ctx, gallery, old, target, kind)
+        mapped = mapped_searcher(ctx, gallery, old, target, cast(int, job_id), kind)
     index = MixedIndex(
         space_searcher(ctx, gallery, old, kind),
         space_searcher(ctx, gallery, target, kind),

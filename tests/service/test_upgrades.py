@@ -139,7 +139,7 @@ def test_each_plan_serves_mid_upgrade_with_its_paths(gallery: tuple, plan: str) 
         with ctx.session() as s:
             old = versions.get_version(s, ctx.registry, "text", "v1")
             new = versions.get_version(s, ctx.registry, "text", "v2")
-        assert len(galleries.mapped_store(ctx, "docs", old, new)) == len(items)
+        assert len(galleries.mapped_store(ctx, "docs", old, new, job.id)) == len(items)
     res = search.search(ctx, "docs", texts=queries[:20], k=10)
     paths = {h.path for row in res.hits for h in row}
     old_path = {"dual": "old"}.get(expected, expected)

@@ -12,6 +12,7 @@ from embcompat.service.galleries.items import (
 )
 from embcompat.service.galleries.layout import (
     gallery_dir,
+    gallery_lock,
     get_gallery_row,
     mapped_searcher,
     mapped_store,
@@ -26,6 +27,7 @@ from embcompat.service.galleries.records import (
     get_gallery,
     list_galleries,
 )
+from embcompat.service.galleries.repair import degraded, repair, verify
 
 __all__ = [
     "Filters",
@@ -33,12 +35,14 @@ __all__ = [
     "ItemIn",
     "MetaValue",
     "create_gallery",
+    "degraded",
     "delete_items",
     "encode_and_store",
     "encode_items",
     "encode_staged",
     "excluded_by",
     "gallery_dir",
+    "gallery_lock",
     "get_gallery",
     "get_gallery_row",
     "ingest",
@@ -46,9 +50,11 @@ __all__ = [
     "mapped_searcher",
     "mapped_store",
     "publish",
+    "repair",
     "space_searcher",
     "space_store",
     "stage",
     "stats",
+    "verify",
     "version_record",
 ]

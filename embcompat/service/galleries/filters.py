@@ -44,7 +44,7 @@ def excluded_by(ctx: Context, gallery: str, filters: Filters | None) -> IdArray 
         return None
     if not isinstance(filters, dict):
         raise InvalidInput("filters must be an object of key: value or [values]", field="filters")
-    wanted: dict[str, set[MetaValue]] = {}
+    wanted: dict[str, set[tuple[str, Any]]] = {}
     for key, value in filters.items():
         values = value if isinstance(value, list) else [value]
         if not values or not all(isinstance(v, MetaValue) for v in values):  # type: ignore[arg-type]
@@ -52,7 +52,7 @@ def excluded_by(ctx: Context, gallery: str, filters: Filters | None) -> IdArray 
                 f"filter {key!r} needs a string, number or bool, or a non-empty list of them",
                 field="filters",
             )
-        wanted[key] = set(values)
+        wanted[key] = {_typed(v) for v in values}
     with ctx.session() as s:
         g = get_gallery_row(s, gallery)
         rows = s.execute(
@@ -62,8 +62,20 @@ def excluded_by(ctx: Context, gallery: str, filters: Filters | None) -> IdArray 
         i
         for i, ext, meta in rows
         if not all(
-            (ext if key == "id" else (meta or {}).get(key, _MISSING)) in values
+            _typed(ext if key == "id" else (meta or {}).get(key, _MISSING)) in values
             for key, values in wanted.items()
         )
     ]
     return np.array(sorted(out), np.int64)
+
+
+def _typed(value: Any) -> tuple[str, Any]:
+    """A value with its kind, so `true` never matches 1 nor "1" matches 1 (Python's
+    True == 1), while 1 and 1.0 stay the same number."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, int | float):
+        return ("number", float(value))
+    if isinstance(value, str):
+        return ("str", value)
+    return ("missing", id(value))

@@ -2,21 +2,27 @@
 and encode stored payloads into another version's space.
 
 The DB holds each item's external id and raw payload (kept for re-embedding); vectors
-live in the vector store, one space per model version. Ingest is idempotent on the
-external id: everything is validated and encoded before anything is written, and vectors
-are stored before the DB commit."""
+live in the vector store, one space per model version, each with the fingerprint of the
+content it was computed from. Every writer holds the gallery's lock while it changes the
+DB and the store, so the two agree: an item whose content changes keeps no vector of its
+old content in any space, and a vector computed from content that changed meanwhile is
+never stored. Ingest is idempotent on the external id."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from embcompat.arrays import FloatArray, IdArray, check_vectors
 from embcompat.errors import DuplicateItem, InvalidInput, UnknownItem
+from embcompat.index.store import SpaceStore
 from embcompat.registry.jobs import active_upgrade
 from embcompat.registry.records import ModelVersionRecord
 from embcompat.registry.schema import Item
@@ -24,8 +30,10 @@ from embcompat.service.context import Context
 from embcompat.service.galleries.filters import check_metadata
 from embcompat.service.galleries.layout import (
     gallery_dir,
+    gallery_lock,
     get_gallery_row,
     space_store,
+    space_where,
     version_record,
 )
 
@@ -60,6 +68,23 @@ def encode_items(ctx: Context, version: ModelVersionRecord, items: Sequence[Item
     return ctx.encoder(version).encode(texts, ctx.settings.encode_batch_size)
 
 
+def content_hash(payload: str | None) -> int:
+    """The fingerprint stored beside a vector: what it was computed from (never 0,
+    which marks a vector of unknown origin)."""
+    digest = hashlib.blake2b((payload or "").encode("utf-8", "surrogatepass"), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") or 1
+
+
+def _hashes(payloads: Sequence[str | None]) -> npt.NDArray[np.uint64]:
+    return np.array([content_hash(p) for p in payloads], np.uint64)
+
+
+def _space_stores(ctx: Context, gallery: str) -> list[SpaceStore]:
+    """Every space of the gallery on disk: version spaces and mapped ones."""
+    root = gallery_dir(ctx, gallery) / "vectors"
+    return [ctx.spaces.open(p, where=space_where(gallery, p.name)) for p in sorted(root.glob("v*"))]
+
+
 def _check_batch(ctx: Context, items: Sequence[ItemIn]) -> list[str]:
     if len(items) > ctx.settings.max_batch_items:
         raise InvalidInput(
@@ -77,26 +102,40 @@ def _check_batch(ctx: Context, items: Sequence[ItemIn]) -> list[str]:
 
 def stage(ctx: Context, gallery: str, items: Sequence[ItemIn]) -> int:
     """Store raw items (texts) without vectors, for the `ingest` task to encode in chunks
-    on the workers; idempotent on item id. Returns how many are staged."""
+    on the workers; idempotent on item id. An item staged with new content loses its old
+    vectors at once (it is not found until encoded). Returns how many are staged."""
     ids = _check_batch(ctx, items)
     missing = [it.id for it in items if not it.text or it.vector is not None]
     if missing:
         raise InvalidInput(f"staged item {missing[0]!r} needs a text and no vector", field="text")
-    with ctx.session() as s:
-        g = get_gallery_row(s, gallery)
+    with gallery_lock(ctx, gallery), ctx.session(write=True) as s:
+        g = get_gallery_row(s, gallery, lock=True)
+        serving = version_record(ctx, s, g.serving_version_id)
+        if serving.external or serving.tags.get("input", "text") != "text":
+            raise InvalidInput(
+                f"gallery {gallery!r} is served by {serving.ref}, which cannot encode texts: "
+                "staged items would never get vectors",
+                hint="ingest the items with their vectors instead",
+                field="items",
+            )
         existing = {
             r.external_id: r
             for r in s.scalars(
                 select(Item).where(Item.gallery_id == g.id, Item.external_id.in_(ids))
             )
         }
+        changed = []
         for it in items:
             row = existing.get(it.id) or Item(gallery_id=g.id, external_id=it.id)
             if row.payload != it.text or row.vector_version_id is None:
+                if row.id is not None:
+                    changed.append(row.id)
                 row.payload, row.vector_version_id = it.text, None
             if it.metadata is not None:
                 row.meta = it.metadata
             s.add(row)
+        for store in _space_stores(ctx, gallery):
+            store.delete(np.array(changed, np.int64))
     return len(items)
 
 
@@ -105,7 +144,7 @@ def encode_staged(ctx: Context, gallery: str, limit: int = 1000) -> int:
     with ctx.session() as s:
         g = get_gallery_row(s, gallery)
         rows = s.execute(
-            select(Item.external_id, Item.payload)
+            select(Item.external_id, Item.payload, Item.meta)
             .where(
                 Item.gallery_id == g.id, Item.vector_version_id.is_(None), Item.payload.is_not(None)
             )
@@ -113,48 +152,79 @@ def encode_staged(ctx: Context, gallery: str, limit: int = 1000) -> int:
             .limit(limit)
         ).all()
     if rows:
-        ingest(ctx, gallery, [ItemIn(ext, text) for ext, text in rows])
+        ingest(ctx, gallery, [ItemIn(ext, text, None, meta) for ext, text, meta in rows])
     return len(rows)
 
 
 def ingest(ctx: Context, gallery: str, items: Sequence[ItemIn]) -> dict[str, int]:
     """Add or update items (idempotent on item id), in the serving version's space and,
-    mid-upgrade, in the new version's too."""
+    mid-upgrade, in the new version's too; an updated item's vectors in other spaces
+    are dropped (a later upgrade encodes its new content)."""
     if not items:
         return {"added": 0, "updated": 0}
     ids = _check_batch(ctx, items)
-    with ctx.session() as s:
-        g = get_gallery_row(s, gallery)
-        targets = [version_record(ctx, s, g.serving_version_id)]
-        job = active_upgrade(s, g.id)
-        if job is not None and job.to_version_id is not None:
-            targets.append(version_record(ctx, s, job.to_version_id))
+    with gallery_lock(ctx, gallery):
+        with ctx.session() as s:
+            g = get_gallery_row(s, gallery)
+            targets = [version_record(ctx, s, g.serving_version_id)]
+            job = active_upgrade(s, g.id)
+            if job is not None and job.to_version_id is not None:
+                targets.append(version_record(ctx, s, job.to_version_id))
+        # encoded outside any transaction; the lock keeps the targets as they were read
         vectors = [encode_items(ctx, v, items) for v in targets]
+        return _write_items(ctx, gallery, items, ids, targets, vectors)
+
+
+def _write_items(
+    ctx: Context,
+    gallery: str,
+    items: Sequence[ItemIn],
+    ids: list[str],
+    targets: list[ModelVersionRecord],
+    vectors: list[FloatArray],
+) -> dict[str, int]:
+    """The DB rows and the vectors of one ingest batch, under the gallery's lock."""
+    with ctx.session(write=True) as s:
+        g = get_gallery_row(s, gallery, lock=True)
         existing = {
             r.external_id: r
             for r in s.scalars(
                 select(Item).where(Item.gallery_id == g.id, Item.external_id.in_(ids))
             )
         }
-        rows = []
+        rows, changed = [], []
         for it in items:
             row = existing.get(it.id) or Item(gallery_id=g.id, external_id=it.id)
+            if row.id is not None and (row.payload != it.text or it.vector is not None):
+                changed.append(row.id)
             row.payload = it.text
             if it.metadata is not None:
                 row.meta = it.metadata
-            row.vector_version_id = targets[-1].id
+            row.vector_version_id = targets[0].id
             s.add(row)
             rows.append(row)
         s.flush()
         db_ids = np.array([r.id for r in rows], np.int64)
-        for version, vecs in zip(targets, vectors, strict=True):
-            space_store(ctx, gallery, version).add(db_ids, vecs, replace=True)
+        fresh = db_ids[[it.id not in existing for it in items]]
+        sources = _hashes([it.text for it in items])
+        stores = [space_store(ctx, gallery, v) for v in targets]
+        try:
+            for store, vecs in zip(stores, vectors, strict=True):
+                store.add(db_ids, vecs, sources, replace=True)
+            for other in _space_stores(ctx, gallery):
+                if other.root not in {st.root for st in stores}:
+                    other.delete(np.array(changed, np.int64))
+            s.commit()
+        except BaseException:
+            for store in stores:  # new items leave no vector behind a failed commit
+                store.delete(fresh)
+            raise
         return {"added": len(items) - len(existing), "updated": len(existing)}
 
 
 def delete_items(ctx: Context, gallery: str, external_ids: Sequence[str]) -> int:
-    with ctx.session() as s:
-        g = get_gallery_row(s, gallery)
+    with gallery_lock(ctx, gallery), ctx.session(write=True) as s:
+        g = get_gallery_row(s, gallery, lock=True)
         rows = list(
             s.scalars(
                 select(Item).where(Item.gallery_id == g.id, Item.external_id.in_(external_ids))
@@ -165,8 +235,8 @@ def delete_items(ctx: Context, gallery: str, external_ids: Sequence[str]) -> int
         if missing:
             raise UnknownItem(f"gallery {gallery!r} has no item {missing[0]!r}", item=missing[0])
         db_ids = np.array([r.id for r in rows], np.int64)
-        for space in (gallery_dir(ctx, gallery) / "vectors").glob("v*"):
-            ctx.spaces.open(space).delete(db_ids)
+        for store in _space_stores(ctx, gallery):
+            store.delete(db_ids)
         for r in rows:
             s.delete(r)
         return len(rows)
@@ -175,25 +245,40 @@ def delete_items(ctx: Context, gallery: str, external_ids: Sequence[str]) -> int
 def encode_and_store(
     ctx: Context, gallery: str, version: ModelVersionRecord, item_ids: IdArray
 ) -> IdArray:
-    """Encode these items' payloads with `version`, store the vectors that are missing,
-    and mark them upgraded; returns the ids this call stored (others were already there).
-    Pairing, backfill chunks and the cascade's read-through all write through here."""
+    """Encode these items' payloads with `version` and store the vectors that are missing
+    or stale (computed from content that has changed since); returns the ids this call
+    stored. Pairing, backfill chunks and the cascade's read-through all write through
+    here. Encoding runs outside the gallery's lock; what it produced is stored only for
+    items whose content is still what was encoded."""
     store = space_store(ctx, gallery, version)
-    _, have = store.get(item_ids)
-    todo = item_ids[~have]
+    item_ids = np.asarray(item_ids, np.int64)
+    todo, texts = _stale(ctx, store, item_ids)
     if len(todo) == 0:
         return todo
+    vectors = ctx.encoder(version).encode(texts, ctx.settings.encode_batch_size)
+    sources = _hashes(texts)
+    with gallery_lock(ctx, gallery), ctx.session() as s:
+        now = _hashes(_payloads(s, todo))  # a deleted item's is "" and never matches
+        have, found = store.sources(todo)
+        keep = (now == sources) & (~found | (have != sources))
+        if keep.any():
+            store.add(todo[keep], vectors[keep], sources[keep], replace=True)
+    return todo[keep]
+
+
+def _payloads(session: Session, ids: IdArray) -> list[str | None]:
+    query = select(Item.id, Item.payload).where(Item.id.in_(ids.tolist()))
+    rows: dict[int, str | None] = dict(session.execute(query).tuples().all())
+    return [rows.get(int(i)) for i in ids]
+
+
+def _stale(ctx: Context, store: SpaceStore, ids: IdArray) -> tuple[IdArray, list[str]]:
+    """The ids among `ids` whose vector in `store` is missing or computed from other
+    content than their payload now, and those payloads (items without one are skipped)."""
+    have, found = store.sources(ids)
     with ctx.session() as s:
-        rows = {r.id: r.payload for r in s.scalars(select(Item).where(Item.id.in_(todo.tolist())))}
-    todo = np.array([i for i in todo if rows.get(int(i))], np.int64)
-    if len(todo) == 0:
-        return todo
-    vectors = ctx.encoder(version).encode(
-        [rows[int(i)] for i in todo], ctx.settings.encode_batch_size
+        payloads = _payloads(s, ids)
+    stale = (~found | (have != _hashes(payloads))) & np.array(
+        [bool(p) for p in payloads], dtype=bool
     )
-    added = store.add_missing(todo, vectors)
-    if len(added):
-        with ctx.session() as s:
-            for row in s.scalars(select(Item).where(Item.id.in_(added.tolist()))):
-                row.vector_version_id = version.id
-    return added
+    return ids[stale], [str(p) for p, st in zip(payloads, stale, strict=True) if st]

@@ -7,6 +7,9 @@ generation and the snapshot of rows added since instead of reading them again.""
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import select
@@ -30,18 +33,31 @@ def gallery_dir(ctx: Context, gallery: str) -> Path:
     return ctx.data_dir / "galleries" / gallery
 
 
+def space_where(gallery: str, space: str) -> dict[str, str]:
+    """How errors name a space: by gallery and space, never by server path."""
+    return {"gallery": gallery, "space": space}
+
+
 def space_store(ctx: Context, gallery: str, version: ModelVersionRecord) -> SpaceStore:
+    name = space_name(version.id)
     return ctx.spaces.open(
-        gallery_dir(ctx, gallery) / "vectors" / space_name(version.id), version.dim
+        gallery_dir(ctx, gallery) / "vectors" / name, version.dim, space_where(gallery, name)
     )
 
 
+def mapped_space_name(old: ModelVersionRecord, new: ModelVersionRecord, job_id: int) -> str:
+    return f"v{old.id}-to-{new.id}-job{job_id}"
+
+
 def mapped_store(
-    ctx: Context, gallery: str, old: ModelVersionRecord, new: ModelVersionRecord
+    ctx: Context, gallery: str, old: ModelVersionRecord, new: ModelVersionRecord, job_id: int
 ) -> SpaceStore:
-    """Old vectors mapped into the new space: a space of its own, `v<old>-to-<new>`."""
-    root = gallery_dir(ctx, gallery) / "vectors" / f"v{old.id}-to-{new.id}"
-    return ctx.spaces.open(root, new.dim)
+    """Old vectors mapped into the new space by one job's mapper: a space of that job
+    only, so no later job takes vectors mapped by another adapter for its own."""
+    name = mapped_space_name(old, new, job_id)
+    return ctx.spaces.open(
+        gallery_dir(ctx, gallery) / "vectors" / name, new.dim, space_where(gallery, name)
+    )
 
 
 def space_searcher(
@@ -55,9 +71,14 @@ def space_searcher(
 
 
 def mapped_searcher(
-    ctx: Context, gallery: str, old: ModelVersionRecord, new: ModelVersionRecord, kind: str
+    ctx: Context,
+    gallery: str,
+    old: ModelVersionRecord,
+    new: ModelVersionRecord,
+    job_id: int,
+    kind: str,
 ) -> SpaceSearcher:
-    store = mapped_store(ctx, gallery, old, new)
+    store = mapped_store(ctx, gallery, old, new, job_id)
     root = gallery_dir(ctx, gallery) / "indexes" / store.root.name
     return _searcher(ctx, store, root, IndexKind(kind), "ip")
 
@@ -66,19 +87,41 @@ def _searcher(
     ctx: Context, store: SpaceStore, root: Path, kind: IndexKind, metric: IndexMetric
 ) -> SpaceSearcher:
     key = (root.resolve(), kind, metric)
-    searcher = ctx.cached(
-        "searcher", key, lambda: SpaceSearcher(store, IndexGenerations(root, kind, metric))
-    )
+
+    def build() -> SpaceSearcher:
+        gens = IndexGenerations(root, kind, metric, store.where)
+        return SpaceSearcher(store, gens, on_fallback=ctx.health.index_fallback)
+
+    searcher = ctx.cached("searcher", key, build)
     if searcher.store is not store:  # the space was re-created under the same path
         ctx.forget("searcher", key)
-        searcher = ctx.cached(
-            "searcher", key, lambda: SpaceSearcher(store, IndexGenerations(root, kind, metric))
-        )
+        searcher = ctx.cached("searcher", key, build)
     return searcher
 
 
-def get_gallery_row(session: Session, name: str) -> Gallery:
-    row = session.scalars(select(Gallery).where(Gallery.name == name)).one_or_none()
+@contextmanager
+def gallery_lock(ctx: Context, gallery: str) -> Iterator[None]:
+    """Serialise the writers of one gallery (ingest, stage, delete, encode-and-store,
+    upgrade start, repair) across threads and processes sharing the data directory, so
+    the DB and the vector store change together. Taken before any DB transaction opens,
+    so each writer's transaction sees the one before it committed."""
+    folder = gallery_dir(ctx, gallery)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".writer.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def get_gallery_row(session: Session, name: str, lock: bool = False) -> Gallery:
+    """The gallery's row; `lock` also takes its row lock where the database has them
+    (PostgreSQL: writers on hosts that do not share the lock file)."""
+    query = select(Gallery).where(Gallery.name == name)
+    if lock and session.bind is not None and session.bind.dialect.name == "postgresql":
+        query = query.with_for_update()
+    row = session.scalars(query).one_or_none()
     if row is None:
         raise UnknownGallery(f"no gallery named {name!r}", gallery=name)
     return row

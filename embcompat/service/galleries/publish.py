@@ -7,23 +7,29 @@ from typing import Any
 import numpy as np
 from sqlalchemy import func, select
 
+from embcompat.arrays import member
 from embcompat.index.binary import binarizer_metrics
 from embcompat.index.faiss_index import IndexGenerations
+from embcompat.kinds import SERVING_STATES
 from embcompat.registry.adapter_log import log_binarizer
+from embcompat.registry.jobs import active_upgrade
 from embcompat.registry.records import ModelVersionRecord
-from embcompat.registry.schema import Item, ModelVersion
+from embcompat.registry.schema import Item
 from embcompat.service.context import Context
 from embcompat.service.galleries.layout import (
     gallery_dir,
     get_gallery_row,
     space_searcher,
+    space_store,
+    space_where,
     version_record,
 )
 
 
 def publish(ctx: Context, gallery: str) -> dict[str, int]:
     """Build and publish a new index generation for every version space of the gallery
-    (a mapped space is searched from the store until its job finishes)."""
+    (a mapped space is searched from the store until its job finishes). Every shard is
+    verified against its checksum first: a damaged space is refused, never indexed."""
     out = {}
     with ctx.session() as s:
         kind = get_gallery_row(s, gallery).index_kind
@@ -34,7 +40,9 @@ def publish(ctx: Context, gallery: str) -> dict[str, int]:
             rec = version_record(ctx, s, int(space.name[1:]))
         searcher = space_searcher(ctx, gallery, rec, kind)
         gens = searcher.generations
+        searcher.store.verify()
         out[space.name] = gens.publish(searcher.store)
+        ctx.health.clear(gallery, space.name)  # whatever was damaged, this one is sound
         if gens.fitted_binarizer is not None:
             _register_binarizer(ctx, gens, rec, searcher.store.snapshot().vectors)
     return out
@@ -54,26 +62,29 @@ def _register_binarizer(
 
 
 def stats(ctx: Context, gallery: str) -> dict[str, Any]:
+    """What the gallery holds. `items_per_version` counts what a search can return now:
+    the serving version's vectors, and mid-upgrade the new version's plus the old ones
+    not yet upgraded; `spaces` lists every space on disk (a retired one included) with
+    its vectors and index generation."""
     with ctx.session() as s:
         g = get_gallery_row(s, gallery)
-        per_version = dict(
-            s.execute(
-                select(ModelVersion.version, func.count(Item.id))
-                .join(Item, Item.vector_version_id == ModelVersion.id)
-                .where(Item.gallery_id == g.id)
-                .group_by(ModelVersion.version)
-            ).all()
-        )
         total = s.scalar(select(func.count(Item.id)).where(Item.gallery_id == g.id)) or 0
+        job = active_upgrade(s, g.id)
+        served = [version_record(ctx, s, g.serving_version_id)]
+        if job is not None and job.state in SERVING_STATES:
+            served.append(version_record(ctx, s, job.to_version_id))
+    snaps = [space_store(ctx, gallery, v).snapshot() for v in served]
+    per_version = {served[0].version: len(snaps[0])}
+    if len(snaps) == 2:
+        old_only = ~member(snaps[1].sorted_ids, snaps[0].ids)
+        per_version = {served[0].version: int(old_only.sum()), served[1].version: len(snaps[1])}
     root = gallery_dir(ctx, gallery)
     size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.exists() else 0
     spaces = {}
     for space in sorted((root / "vectors").glob("v*")):
         gens = IndexGenerations(root / "indexes" / space.name)
-        spaces[space.name] = {
-            "vectors": len(ctx.spaces.open(space)),
-            "generation": gens.current_number(),
-        }
+        count = len(ctx.spaces.open(space, where=space_where(gallery, space.name)))
+        spaces[space.name] = {"vectors": count, "generation": gens.current_number()}
     return {
         "gallery": gallery,
         "items": total,

@@ -45,7 +45,7 @@ def gallery_record(session: Session, row: Gallery) -> GalleryRecord:
 def create_gallery(
     ctx: Context, name: str, model: str, version: str, index_kind: str = IndexKind.FLAT
 ) -> GalleryRecord:
-    with ctx.session() as s:
+    with ctx.session(write=True) as s:
         if s.scalars(select(Gallery).where(Gallery.name == name)).first() is not None:
             raise Conflict(f"a gallery named {name!r} already exists", gallery=name)
         if index_kind not in set(IndexKind):

@@ -24,7 +24,7 @@ from embcompat.service.upgrade.fitting import step_train
 from embcompat.service.upgrade.gate import step_gate
 from embcompat.service.upgrade.jobs import declared_compatible, job_dir, load_platt
 from embcompat.service.upgrade.pairing import step_pair
-from embcompat.service.upgrade.runner import prepare, run_in_process
+from embcompat.service.upgrade.runner import failing_job, prepare, run_in_process
 from embcompat.service.upgrade.schedule import BackfillSchedule, chunks_due
 from embcompat.service.upgrade.start import plan_upgrade, start_upgrade
 from embcompat.service.upgrade.states import TRANSITIONS, JobRecord, transition
@@ -39,6 +39,7 @@ __all__ = [
     "chunks_left",
     "declared_compatible",
     "fail",
+    "failing_job",
     "finalize",
     "get_job",
     "job_dir",

@@ -18,6 +18,7 @@ from embcompat.registry.schema import Item, Job, JobChunk
 from embcompat.service.context import Context
 from embcompat.service.galleries import (
     encode_and_store,
+    gallery_lock,
     mapped_store,
     space_searcher,
     space_store,
@@ -26,12 +27,15 @@ from embcompat.service.galleries import (
 from embcompat.service.galleries.layout import gallery_row_by_id
 from embcompat.service.upgrade.jobs import (
     count_upgraded,
+    drop_mapped_space,
     enter,
     job_adapter,
     job_row,
     job_versions,
 )
 from embcompat.service.upgrade.states import transition
+
+CATCH_UP_BATCH = 1000
 
 
 def _chunk(session: Session, job_id: int, seq: int) -> JobChunk:
@@ -66,9 +70,13 @@ def map_chunk(ctx: Context, job_id: int, seq: int) -> int:
     with ctx.session() as s:
         ids = _chunk_item_ids(s, job_row(s, job_id), _chunk(s, job_id, seq))
     mapper = job_adapter(ctx, job_id, "mapper", v.old, v.new)
-    vectors, found = space_store(ctx, v.gallery, v.old).get(ids)
-    target = mapped_store(ctx, v.gallery, v.old, v.new)
-    return len(target.add_missing(ids[found], mapper.transform(vectors[found])))
+    old = space_store(ctx, v.gallery, v.old)
+    vectors, found = old.get(ids)
+    mapped = mapper.transform(vectors[found])
+    target = mapped_store(ctx, v.gallery, v.old, v.new, job_id)
+    with gallery_lock(ctx, v.gallery):  # an item deleted meanwhile is not mapped
+        sources, still = old.sources(ids[found])
+        return len(target.add_missing(ids[found][still], mapped[still], sources[still]))
 
 
 def step_start_backfill(ctx: Context, job_id: int) -> list[int]:
@@ -105,11 +113,11 @@ def backfill_chunk(ctx: Context, job_id: int, seq: int) -> int:
             c = _chunk(s, job_id, seq)
             c.state, c.error = ChunkState.FAILED, repr(exc)[:2000]
         raise
-    with ctx.session() as s:
+    with ctx.session(write=True) as s:
         c = _chunk(s, job_id, seq)
         c.state, c.items_done, c.error = ChunkState.DONE, len(ids), None
         job = job_row(s, job_id, lock=True)
-        job.items_done = count_upgraded(s, job)
+        job.items_done, job.items_total = count_upgraded(ctx, s, job)
     return len(added)
 
 
@@ -134,9 +142,17 @@ def finalize(ctx: Context, job_id: int) -> bool:
     with ctx.session() as s:
         if job_row(s, job_id).state != JobState.BACKFILLING:
             return False
+        gallery_id = job_row(s, job_id).gallery_id
+        live = np.array(
+            s.execute(select(Item.id).where(Item.gallery_id == gallery_id)).scalars().all(),
+            np.int64,
+        )
+    for start in range(0, len(live), CATCH_UP_BATCH):  # items the chunks did not cover
+        encode_and_store(ctx, v.gallery, v.new, live[start : start + CATCH_UP_BATCH])
     searcher = space_searcher(ctx, v.gallery, v.new, v.index_kind)
+    searcher.store.verify()
     searcher.generations.publish(searcher.store)
-    with ctx.session() as s:
+    with ctx.session(write=True) as s:
         job = job_row(s, job_id, lock=True)
         if job.state != JobState.BACKFILLING:
             return False
@@ -157,9 +173,10 @@ def finalize(ctx: Context, job_id: int) -> bool:
                          "reason": reason},
         }  # fmt: skip
         g.serving_version_id, g.plan = v.new.id, ServingPlan.CASCADE.value if keep else None
-        job.items_done = count_upgraded(s, job)
+        job.items_done, job.items_total = count_upgraded(ctx, s, job)
         versions.promote(s, ctx.registry, v.new.model, v.new.version, "serving")
         transition(job, JobState.DONE)
+    drop_mapped_space(ctx, job_id)
     return True
 
 

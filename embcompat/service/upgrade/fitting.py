@@ -33,6 +33,9 @@ from embcompat.service.upgrade.jobs import (
 from embcompat.service.upgrade.states import transition
 
 FIT_SHARE = 0.8  # of the paired sample; the rest is held out for the curves and the gate
+# The fewest pairs fitting works with: each adapter needs MIN_PAIRS to fit, the selection
+# holds out 11 of the fitting share to compare them, the gate measures the rest.
+MIN_SAMPLE = 40
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ sample, adapters, calibration) and the adapters in it, loaded once per context."
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +23,7 @@ from embcompat.registry.records import ModelVersionRecord
 from embcompat.registry.schema import Item, Job
 from embcompat.service.context import Context
 from embcompat.service.galleries import space_store, version_record
-from embcompat.service.galleries.layout import gallery_row_by_id
+from embcompat.service.galleries.layout import gallery_dir, gallery_row_by_id, mapped_space_name
 from embcompat.service.upgrade.states import transition
 
 
@@ -62,10 +63,13 @@ def job_versions(ctx: Context, job_id: int) -> JobVersions:
 
 
 def enter(ctx: Context, job_id: int, expected: JobState, to: JobState) -> bool:
-    """Move the job from `expected` to `to`; False when it is elsewhere (already past
-    this step, paused or cancelled), so a re-delivered task does nothing."""
-    with ctx.session() as s:
+    """Move the job from `expected` to `to`, or find it in `to` already (resumed in the
+    middle of this step: the step runs again, it is idempotent); False when it is
+    elsewhere (past this step, paused, cancelled), so a re-delivered task does nothing."""
+    with ctx.session(write=True) as s:
         job = job_row(s, job_id, lock=True)
+        if job.state == to:
+            return True
         if job.state != expected:
             return False
         if job.started_at is None:
@@ -74,16 +78,14 @@ def enter(ctx: Context, job_id: int, expected: JobState, to: JobState) -> bool:
         return True
 
 
-def count_upgraded(session: Session, job: Job) -> int:
-    """Items of the job's gallery whose vector is in the new version's space."""
-    return (
-        session.scalar(
-            select(func.count(Item.id)).where(
-                Item.gallery_id == job.gallery_id, Item.vector_version_id == job.to_version_id
-            )
-        )
-        or 0
+def count_upgraded(ctx: Context, session: Session, job: Job) -> tuple[int, int]:
+    """(items in the new version's space, items in the gallery): the job's progress as
+    a search sees it, never above 100 % (items ingested mid-upgrade count in both)."""
+    total = (
+        session.scalar(select(func.count(Item.id)).where(Item.gallery_id == job.gallery_id)) or 0
     )
+    v = job_versions(ctx, job.id)
+    return min(len(space_store(ctx, v.gallery, v.new)), total), total
 
 
 def declared_compatible(old: ModelVersionRecord, new: ModelVersionRecord) -> bool:
@@ -134,3 +136,13 @@ def load_platt(ctx: Context, job_id: int) -> dict[str, Platt]:
         "calibration", path,
         lambda: {k: Platt(**v) for k, v in json.loads(path.read_text()).items()},
     )  # fmt: skip
+
+
+def drop_mapped_space(ctx: Context, job_id: int) -> None:
+    """An ended job's mapped space serves nobody again: remove it from disk."""
+    v = job_versions(ctx, job_id)
+    name = mapped_space_name(v.old, v.new, job_id)
+    for root in (gallery_dir(ctx, v.gallery) / "vectors" / name,
+                 gallery_dir(ctx, v.gallery) / "indexes" / name):  # fmt: skip
+        ctx.spaces.forget(root)
+        shutil.rmtree(root, ignore_errors=True)

@@ -34,8 +34,8 @@ def step_pair(ctx: Context, job_id: int) -> None:
     folder = job_dir(ctx, job_id)
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "pairs.npy", sample)
-    with ctx.session() as s:
+    with ctx.session(write=True) as s:
         job = job_row(s, job_id, lock=True)
-        job.items_done = count_upgraded(s, job)
+        job.items_done, job.items_total = count_upgraded(ctx, s, job)
         if job.state == JobState.PAIRING:
             transition(job, JobState.TRAINING)

@@ -4,8 +4,10 @@ anywhere is resumed by running it again."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
+from embcompat.errors import EmbcompatError
 from embcompat.service.context import Context
 from embcompat.service.upgrade.backfill import (
     backfill_chunk,
@@ -14,11 +16,27 @@ from embcompat.service.upgrade.backfill import (
     map_chunks_needed,
     step_start_backfill,
 )
-from embcompat.service.upgrade.control import get_job
+from embcompat.service.upgrade.control import fail, get_job
 from embcompat.service.upgrade.fitting import step_train
 from embcompat.service.upgrade.gate import step_gate
 from embcompat.service.upgrade.pairing import step_pair
 from embcompat.service.upgrade.states import JobRecord
+
+
+@contextmanager
+def failing_job(ctx: Context, job_id: int, transient_too: bool = True) -> Iterator[None]:
+    """Any error inside moves the job to `failed` with its text (and is raised again),
+    so no job sits in a running state with nothing running it. `transient_too=False`
+    leaves transient errors to the caller's retries (Celery)."""
+    try:
+        yield
+    except EmbcompatError as exc:
+        if transient_too or not exc.transient:
+            fail(ctx, job_id, f"{exc.code}: {exc.message}")
+        raise
+    except Exception as exc:
+        fail(ctx, job_id, f"internal_error: {type(exc).__name__}: {exc}")
+        raise
 
 
 def prepare(ctx: Context, job_id: int) -> list[int]:
@@ -42,11 +60,12 @@ def run_in_process(
 
     `on_chunk(record)` is called after each backfill chunk; after `stop_after` chunks the
     run returns early (the job stays backfilling and resumes where it stopped)."""
-    for n, seq in enumerate(prepare(ctx, job_id)):
-        if stop_after is not None and n >= stop_after:
-            return get_job(ctx, job_id)
-        backfill_chunk(ctx, job_id, seq)
-        if on_chunk is not None:
-            on_chunk(get_job(ctx, job_id))
-    finalize(ctx, job_id)
+    with failing_job(ctx, job_id):
+        for n, seq in enumerate(prepare(ctx, job_id)):
+            if stop_after is not None and n >= stop_after:
+                return get_job(ctx, job_id)
+            backfill_chunk(ctx, job_id, seq)
+            if on_chunk is not None:
+                on_chunk(get_job(ctx, job_id))
+        finalize(ctx, job_id)
     return get_job(ctx, job_id)

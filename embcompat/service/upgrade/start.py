@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from embcompat.errors import UpgradeInProgress, UpgradeRefused
 from embcompat.kinds import JobState, UpgradePlan
 from embcompat.registry import versions
-from embcompat.registry.jobs import active_upgrade
+from embcompat.registry.jobs import active_upgrade, failed_upgrades
 from embcompat.registry.schema import Gallery, Item, Job, JobChunk, ModelVersion
 from embcompat.service.context import Context
-from embcompat.service.galleries import get_gallery_row, version_record
+from embcompat.service.galleries import gallery_lock, get_gallery_row, version_record
+from embcompat.service.upgrade.fitting import MIN_SAMPLE
 from embcompat.service.upgrade.schedule import BackfillSchedule
 from embcompat.service.upgrade.states import JobRecord, job_record
 
@@ -44,16 +47,12 @@ def _validate(
         )
     if target.id == source.id:
         raise UpgradeRefused(f"gallery {gallery!r} already serves {model}:{to_version}")
-    needs_encoder = (UpgradePlan.BACKFILL, UpgradePlan.CASCADE, UpgradePlan.AUTO)
-    if target.encoder_uri == "external" and plan in needs_encoder:
-        raise UpgradeRefused(
-            f"{model}:{to_version} is external: nothing can re-embed the gallery with it, so "
-            f"plan {plan!r} cannot run",
-            hint="map stored vectors through an adapter, or register a version with an encoder",
-        )
     count = session.scalar(select(func.count(Item.id)).where(Item.gallery_id == g.id)) or 0
     if count == 0:
         raise UpgradeRefused(f"gallery {gallery!r} is empty: there is nothing to upgrade")
+    compatible = (target.tags or {}).get("compatible_with") == f"{model}:{source.version}"
+    if not (compatible and plan in (UpgradePlan.BASIS, UpgradePlan.AUTO)):
+        _check_pairable(session, g, f"{model}:{to_version}", target.encoder_uri, plan)
     active = active_upgrade(session, g.id)
     if active is not None:
         raise UpgradeInProgress(
@@ -62,6 +61,31 @@ def _validate(
             job=active.id,
         )
     return g, source, target, count
+
+
+def _check_pairable(session: Session, g: Gallery, target: str, encoder_uri: str, plan: str) -> None:
+    """Every plan but a declared-compatible `basis` starts by encoding a sample of the
+    gallery's stored texts with the new version: refuse now what could never do so."""
+    if encoder_uri == "external":
+        raise UpgradeRefused(
+            f"{target} is external: nothing can encode the gallery's items with it, so "
+            f"plan {plan!r} cannot pair, fit or backfill",
+            hint="register a version with an encoder, or one trained compatible (basis)",
+        )
+    with_text = (
+        session.scalar(
+            select(func.count(Item.id)).where(
+                Item.gallery_id == g.id, Item.payload.is_not(None), Item.payload != ""
+            )
+        )
+        or 0
+    )
+    if with_text < MIN_SAMPLE:
+        raise UpgradeRefused(
+            f"gallery {g.name!r} has {with_text} items with stored text: plan {plan!r} needs "
+            f"at least {MIN_SAMPLE} to pair the two versions and fit adapters",
+            hint="ingest items with their text, or train the new version compatible (basis)",
+        )
 
 
 def plan_upgrade(
@@ -115,8 +139,11 @@ def start_upgrade(
     (queries as {"text", "relevant": [item ids]}) lets the gate measure with labels."""
     if pairs < 50 or chunk_size < 1:
         raise UpgradeRefused("an upgrade needs at least 50 pairs and chunk_size >= 1")
-    with ctx.session() as s:
+    with gallery_lock(ctx, gallery), ctx.session(write=True) as s:
         g, source, target, count = _validate(s, gallery, model, to_version, plan)
+        for old in failed_upgrades(s, g.id):  # a failed job gives way to the new one
+            old.state, old.finished_at = JobState.CANCELLED, datetime.now(UTC)
+            old.error = f"{old.error or 'failed'}; superseded by a new upgrade"
         job = Job(
             kind="upgrade",
             gallery_id=g.id,
@@ -135,7 +162,13 @@ def start_upgrade(
             report={},
         )
         s.add(job)
-        s.flush()
+        try:
+            s.flush()
+        except IntegrityError as exc:  # another start won the race for this gallery
+            raise UpgradeInProgress(
+                f"gallery {gallery!r} already has an upgrade job starting",
+                hint="pause, cancel or roll it back first",
+            ) from exc
         ids = [
             i
             for (i,) in s.execute(select(Item.id).where(Item.gallery_id == g.id).order_by(Item.id))

@@ -1,0 +1,112 @@
+"""Rows of the integrity review, as tests: no stale vector after a cancelled upgrade,
+pause and resume anywhere continue to the end, a failure is a `failed` job with its
+error, and requests that could never succeed are refused before anything runs."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from embcompat.errors import InvalidInput, UpgradeRefused
+from embcompat.kinds import JobState
+from embcompat.registry import versions
+from embcompat.service import galleries, search, upgrade
+from embcompat.service.context import Context
+from embcompat.settings import Settings
+
+ITEMS = [galleries.ItemIn(f"i{n}", f"w{n % 7} w{n % 11} u{n}") for n in range(45)]
+
+
+@pytest.fixture
+def ctx(hash_dir: Path, tmp_path: Path) -> Iterator[Context]:
+    shutil.copytree(hash_dir, tmp_path / "data")
+    with Context(Settings(data_dir=tmp_path / "data")) as context:
+        galleries.create_gallery(context, "g", "hash", "v1")
+        galleries.ingest(context, "g", ITEMS)
+        galleries.publish(context, "g")
+        yield context
+
+
+def top(ctx: Context, text: str) -> tuple[str, float]:
+    hit = search.search(ctx, "g", texts=[text], k=1).hits[0][0]
+    return hit.item, hit.score
+
+
+def test_a_cancelled_upgrade_leaves_no_stale_vector(ctx: Context) -> None:
+    job = upgrade.start_upgrade(ctx, "g", "hash", "v2", "dual", pairs=50)
+    upgrade.step_pair(ctx, job.id)  # the sample now has v2 vectors
+    upgrade.pause(ctx, job.id)
+    upgrade.cancel(ctx, job.id)
+    galleries.ingest(ctx, "g", [galleries.ItemIn("i3", "brand new words u3")])
+    again = upgrade.start_upgrade(ctx, "g", "hash", "v2", "dual", pairs=50)
+    assert upgrade.run_in_process(ctx, again.id).state == JobState.DONE
+    assert top(ctx, "brand new words u3")[0] == "i3"
+    old_item, old_score = top(ctx, ITEMS[3].text)
+    assert old_item != "i3" or old_score < 0.99  # the old text no longer finds it exactly
+    stats = galleries.stats(ctx, "g")
+    assert stats["items_per_version"] == {"v2": 45}
+    back = upgrade.start_upgrade(ctx, "g", "hash", "v1", "dual", pairs=50)
+    assert upgrade.run_in_process(ctx, back.id).state == JobState.DONE
+    assert galleries.stats(ctx, "g")["items_per_version"] == {"v1": 45}
+    assert top(ctx, "brand new words u3")[0] == "i3"
+
+
+@pytest.mark.parametrize(
+    "pause_in", [JobState.PLANNED, JobState.TRAINING, JobState.GATED, JobState.BACKFILLING]
+)
+def test_pause_and_resume_anywhere_continue_to_the_end(ctx: Context, pause_in: str) -> None:
+    job = upgrade.start_upgrade(ctx, "g", "hash", "v2", "bridge", pairs=50, chunk_size=10)
+    steps = [upgrade.step_pair, upgrade.step_train, upgrade.step_gate,
+             upgrade.step_start_backfill]  # fmt: skip
+    while upgrade.get_job(ctx, job.id).state != pause_in:
+        steps.pop(0)(ctx, job.id)
+    for _ in range(2):
+        assert upgrade.pause(ctx, job.id).state == JobState.PAUSED
+        assert upgrade.resume(ctx, job.id).state == pause_in
+    done = upgrade.run_in_process(ctx, job.id)
+    assert done.state == JobState.DONE and done.progress == 1.0, done
+
+
+def test_pairing_interrupted_then_resumed_finishes(ctx: Context) -> None:
+    job = upgrade.start_upgrade(ctx, "g", "hash", "v2", "dual", pairs=50)
+    with ctx.session(write=True) as s:  # a worker died inside pairing
+        upgrade.transition(s.get(upgrade.states.Job, job.id), JobState.PAIRING)
+    upgrade.pause(ctx, job.id)
+    assert upgrade.resume(ctx, job.id).state == JobState.PAIRING
+    assert upgrade.run_in_process(ctx, job.id).state == JobState.DONE
+
+
+def test_requests_that_cannot_succeed_are_refused_up_front(ctx: Context) -> None:
+    with ctx.session() as s:
+        versions.register_version(
+            s, ctx.registry, model="hash", version="ext", dim=24, source="external",
+            parent="v1", models_dir=ctx.models_dir,
+        )  # fmt: skip
+    with pytest.raises(UpgradeRefused, match="external"):
+        upgrade.start_upgrade(ctx, "g", "hash", "ext", "bridge", pairs=50)
+    galleries.create_gallery(ctx, "small", "hash", "v1")
+    galleries.ingest(ctx, "small", ITEMS[:10])
+    with pytest.raises(UpgradeRefused, match="at least 40"):
+        upgrade.start_upgrade(ctx, "small", "hash", "v2", "bridge", pairs=50)
+    galleries.create_gallery(ctx, "vec", "hash", "ext")
+    with pytest.raises(InvalidInput, match="cannot encode"):
+        galleries.stage(ctx, "vec", [galleries.ItemIn("a", "some text")])
+
+
+def test_a_failing_step_fails_the_job_with_its_error_and_frees_the_gallery(
+    ctx: Context,
+) -> None:
+    job = upgrade.start_upgrade(ctx, "g", "hash", "v2", "dual", pairs=50)
+    pairs = upgrade.job_dir(ctx, job.id)
+    upgrade.step_pair(ctx, job.id)
+    (pairs / "pairs.npy").write_bytes(b"not an array")  # training cannot read its sample
+    with pytest.raises(Exception):  # noqa: B017 - any error; the job must say which
+        upgrade.run_in_process(ctx, job.id)
+    failed = upgrade.get_job(ctx, job.id)
+    assert failed.state == JobState.FAILED and failed.error
+    second = upgrade.start_upgrade(ctx, "g", "hash", "v2", "dual", pairs=50)
+    assert upgrade.run_in_process(ctx, second.id).state == JobState.DONE
+    assert upgrade.get_job(ctx, job.id).state == JobState.CANCELLED  # superseded
