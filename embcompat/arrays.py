@@ -16,7 +16,10 @@ BoolArray = npt.NDArray[np.bool_]
 
 def check_vectors(x: Any, dim: int, what: str) -> FloatArray:
     """x: (n, dim) or (dim,) finite numbers → (n, dim) float32 (a copy when converted)."""
-    arr = np.asarray(x, dtype=np.float32)
+    try:
+        arr = np.asarray(x, dtype=np.float32)
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise InvalidVectors(f"{what} expects numbers: {exc}", field="vectors") from None
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2:

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,9 @@ from embcompat.kinds import FLOAT_INDEX_KINDS, IndexKind
 IndexMetric = Literal["ip", "l2"]
 # binary kinds: 1-bit ITQ codes in memory (faiss IndexBinaryFlat / IndexBinaryHNSW), the
 # top 100 candidates re-ranked with the floats read from the store on disk (index.binary)
+
+
+RETRY_S = 30.0  # a generation that failed to load is tried again after this long
 
 
 def _gen_number(folder: Path) -> int:
@@ -118,7 +122,7 @@ class IndexGenerations:
         self._lock = threading.Lock()
         self.fitted_binarizer: Binarizer | None = None  # set by a publish that fitted one
         self._current: tuple[tuple[int, ...], int] | None = None
-        self._failed: CorruptArtifact | None = None
+        self._failed: tuple[CorruptArtifact, float] | None = None
 
     def current_number(self) -> int | None:
         """The published number; CURRENT is re-read only when its inode or mtime changed
@@ -209,13 +213,15 @@ class IndexGenerations:
         with self._lock:
             if self._loaded and self._loaded.number == number:
                 return self._loaded
-            if self._failed is not None and self._failed.context.get("generation") == number:
-                raise self._failed  # checked once: a damaged file is not re-read per query
+            if self._failed is not None:
+                failed, at = self._failed
+                if failed.context.get("generation") == number and time.monotonic() - at < RETRY_S:
+                    raise failed  # a damaged file is not re-read on every query
             try:
                 self._loaded = self._load(number, store)
             except CorruptArtifact as exc:
                 exc.context["generation"] = number
-                self._failed = exc
+                self._failed = (exc, time.monotonic())
                 raise
             return self._loaded
 

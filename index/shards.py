@@ -5,7 +5,8 @@ A shard is three `.npy` files: `<name>.npy` vectors (n, dim) float32, `<name>.id
 item ids (n,) int64, and `<name>.src.npy` (n,) uint64: for each vector, a fingerprint of
 the content it was computed from (0 when unknown), so a vector computed from an item's
 old text is never taken for one of its new text. Spaces written before fingerprints and
-checksums existed read with fingerprints 0 and a finiteness check instead of a checksum.
+checksums existed (their files unlisted in the manifest) read with fingerprints 0 and a
+finiteness check instead of a checksum.
 """
 
 from __future__ import annotations
@@ -76,10 +77,10 @@ def read_shard(
         )
 
     try:
-        if verify and checksums is not None:
-            for file in shard_files(name):
-                if checksums.get(file) != sha256_file(root / file):
-                    raise corrupt("fails its checksum")
+        listed = [f for f in shard_files(name) if checksums and f in checksums]
+        for file in listed if verify else []:
+            if checksums is not None and checksums[file] != sha256_file(root / file):
+                raise corrupt("fails its checksum")
         ids = np.load(root / f"{name}.ids.npy")
         vectors = np.load(root / f"{name}.npy", mmap_mode="r")
         src_file = root / f"{name}.src.npy"
@@ -88,6 +89,6 @@ def read_shard(
         raise corrupt(f"is unreadable ({type(exc).__name__})") from exc
     if ids.ndim != 1 or vectors.shape != (len(ids), dim) or sources.shape != ids.shape:
         raise corrupt(f"holds {vectors.shape} vectors for {ids.shape} ids")
-    if verify and checksums is None and not np.isfinite(vectors).all():
+    if verify and not listed and not np.isfinite(vectors).all():  # written before checksums
         raise corrupt("holds NaN or Inf values")
     return Shard(ids, vectors, sources.astype(np.uint64, copy=False))

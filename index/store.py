@@ -81,7 +81,8 @@ class SpaceStore:
         self.root = Path(root)
         self.where = dict(where or {"space": self.root.name})
         self.label = ", ".join(f"{k} {v!r}" for k, v in self.where.items())
-        self.root.mkdir(parents=True, exist_ok=True)
+        if dim is not None:  # opening an existing space never creates its folder
+            self.root.mkdir(parents=True, exist_ok=True)
         self._cache: tuple[tuple[int, ...], Snapshot] | None = None
         self._layout_cache: tuple[tuple[int, ...], _Layout] | None = None
         self._dim: int | None = None
@@ -180,10 +181,9 @@ class SpaceStore:
             else np.zeros((0, m["dim"]), np.float32)
         )
         src = np.concatenate([s.sources for s in shards]) if shards else np.zeros(0, np.uint64)
-        seqs = [_written(name) for name in m["shards"]]
         written = np.concatenate(
             [np.zeros(0, np.int64)]
-            + [np.full(len(s.ids), q, np.int64) for s, q in zip(shards, seqs, strict=True)]
+            + [_row_written(m, n, len(s.ids)) for s, n in zip(shards, m["shards"], strict=True)]
         )
         order = np.argsort(ids, kind="stable")
         snap = Snapshot(
@@ -345,7 +345,7 @@ class SpaceStore:
     ) -> dict[str, Any]:
         """The manifest with `ids` gone: shards holding them are rewritten without them
         (new files; the old ones stay until `garbage_collect`, for readers still on them)."""
-        shards, sums = [], _sums(m)
+        shards, sums, runs = [], _sums(m), dict(m.get("written") or {})
         for shard in m["shards"]:
             if shard == keep:
                 shards.append(shard)
@@ -362,8 +362,10 @@ class SpaceStore:
                         self.root, name, old.ids[~hit], old.vectors[~hit], old.sources[~hit]
                     )
                 )
+                runs[name] = _runs(_row_written(m, shard, len(old.ids))[~hit])
                 shards.append(name)
-        return {**m, "seq": seq, "shards": shards, "sha256": _live_sums(sums, shards)}
+        return {**m, "seq": seq, "shards": shards, "sha256": _live_sums(sums, shards),
+                "written": _live_runs(runs, shards)}  # fmt: skip
 
     def _compacted(self, m: dict[str, Any], seq: int) -> dict[str, Any]:
         """Many small writes (read-through backfill) make many shards: merge all but the
@@ -371,6 +373,9 @@ class SpaceStore:
         first, rest = m["shards"][0], m["shards"][1:]
         name = f"shard-{seq:08d}.m"
         parts = [self._shard(m, s) for s in rest]
+        written = np.concatenate(
+            [_row_written(m, s, len(p.ids)) for s, p in zip(rest, parts, strict=True)]
+        )
         sums = write_shard(
             self.root,
             name,
@@ -379,7 +384,9 @@ class SpaceStore:
             np.concatenate([p.sources for p in parts]),
         )
         shards = [first, name]
-        return {**m, "shards": shards, "sha256": _live_sums({**_sums(m), **sums}, shards)}
+        runs = {**(m.get("written") or {}), name: _runs(written)}
+        return {**m, "shards": shards, "sha256": _live_sums({**_sums(m), **sums}, shards),
+                "written": _live_runs(runs, shards)}  # fmt: skip
 
     def garbage_collect(self) -> int:
         """Remove shard files no manifest names (left by crashes or compaction)."""
@@ -399,10 +406,34 @@ class SpaceStore:
 
 
 def _written(shard: str) -> int:
-    """The store seq at which a shard's rows were written: the first number in its name
-    (`shard-00000012`; rewritten without deleted rows, `shard-00000012.c00000015`, its
-    rows are the same vectors; a compaction's `shard-00000020.m` rows count as new)."""
+    """The store seq at which a plain shard's rows were written: the first number in its
+    name (`shard-00000012`; rewritten without deleted rows, `shard-00000012.c00000015`,
+    its rows are the same vectors)."""
     return int(shard.removeprefix("shard-").split(".")[0])
+
+
+def _row_written(m: dict[str, Any], shard: str, n: int) -> IdArray:
+    """(n,) the store seq at which each row of `shard` was written: its name's for a
+    plain shard, the runs the manifest records for one merged by compaction (its rows
+    keep their own seqs, so a compaction does not make the index look outdated)."""
+    runs = (m.get("written") or {}).get(shard)
+    if runs is None:
+        return np.full(n, _written(shard), np.int64)
+    return np.repeat(np.array([r[0] for r in runs], np.int64), [r[1] for r in runs])
+
+
+def _runs(written: IdArray) -> list[list[int]]:
+    """Run-length form of per-row seqs: [[seq, count], ...]."""
+    if len(written) == 0:
+        return []
+    cut = np.flatnonzero(np.diff(written)) + 1
+    starts = np.concatenate([[0], cut])
+    counts = np.diff(np.concatenate([starts, [len(written)]]))
+    return [[int(written[a]), int(c)] for a, c in zip(starts, counts, strict=True)]
+
+
+def _live_runs(runs: dict[str, Any], shards: list[str]) -> dict[str, Any]:
+    return {name: r for name, r in runs.items() if name in shards}
 
 
 def _sums(m: dict[str, Any]) -> dict[str, str]:

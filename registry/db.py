@@ -20,14 +20,13 @@ def make_engine(url: str) -> Engine:
     BEGIN, waiting up to the busy timeout): a deferred transaction that read, then
     writes after another writer committed, fails at once with "database is locked"
     instead of waiting, which would turn two concurrent requests into a 5xx. Other
-    sessions begin deferred, so readers never wait for writers (WAL)."""
+    sessions begin as the driver does, at their first write; readers never wait (WAL)."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
-            dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN, below
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA journal_mode=WAL")
@@ -35,8 +34,10 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
-            mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
-            conn.exec_driver_sql(f"BEGIN {mode}")
+            # other sessions keep the driver's own begin, just before their first write,
+            # so their reads hold no snapshot that a later write would conflict with
+            if conn.get_execution_options().get("sqlite_begin") == "IMMEDIATE":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True)

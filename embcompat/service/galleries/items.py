@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from embcompat.arrays import FloatArray, IdArray, check_vectors
 from embcompat.errors import DuplicateItem, InvalidInput, UnknownItem
-from embcompat.index.store import SpaceStore
+from embcompat.index.store import MANIFEST, SpaceStore
 from embcompat.registry.jobs import active_upgrade
 from embcompat.registry.records import ModelVersionRecord
 from embcompat.registry.schema import Item
@@ -82,7 +82,11 @@ def _hashes(payloads: Sequence[str | None]) -> npt.NDArray[np.uint64]:
 def _space_stores(ctx: Context, gallery: str) -> list[SpaceStore]:
     """Every space of the gallery on disk: version spaces and mapped ones."""
     root = gallery_dir(ctx, gallery) / "vectors"
-    return [ctx.spaces.open(p, where=space_where(gallery, p.name)) for p in sorted(root.glob("v*"))]
+    return [
+        ctx.spaces.open(p, where=space_where(gallery, p.name))
+        for p in sorted(root.glob("v*"))
+        if (p / MANIFEST).exists()  # a space being removed or rebuilt holds nothing
+    ]
 
 
 def _check_batch(ctx: Context, items: Sequence[ItemIn]) -> list[str]:
@@ -140,19 +144,26 @@ def stage(ctx: Context, gallery: str, items: Sequence[ItemIn]) -> int:
 
 
 def encode_staged(ctx: Context, gallery: str, limit: int = 1000) -> int:
-    """Encode up to `limit` staged items and store their vectors; returns how many."""
-    with ctx.session() as s:
-        g = get_gallery_row(s, gallery)
-        rows = s.execute(
-            select(Item.external_id, Item.payload, Item.meta)
-            .where(
-                Item.gallery_id == g.id, Item.vector_version_id.is_(None), Item.payload.is_not(None)
+    """Encode up to `limit` staged items and store their vectors; returns how many. The
+    rows are read under the gallery's lock, so an update or delete that came meanwhile
+    is never undone by writing back what was read before it."""
+    with gallery_lock(ctx, gallery):
+        with ctx.session() as s:
+            g = get_gallery_row(s, gallery)
+            rows = s.execute(
+                select(Item.external_id, Item.payload, Item.meta)
+                .where(
+                    Item.gallery_id == g.id,
+                    Item.vector_version_id.is_(None),
+                    Item.payload.is_not(None),
+                )
+                .order_by(Item.id)
+                .limit(limit)
+            ).all()
+        if rows:
+            _ingest_locked(
+                ctx, gallery, [ItemIn(ext, text, None, meta) for ext, text, meta in rows]
             )
-            .order_by(Item.id)
-            .limit(limit)
-        ).all()
-    if rows:
-        ingest(ctx, gallery, [ItemIn(ext, text, None, meta) for ext, text, meta in rows])
     return len(rows)
 
 
@@ -162,17 +173,21 @@ def ingest(ctx: Context, gallery: str, items: Sequence[ItemIn]) -> dict[str, int
     are dropped (a later upgrade encodes its new content)."""
     if not items:
         return {"added": 0, "updated": 0}
-    ids = _check_batch(ctx, items)
     with gallery_lock(ctx, gallery):
-        with ctx.session() as s:
-            g = get_gallery_row(s, gallery)
-            targets = [version_record(ctx, s, g.serving_version_id)]
-            job = active_upgrade(s, g.id)
-            if job is not None and job.to_version_id is not None:
-                targets.append(version_record(ctx, s, job.to_version_id))
-        # encoded outside any transaction; the lock keeps the targets as they were read
-        vectors = [encode_items(ctx, v, items) for v in targets]
-        return _write_items(ctx, gallery, items, ids, targets, vectors)
+        return _ingest_locked(ctx, gallery, items)
+
+
+def _ingest_locked(ctx: Context, gallery: str, items: Sequence[ItemIn]) -> dict[str, int]:
+    ids = _check_batch(ctx, items)
+    with ctx.session() as s:
+        g = get_gallery_row(s, gallery)
+        targets = [version_record(ctx, s, g.serving_version_id)]
+        job = active_upgrade(s, g.id)
+        if job is not None and job.to_version_id is not None:
+            targets.append(version_record(ctx, s, job.to_version_id))
+    # encoded outside any transaction; the lock keeps the targets as they were read
+    vectors = [encode_items(ctx, v, items) for v in targets]
+    return _write_items(ctx, gallery, items, ids, targets, vectors)
 
 
 def _write_items(
@@ -206,6 +221,7 @@ def _write_items(
         s.flush()
         db_ids = np.array([r.id for r in rows], np.int64)
         fresh = db_ids[[it.id not in existing for it in items]]
+        changed += fresh.tolist()  # an id SQLite reused may still have an orphan vector
         sources = _hashes([it.text for it in items])
         stores = [space_store(ctx, gallery, v) for v in targets]
         try:
@@ -278,7 +294,8 @@ def _stale(ctx: Context, store: SpaceStore, ids: IdArray) -> tuple[IdArray, list
     have, found = store.sources(ids)
     with ctx.session() as s:
         payloads = _payloads(s, ids)
-    stale = (~found | (have != _hashes(payloads))) & np.array(
-        [bool(p) for p in payloads], dtype=bool
-    )
+    has_text = np.array([bool(p) for p in payloads], dtype=bool)
+    # a vector stored before fingerprints (0) is trusted: re-encoding every space at once
+    # after an update of the service would cost a backfill
+    stale = (~found | ((have != _hashes(payloads)) & (have != 0))) & has_text
     return ids[stale], [str(p) for p, st in zip(payloads, stale, strict=True) if st]

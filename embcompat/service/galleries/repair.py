@@ -50,6 +50,8 @@ def check(ctx: Context, gallery: str) -> dict[str, str]:
             ).current_number()
         except CorruptArtifact as exc:
             problems[space.name] = exc.message
+        except (InvalidInput, OSError):  # no manifest at all
+            problems[space.name] = f"gallery {gallery!r}, space {space.name!r}: no manifest"
     return problems
 
 
@@ -171,12 +173,20 @@ def _rebuild(
     if len(encodable):
         sources = np.array([content_hash(live[int(i)]) for i in encodable], np.uint64)
         fresh.add(encodable, encoded, sources)
-    old = root.parent / f".{root.name}.damaged-{uuid.uuid4().hex[:8]}"
-    if root.exists():
-        root.rename(old)
-    tmp.rename(root)
+    # the old generation indexes the old rows: until the fresh one is published, the
+    # rebuilt space is searched exactly from the store
+    (gallery_dir(ctx, gallery) / "indexes" / root.name / "CURRENT").unlink(missing_ok=True)
+    for _ in range(3):  # a reader may re-create an empty space between the two renames
+        if root.exists():
+            root.rename(root.parent / f".{root.name}.damaged-{uuid.uuid4().hex[:8]}")
+        try:
+            tmp.rename(root)
+            break
+        except OSError:
+            continue
     ctx.spaces.forget(root)
-    shutil.rmtree(old, ignore_errors=True)
+    for old in root.parent.glob(f".{root.name}.damaged-*"):
+        shutil.rmtree(old, ignore_errors=True)
     return {
         "kept": int(len(ids)),
         "encoded": int(len(encodable)),

@@ -98,7 +98,7 @@ def step_start_backfill(ctx: Context, job_id: int) -> list[int]:
 def backfill_chunk(ctx: Context, job_id: int, seq: int) -> int:
     """Re-embed one chunk's items with the new version; done exactly once per chunk.
     Returns how many items this call upgraded."""
-    with ctx.session() as s:
+    with ctx.session(write=True) as s:
         job = job_row(s, job_id)
         chunk = _chunk(s, job_id, seq)
         if chunk.state == ChunkState.DONE or job.state != JobState.BACKFILLING:
@@ -109,15 +109,16 @@ def backfill_chunk(ctx: Context, job_id: int, seq: int) -> int:
     try:
         added = encode_and_store(ctx, v.gallery, v.new, ids)
     except Exception as exc:
-        with ctx.session() as s:
+        with ctx.session(write=True) as s:
             c = _chunk(s, job_id, seq)
             c.state, c.error = ChunkState.FAILED, repr(exc)[:2000]
         raise
+    done, total = count_upgraded(ctx, job_id)
     with ctx.session(write=True) as s:
         c = _chunk(s, job_id, seq)
         c.state, c.items_done, c.error = ChunkState.DONE, len(ids), None
         job = job_row(s, job_id, lock=True)
-        job.items_done, job.items_total = count_upgraded(ctx, s, job)
+        job.items_done, job.items_total = done, total
     return len(added)
 
 
@@ -152,6 +153,7 @@ def finalize(ctx: Context, job_id: int) -> bool:
     searcher = space_searcher(ctx, v.gallery, v.new, v.index_kind)
     searcher.store.verify()
     searcher.generations.publish(searcher.store)
+    done, total = count_upgraded(ctx, job_id)
     with ctx.session(write=True) as s:
         job = job_row(s, job_id, lock=True)
         if job.state != JobState.BACKFILLING:
@@ -173,7 +175,7 @@ def finalize(ctx: Context, job_id: int) -> bool:
                          "reason": reason},
         }  # fmt: skip
         g.serving_version_id, g.plan = v.new.id, ServingPlan.CASCADE.value if keep else None
-        job.items_done, job.items_total = count_upgraded(ctx, s, job)
+        job.items_done, job.items_total = done, total
         versions.promote(s, ctx.registry, v.new.model, v.new.version, "serving")
         transition(job, JobState.DONE)
     drop_mapped_space(ctx, job_id)

@@ -120,7 +120,7 @@ def step_train(ctx: Context, job_id: int) -> None:
                 "uri": row.mlflow_model_uri,
                 "metrics": metrics,
             }
-    with ctx.session() as s:
+    with ctx.session(write=True) as s:
         job = job_row(s, job_id, lock=True)
         job.report = {
             **job.report,
@@ -138,7 +138,7 @@ def _identity_basis(ctx: Context, job_id: int) -> None:
     save_adapter(
         BasisAdapter.identity(v.new.dim, v.old.dim), folder / "basis", v.new.ref, v.old.ref
     )
-    with ctx.session() as s:
+    with ctx.session(write=True) as s:
         job = job_row(s, job_id, lock=True)
         job.report = {**job.report, "bridge": {"kind": "none", "compatible_by": v.new.tags}}
         if job.state == JobState.TRAINING:

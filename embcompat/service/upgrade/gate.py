@@ -100,7 +100,7 @@ def step_gate(ctx: Context, job_id: int) -> None:
             f"upgrade refused: a downgrade on the labelled probe (M(new,new) "
             f"{labelled['r10_new_new']:.3f} < M(old,old) {labelled['r10_old_old']:.3f})",
         )
-        with ctx.session() as s:
+        with ctx.session(write=True) as s:
             job = job_row(s, job_id)
             job.report = {
                 **job.report,
@@ -132,7 +132,7 @@ def _record_bridge_verdict(
     accepted: bool,
     gate: dict[str, Any],
 ) -> None:
-    with ctx.session() as s:
+    with ctx.session(write=True) as s:
         adapter = s.scalars(
             select(AdapterRow)
             .where(
@@ -149,7 +149,7 @@ def _record_bridge_verdict(
 
 def serve(ctx: Context, job_id: int, plan: ServingPlan, gate: dict[str, Any]) -> None:
     """Record the gate's verdict and start serving the mixed gallery with `plan`."""
-    with ctx.session() as s:
+    with ctx.session(write=True) as s:
         job = job_row(s, job_id, lock=True)
         job.report = {**job.report, "gate": gate}
         if job.state == JobState.GATED:

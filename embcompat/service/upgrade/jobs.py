@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +23,7 @@ from embcompat.kinds import JobState, UpgradePlan
 from embcompat.registry.records import ModelVersionRecord
 from embcompat.registry.schema import Item, Job
 from embcompat.service.context import Context
-from embcompat.service.galleries import space_store, version_record
+from embcompat.service.galleries import gallery_lock, space_store, version_record
 from embcompat.service.galleries.layout import gallery_dir, gallery_row_by_id, mapped_space_name
 from embcompat.service.upgrade.states import transition
 
@@ -78,13 +79,14 @@ def enter(ctx: Context, job_id: int, expected: JobState, to: JobState) -> bool:
         return True
 
 
-def count_upgraded(ctx: Context, session: Session, job: Job) -> tuple[int, int]:
+def count_upgraded(ctx: Context, job_id: int) -> tuple[int, int]:
     """(items in the new version's space, items in the gallery): the job's progress as
-    a search sees it, never above 100 % (items ingested mid-upgrade count in both)."""
-    total = (
-        session.scalar(select(func.count(Item.id)).where(Item.gallery_id == job.gallery_id)) or 0
-    )
-    v = job_versions(ctx, job.id)
+    a search sees it, never above 100 % (items ingested mid-upgrade count in both).
+    Read before a writing transaction opens, never inside one."""
+    v = job_versions(ctx, job_id)
+    with ctx.session() as s:
+        gallery_id = job_row(s, job_id).gallery_id
+        total = s.scalar(select(func.count(Item.id)).where(Item.gallery_id == gallery_id)) or 0
     return min(len(space_store(ctx, v.gallery, v.new)), total), total
 
 
@@ -142,7 +144,11 @@ def drop_mapped_space(ctx: Context, job_id: int) -> None:
     """An ended job's mapped space serves nobody again: remove it from disk."""
     v = job_versions(ctx, job_id)
     name = mapped_space_name(v.old, v.new, job_id)
-    for root in (gallery_dir(ctx, v.gallery) / "vectors" / name,
-                 gallery_dir(ctx, v.gallery) / "indexes" / name):  # fmt: skip
-        ctx.spaces.forget(root)
-        shutil.rmtree(root, ignore_errors=True)
+    with gallery_lock(ctx, v.gallery):  # renamed away first: no writer sees half of it
+        for kind in ("vectors", "indexes"):
+            root = gallery_dir(ctx, v.gallery) / kind / name
+            ctx.spaces.forget(root)
+            if root.exists():
+                trash = root.parent / f".{name}.removed-{uuid.uuid4().hex[:8]}"
+                root.rename(trash)
+                shutil.rmtree(trash, ignore_errors=True)

@@ -34,8 +34,9 @@ def step_pair(ctx: Context, job_id: int) -> None:
     folder = job_dir(ctx, job_id)
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "pairs.npy", sample)
+    done, total = count_upgraded(ctx, job_id)
     with ctx.session(write=True) as s:
         job = job_row(s, job_id, lock=True)
-        job.items_done, job.items_total = count_upgraded(ctx, s, job)
+        job.items_done, job.items_total = done, total
         if job.state == JobState.PAIRING:
             transition(job, JobState.TRAINING)

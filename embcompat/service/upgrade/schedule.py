@@ -56,7 +56,7 @@ def chunks_due(ctx: Context, job_id: int, now: datetime | None = None) -> list[i
     """The chunk seqs to dispatch now, marked queued: pending or failed ones, and queued
     or running ones whose lease ran out; within the window and the hourly budget."""
     now = _naive(now or datetime.now(UTC))
-    with ctx.session() as s:
+    with ctx.session(write=True) as s:
         job = s.get(Job, job_id)
         if job is None:
             return []

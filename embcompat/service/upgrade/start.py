@@ -18,6 +18,7 @@ from embcompat.registry.schema import Gallery, Item, Job, JobChunk, ModelVersion
 from embcompat.service.context import Context
 from embcompat.service.galleries import gallery_lock, get_gallery_row, version_record
 from embcompat.service.upgrade.fitting import MIN_SAMPLE
+from embcompat.service.upgrade.jobs import drop_mapped_space
 from embcompat.service.upgrade.schedule import BackfillSchedule
 from embcompat.service.upgrade.states import JobRecord, job_record
 
@@ -141,9 +142,11 @@ def start_upgrade(
         raise UpgradeRefused("an upgrade needs at least 50 pairs and chunk_size >= 1")
     with gallery_lock(ctx, gallery), ctx.session(write=True) as s:
         g, source, target, count = _validate(s, gallery, model, to_version, plan)
-        for old in failed_upgrades(s, g.id):  # a failed job gives way to the new one
+        superseded = failed_upgrades(s, g.id)
+        for old in superseded:  # a failed job gives way to the new one, as if cancelled
             old.state, old.finished_at = JobState.CANCELLED, datetime.now(UTC)
             old.error = f"{old.error or 'failed'}; superseded by a new upgrade"
+            g.plan = None
         job = Job(
             kind="upgrade",
             gallery_id=g.id,
@@ -177,4 +180,7 @@ def start_upgrade(
             part = ids[start : start + chunk_size]
             s.add(JobChunk(job_id=job.id, seq=seq, start=part[0], stop=part[-1] + 1))
         s.flush()
-        return job_record(s, job)
+        rec = job_record(s, job)
+    for old in superseded:
+        drop_mapped_space(ctx, old.id)
+    return rec
