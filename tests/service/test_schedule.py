@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from embcompat.errors import InvalidInput
-from embcompat.registry import versions
 from embcompat.registry.schema import JobChunk
 from embcompat.service import galleries, upgrade
 from embcompat.service.context import Context
 from embcompat.service.upgrade.schedule import BackfillSchedule, chunks_due
+from embcompat.settings import Settings
 
 
 def test_windows_wrap_past_midnight_and_bad_schedules_are_refused() -> None:
@@ -25,23 +27,14 @@ def test_windows_wrap_past_midnight_and_bad_schedules_are_refused() -> None:
         BackfillSchedule(max_items_per_hour=0)
 
 
-def test_due_chunks_respect_window_budget_and_leases(ctx: Context, models_dir) -> None:
-    with ctx.session() as s:
-        for v in ("a", "b"):
-            versions.register_version(
-                s,
-                ctx.registry,
-                model="m",
-                version=v,
-                dim=2,
-                source="external",
-                models_dir=models_dir,
-            )
-    galleries.create_gallery(ctx, "g", "m", "a")
-    galleries.ingest(ctx, "g", [galleries.ItemIn(f"i{i}", vector=[1.0, i]) for i in range(100)])
+def test_due_chunks_respect_window_budget_and_leases(hash_dir: Path, tmp_path: Path) -> None:
+    shutil.copytree(hash_dir, tmp_path / "data")
+    ctx = Context(Settings(data_dir=tmp_path / "data"))
+    galleries.create_gallery(ctx, "g", "hash", "v1")
+    galleries.ingest(ctx, "g", [galleries.ItemIn(f"i{i}", f"w{i % 9} u{i}") for i in range(100)])
     schedule = BackfillSchedule(max_items_per_hour=30, window_start_hour=1, window_end_hour=5)
     job = upgrade.start_upgrade(
-        ctx, "g", "m", "b", plan="bridge", pairs=50, chunk_size=10, schedule=schedule
+        ctx, "g", "hash", "v2", plan="dual", pairs=50, chunk_size=10, schedule=schedule
     )
     night = datetime(2026, 1, 1, 2, 0)
     assert chunks_due(ctx, job.id, datetime(2026, 1, 1, 12, 0)) == []  # outside the window

@@ -58,7 +58,7 @@ def test_refusals_happen_before_anything_runs(gallery: tuple, models_dir) -> Non
     galleries.create_gallery(ctx, "empty", "text", "v1")
     with pytest.raises(UpgradeRefused, match="version of another model"):
         upgrade.start_upgrade(ctx, "docs", "other", "x")
-    with pytest.raises(UpgradeRefused, match="is external: nothing can re-embed"):
+    with pytest.raises(UpgradeRefused, match="is external: nothing can encode"):
         upgrade.start_upgrade(ctx, "docs", "text", "ext", plan="backfill")
     with pytest.raises(UpgradeRefused, match="'empty' is empty"):
         upgrade.start_upgrade(ctx, "empty", "text", "v2")
@@ -177,7 +177,7 @@ def test_staged_items_are_encoded_by_the_ingest_step(text_ctx: Context) -> None:
     items, queries, relevant = wordnet_items(80)
     galleries.create_gallery(text_ctx, "staged", "text", "v1")
     assert galleries.stage(text_ctx, "staged", items) == 80
-    assert galleries.stats(text_ctx, "staged")["items_per_version"] == {}
+    assert galleries.stats(text_ctx, "staged")["items_per_version"] == {"v1": 0}
     assert dispatch_ingest(text_ctx, "staged") == "done"  # no broker: in-process
     assert galleries.stats(text_ctx, "staged")["items_per_version"] == {"v1": 80}
     hits = search.search(text_ctx, "staged", texts=queries[:1], k=10).hits[0]
