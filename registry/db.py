@@ -6,10 +6,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, Select, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+T = TypeVar("T")
 WRITER = {"sqlite_begin": "IMMEDIATE"}  # execution options of a session that writes
 
 
@@ -41,6 +43,15 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def row_lock(query: Select[T], session: Session) -> Select[T]:
+    """`query` taking row locks where the database has them (PostgreSQL: writers on
+    other hosts); SQLite serialises its writers already."""
+    bind = session.bind
+    if bind is not None and bind.dialect.name == "postgresql":
+        return query.with_for_update()
+    return query
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from embcompat.index.faiss_index import IndexGenerations, IndexMetric, SpaceSear
 from embcompat.index.store import SpaceStore
 from embcompat.kinds import IndexKind
 from embcompat.registry import versions
+from embcompat.registry.db import row_lock
 from embcompat.registry.records import ModelVersionRecord
 from embcompat.registry.schema import Gallery, ModelVersion
 from embcompat.service.context import Context
@@ -119,9 +120,7 @@ def get_gallery_row(session: Session, name: str, lock: bool = False) -> Gallery:
     """The gallery's row; `lock` also takes its row lock where the database has them
     (PostgreSQL: writers on hosts that do not share the lock file)."""
     query = select(Gallery).where(Gallery.name == name)
-    if lock and session.bind is not None and session.bind.dialect.name == "postgresql":
-        query = query.with_for_update()
-    row = session.scalars(query).one_or_none()
+    row = session.scalars(row_lock(query, session) if lock else query).one_or_none()
     if row is None:
         raise UnknownGallery(f"no gallery named {name!r}", gallery=name)
     return row

@@ -20,6 +20,7 @@ from embcompat.arrays import FloatArray, IdArray
 from embcompat.errors import UnknownJob
 from embcompat.index.merge import Platt
 from embcompat.kinds import JobState, UpgradePlan
+from embcompat.registry.db import row_lock
 from embcompat.registry.records import ModelVersionRecord
 from embcompat.registry.schema import Item, Job
 from embcompat.service.context import Context
@@ -31,9 +32,7 @@ from embcompat.service.upgrade.states import transition
 def job_row(session: Session, job_id: int, lock: bool = False) -> Job:
     """The job's row; `lock` takes a row lock where the database has them (PostgreSQL)."""
     query = select(Job).where(Job.id == job_id)
-    if lock and session.bind is not None and session.bind.dialect.name == "postgresql":
-        query = query.with_for_update()
-    job = session.scalars(query).one_or_none()
+    job = session.scalars(row_lock(query, session) if lock else query).one_or_none()
     if job is None:
         raise UnknownJob(f"no upgrade job {job_id}", job=job_id)
     return job
