@@ -7,8 +7,8 @@ settings. Tokens are read from settings and never logged.
 from __future__ import annotations
 
 import logging
+import sys
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,9 +21,10 @@ from sqlalchemy import text
 from embcompat import __version__
 from embcompat.api import routes
 from embcompat.api.deps import Ctx, Read
+from embcompat.api.guard import Guard
 from embcompat.api.metrics import CONTENT_TYPE, Metrics
 from embcompat.errors import CorruptArtifact, EmbcompatError
-from embcompat.service import galleries
+from embcompat.service import galleries, migrate
 from embcompat.service.context import Context
 from embcompat.settings import Settings, get_settings
 
@@ -33,6 +34,21 @@ log = logging.getLogger("embcompat.api")
 
 def _problem(status: int, body: dict[str, Any]) -> JSONResponse:
     return JSONResponse(body, status_code=status, media_type=PROBLEM)
+
+
+def _scrubbed(problem: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The problem with server folders replaced by names: a message from deep inside
+    (a library's, a file's) must not tell a client where the service keeps its files."""
+    folders = {str(settings.resolved_data_dir): "<data>", sys.prefix: "<python>"}
+    folders.update({str(r): "<model-root>" for r in settings.resolved_model_roots})
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, str):
+            for folder, name in sorted(folders.items(), key=lambda f: -len(f[0])):
+                value = value.replace(folder, name)
+        return value
+
+    return {k: scrub(v) for k, v in problem.items()}
 
 
 @asynccontextmanager
@@ -51,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.context = Context(settings or get_settings())
     app.state.metrics = Metrics(app.state.context)
-    for router in (routes.models, routes.gals, routes.adapters, routes.jobs):
+    for router in (routes.models, routes.gals, routes.adapters, routes.jobs, routes.audit_trail):
         app.include_router(router)
 
     @app.middleware("http")
@@ -59,8 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Every request gets an id (X-Request-ID) and is counted; an error no handler
         knows becomes a problem+json 500 carrying that id, logged with its traceback."""
         t0 = time.perf_counter()
-        request_id = uuid.uuid4().hex
-        request.state.request_id = request_id
+        request_id = request.state.request_id  # set by the guard
         try:
             response = await call_next(request)
         except Exception:
@@ -86,11 +101,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response.headers["X-Request-ID"] = request_id
         return response
 
+    app.add_middleware(Guard, fastapi=app)  # outermost: before anything reads the body
+
     @app.exception_handler(EmbcompatError)
     async def embcompat_error(request: Request, exc: EmbcompatError) -> JSONResponse:
         if isinstance(exc, CorruptArtifact):
             app.state.context.health.report(exc)
-        return _problem(exc.http_status, exc.to_problem())
+        problem = {**exc.to_problem(), "request_id": request.state.request_id}
+        return _problem(exc.http_status, _scrubbed(problem, app.state.context.settings))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -118,13 +136,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/ready", tags=["ops"])
     def ready(ctx: Ctx) -> JSONResponse:
-        """503 when a shared dependency (DB, MLflow, broker) is down; galleries whose
-        files failed a check are listed under `degraded` (the others serve as usual)."""
+        """503 when a shared dependency (DB, MLflow, broker) is down or the schema is
+        behind; galleries whose files failed a check are listed under `degraded` (the
+        others serve as usual)."""
         checks: dict[str, str] = {}
         try:
             with ctx.session() as s:
                 s.execute(text("SELECT 1"))
+            behind = migrate.pending(ctx.engine)
             checks["database"] = "ok"
+            checks["schema"] = "ok" if behind is None else f"{behind}: run `embcompat db upgrade`"
         except Exception as exc:  # readiness reports every failure, it never raises
             checks["database"] = f"unreachable: {type(exc).__name__}"
         try:
@@ -141,7 +162,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             except Exception as exc:
                 checks["broker"] = f"unreachable: {type(exc).__name__}"
         ok = all(v == "ok" for v in checks.values())
-        degraded = galleries.degraded(ctx) if checks.get("database") == "ok" else {}
+        degraded = galleries.degraded(ctx) if checks.get("schema") == "ok" else {}
         body = {"ready": ok, "checks": checks, "degraded": degraded}
         return JSONResponse(body, status_code=200 if ok else 503)
 

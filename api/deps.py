@@ -1,4 +1,7 @@
-"""What routes declare they need: the service context and an authenticated scope."""
+"""What routes declare they need: the service context and an authenticated scope.
+
+`api.guard` checks the token and the scope before the body is read; these dependencies
+say which scope a route needs (the guard reads them) and document it in OpenAPI."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from embcompat.errors import Forbidden, Unauthorized
 from embcompat.service.context import Context
+from embcompat.settings import Principal
 
 bearer = HTTPBearer(auto_error=False, description="a token from EMBCOMPAT_API_TOKENS")
 
@@ -17,28 +21,31 @@ def get_context(request: Request) -> Context:
     return request.app.state.context  # type: ignore[no-any-return]
 
 
-def _scopes(request: Request, creds: HTTPAuthorizationCredentials | None) -> list[str]:
-    if creds is None or not creds.credentials:
+def principal(request: Request) -> Principal:
+    """Who sent the request, as the guard authenticated it."""
+    found = getattr(request.state, "principal", None)
+    if not isinstance(found, Principal):
         raise Unauthorized("missing bearer token", hint="send Authorization: Bearer <token>")
-    scopes = get_context(request).settings.token_scopes(creds.credentials)
-    if not scopes:
-        raise Unauthorized("unknown bearer token")
-    return list(scopes)
+    return found
 
 
 def require_read(
-    request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> None:
-    scopes = _scopes(request, creds)
-    if "read" not in scopes and "admin" not in scopes:
+    if not {"read", "admin"} & set(principal(request).scopes):
         raise Forbidden("this token has no 'read' scope")
 
 
 def require_admin(
-    request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> None:
-    if "admin" not in _scopes(request, creds):
+    if "admin" not in principal(request).scopes:
         raise Forbidden("this operation changes state and needs the 'admin' scope")
+
+
+def audit(request: Request, **counts: int | str) -> None:
+    """Add what an admin action did (counts, ids) to its audit row."""
+    request.state.audit = {**getattr(request.state, "audit", {}), **counts}
 
 
 Ctx = Annotated[Context, Depends(get_context)]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Path, Request, status
+from fastapi import APIRouter, BackgroundTasks, Path, Query, Request, status
+from fastapi.responses import JSONResponse
 
-from embcompat.api.deps import Admin, Ctx, Read
+from embcompat.api.deps import Admin, Ctx, Read, audit
 from embcompat.api.schemas import GalleryIn, ItemIdsIn, ItemsIn, SearchIn, UpgradeIn, VersionIn
-from embcompat.errors import InvalidInput
+from embcompat.errors import InvalidInput, SearchTooLarge
 from embcompat.registry import adapter_records, versions
+from embcompat.registry.audit import list_events
 from embcompat.service import galleries, search, upgrade
 from embcompat.service.upgrade.schedule import BackfillSchedule
 from embcompat.workers.app import dispatch_ingest, dispatch_upgrade
@@ -19,6 +21,7 @@ models = APIRouter(prefix="/models", tags=["models"])
 gals = APIRouter(prefix="/galleries", tags=["galleries"])
 adapters = APIRouter(prefix="/adapters", tags=["adapters"])
 jobs = APIRouter(prefix="/upgrades", tags=["upgrades"])
+audit_trail = APIRouter(prefix="/audit", tags=["audit"])
 
 
 @models.post("/{model}/versions", status_code=status.HTTP_201_CREATED, dependencies=[Admin])
@@ -35,6 +38,7 @@ def register_version(model: str, body: VersionIn, ctx: Ctx) -> dict[str, Any]:
             metric=body.metric,  # type: ignore[arg-type]
             parent=body.parent,
             models_dir=ctx.models_dir,
+            policy=ctx.model_policy,
         )
     return rec.to_dict()
 
@@ -78,24 +82,31 @@ def gallery_stats(name: str, ctx: Ctx) -> dict[str, Any]:
 
 
 @gals.post("/{name}/items", dependencies=[Admin])
-def ingest(name: str, body: ItemsIn, ctx: Ctx) -> dict[str, int]:
+def ingest(name: str, body: ItemsIn, ctx: Ctx, request: Request) -> dict[str, int]:
     items = [galleries.ItemIn(i.id, i.text, i.vector, i.metadata) for i in body.items]
-    return galleries.ingest(ctx, name, items)
+    out = galleries.ingest(ctx, name, items)
+    audit(request, **out)
+    return out
 
 
 @gals.post("/{name}/items/stage", status_code=status.HTTP_202_ACCEPTED, dependencies=[Admin])
-def stage_items(name: str, body: ItemsIn, ctx: Ctx, tasks: BackgroundTasks) -> dict[str, int]:
+def stage_items(
+    name: str, body: ItemsIn, ctx: Ctx, tasks: BackgroundTasks, request: Request
+) -> dict[str, int]:
     """Store texts now; the `ingest` task encodes them on the workers, in batches."""
     staged = galleries.stage(
         ctx, name, [galleries.ItemIn(i.id, i.text, i.vector, i.metadata) for i in body.items]
     )
+    audit(request, staged=staged)
     tasks.add_task(dispatch_ingest, ctx, name)
     return {"staged": staged}
 
 
 @gals.post("/{name}/items/delete", dependencies=[Admin])
-def delete_items(name: str, body: ItemIdsIn, ctx: Ctx) -> dict[str, int]:
-    return {"deleted": galleries.delete_items(ctx, name, body.ids)}
+def delete_items(name: str, body: ItemIdsIn, ctx: Ctx, request: Request) -> dict[str, int]:
+    deleted = galleries.delete_items(ctx, name, body.ids)
+    audit(request, deleted=deleted)
+    return {"deleted": deleted}
 
 
 @gals.post("/{name}/publish", dependencies=[Admin])
@@ -116,12 +127,34 @@ def repair_gallery(name: str, ctx: Ctx) -> dict[str, Any]:
 
 
 @gals.post("/{name}/search", dependencies=[Read])
-def search_gallery(name: str, body: SearchIn, ctx: Ctx, request: Request) -> dict[str, Any]:
+def search_gallery(name: str, body: SearchIn, ctx: Ctx, request: Request) -> JSONResponse:
+    """Bounded: at most `max_search_queries` queries, queries x k hits and
+    `max_response_bytes` of answer (EMBCOMPAT_* settings)."""
+    limits = ctx.settings
+    queries = max(len(body.texts or []), len(body.vectors or []), len(body.old_vectors or []))
+    if queries > limits.max_search_queries:
+        raise SearchTooLarge(
+            f"{queries} queries in one search, the limit is {limits.max_search_queries}",
+            hint="split the queries over several requests",
+        )
+    if queries * body.k > limits.max_search_hits:
+        raise SearchTooLarge(
+            f"{queries} queries x k={body.k} asks for {queries * body.k} hits, the limit "
+            f"is {limits.max_search_hits}",
+            hint="ask for a smaller k or fewer queries per request",
+        )
     res = search.search(
         ctx, name, body.texts, body.vectors, body.k, body.old_vectors, filters=body.filters
     )
     request.app.state.metrics.observe_search(res.plan, res.encodes, res.latency_ms / 1e3)
-    return res.to_dict()
+    response = JSONResponse(res.to_dict())
+    if len(response.body) > limits.max_response_bytes:
+        raise SearchTooLarge(
+            f"the answer would be {len(response.body)} bytes, the limit is "
+            f"{limits.max_response_bytes}",
+            hint="ask for a smaller k or fewer queries per request",
+        )
+    return response
 
 
 @gals.post("/{name}/upgrades/plan", dependencies=[Admin])
@@ -171,3 +204,15 @@ def list_adapters(ctx: Ctx) -> list[dict[str, Any]]:
 def show_adapter(adapter_id: Id, ctx: Ctx) -> dict[str, Any]:
     with ctx.session() as s:
         return adapter_records.get_adapter(s, adapter_id)
+
+
+@audit_trail.get("", dependencies=[Admin])
+def list_audit(
+    ctx: Ctx,
+    after: Annotated[int, Query(ge=0, description="the last id of the previous page")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    actor: Annotated[str | None, Query(max_length=100)] = None,
+) -> list[dict[str, Any]]:
+    """Admin actions, oldest first: who (the token's name), what, when, how it ended."""
+    with ctx.session() as s:
+        return list_events(s, after, limit, actor)

@@ -86,7 +86,9 @@ class ItemIdsIn(Body):
 
 
 class SearchIn(Body):
-    texts: list[Text] | None = Field(default=None, min_length=1, max_length=1000)
+    texts: list[Annotated[Text, Field(max_length=10_000)]] | None = Field(
+        default=None, min_length=1, max_length=1000
+    )
     vectors: list[Vector] | None = Field(default=None, min_length=1, max_length=1000)
     old_vectors: list[Vector] | None = Field(default=None, min_length=1, max_length=1000)
     k: StrictInt = Field(default=10, ge=1, le=1000)

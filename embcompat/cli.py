@@ -1,4 +1,6 @@
-"""The `embcompat` command line: thin over the same service functions as the API."""
+"""The `embcompat` command line: thin over the same service functions as the API, or,
+with `--url` and `--token` (EMBCOMPAT_URL, EMBCOMPAT_TOKEN), over the API itself: the
+same output and exit codes either way (`embcompat.client`)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -22,10 +25,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from embcompat.client import Client, Local, Remote
 from embcompat.errors import EmbcompatError
-from embcompat.kinds import IndexKind, Metric, UpgradePlan
-from embcompat.registry import versions
-from embcompat.service import galleries, migrate, search, upgrade
+from embcompat.kinds import TERMINAL_STATES, IndexKind, Metric, UpgradePlan
+from embcompat.service import migrate
 from embcompat.service.context import Context
 
 app = typer.Typer(help="Backward-compatible embedding model upgrade.", no_args_is_help=True)
@@ -44,126 +47,70 @@ T = TypeVar("T")
 
 
 def _fail(exc: EmbcompatError) -> None:
-    console.print(f"[red]error[/red] ({exc.code}): {exc.message}")
+    console.print(f"[red]error[/red] ({exc.code}): {exc.message}", markup=True, highlight=False)
     if exc.hint:
-        console.print(f"hint: {exc.hint}")
+        console.print(f"hint: {exc.hint}", markup=False, highlight=False)
     raise typer.Exit(code=2)
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    url: Annotated[
+        str | None, typer.Option(envvar="EMBCOMPAT_URL", help="an embcompat API to work through")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option(envvar="EMBCOMPAT_TOKEN", help="its bearer token")
+    ] = None,
+) -> None:
+    """Backward-compatible embedding model upgrade."""
+    ctx.obj = (url, token)
+
+
+def _remote() -> tuple[str | None, str | None]:
+    obj = click.get_current_context().find_root().obj
+    return obj if isinstance(obj, tuple) else (None, None)
+
+
+def _client() -> Client:
+    """The API at --url when one is given, else the service in this process."""
+    url, token = _remote()
+    if url is None:
+        return Local()
+    if not token:
+        console.print("[red]error[/red]: --url needs --token (or EMBCOMPAT_TOKEN)")
+        raise typer.Exit(code=2)
+    return Remote(url, token)
+
+
+def _local_only(command: str) -> None:
+    if _remote()[0] is not None:
+        console.print(f"[red]error[/red]: `embcompat {command}` runs on the server's host")
+        raise typer.Exit(code=2)
 
 
 @db_app.command("upgrade")
 def db_upgrade(revision: str = "head") -> None:
-    """Apply the Alembic migrations to the configured database."""
-    ctx = Context()
-    migrate.upgrade(ctx.settings.resolved_database_url, revision)
-    console.print(f"database at {revision}: {ctx.settings.resolved_database_url}")
+    """Apply the Alembic migrations to the configured database (with --url: report the
+    server's schema, which `embcompat serve` migrates on start)."""
+    url, _ = _remote()
+    if url is not None:
+        ready = _guard(lambda: _client_ready(url))
+        console.print(f"schema: {ready}")
+        raise typer.Exit(0 if ready == "ok" else 1)
+    settings = Context().settings
+    migrate.upgrade(settings.resolved_database_url, revision)
+    console.print(f"database at {revision}")
 
 
-@models_app.command("register")
-def models_register(
-    model: str,
-    version: str,
-    dim: Annotated[int, typer.Option(help="declared output dimension")],
-    shipped: Annotated[str | None, typer.Option(help="a model shipped in a PyPI package")] = None,
-    from_dir: Annotated[str | None, typer.Option(help="a sentence-transformers directory")] = None,
-    mlflow_uri: Annotated[str | None, typer.Option(help="an existing MLflow model URI")] = None,
-    external: Annotated[bool, typer.Option(help="clients send the vectors")] = False,
-    metric: Metric = Metric.COSINE,
-    parent: Annotated[str | None, typer.Option(help="the version this one succeeds")] = None,
-) -> None:
-    """Register MODEL:VERSION from exactly one source."""
-    sources = {"shipped": shipped, "dir": from_dir, "mlflow": mlflow_uri}
-    chosen = [k for k, v in sources.items() if v] + (["external"] if external else [])
-    if len(chosen) != 1:
-        console.print(
-            "[red]error[/red]: give exactly one of --shipped, --from-dir, --mlflow-uri, --external"
-        )
-        raise typer.Exit(code=2)
-    ctx = Context()
-    try:
-        with ctx.session() as s:
-            rec = versions.register_version(
-                s,
-                ctx.registry,
-                model=model,
-                version=version,
-                dim=dim,
-                source=chosen[0],  # type: ignore[arg-type]
-                location=sources.get(chosen[0]),
-                metric=metric,
-                parent=parent,
-                models_dir=ctx.models_dir,
-            )
-    except EmbcompatError as exc:
-        _fail(exc)
-    console.print(
-        f"registered {rec.ref} (MLflow {rec.mlflow_name} v{rec.mlflow_version}, dim {rec.dim})"
-    )
-
-
-@models_app.command("list")
-def models_list(model: Annotated[str | None, typer.Argument()] = None) -> None:
-    """List registered versions with their aliases."""
-    ctx = Context()
-    try:
-        with ctx.session() as s:
-            recs = versions.list_versions(s, ctx.registry, model)
-    except EmbcompatError as exc:
-        _fail(exc)
-    table = Table("model", "version", "dim", "metric", "encoder", "parent", "aliases")
-    for r in recs:
-        table.add_row(
-            r.model,
-            r.version,
-            str(r.dim),
-            r.metric,
-            r.encoder_uri,
-            r.parent or "",
-            ",".join(r.aliases),
-        )
-    console.print(table)
-
-
-@models_app.command("show")
-def models_show(model: str, version: str) -> None:
-    """Show one version as JSON, with its lineage."""
-    ctx = Context()
-    try:
-        with ctx.session() as s:
-            rec = versions.get_version(s, ctx.registry, model, version)
-            chain = versions.lineage(s, model, version)
-    except EmbcompatError as exc:
-        _fail(exc)
-    json.dump({**rec.to_dict(), "lineage": chain}, sys.stdout, indent=2)
-    sys.stdout.write("\n")
-
-
-@models_app.command("promote")
-def models_promote(model: str, version: str, alias: str = "serving") -> None:
-    """Point an alias (serving or candidate) at MODEL:VERSION."""
-    ctx = Context()
-    try:
-        with ctx.session() as s:
-            rec = versions.promote(s, ctx.registry, model, version, alias)
-    except EmbcompatError as exc:
-        _fail(exc)
-    console.print(f"{rec.ref} is now {alias!r} (aliases: {', '.join(rec.aliases)})")
-
-
-@app.command("demo")
-def demo(
-    queries: Annotated[int, typer.Option(help="labelled queries")] = 3000,
-    gallery: Annotated[int, typer.Option(help="documents in the gallery")] = 12000,
-) -> None:
-    """Run (or resume) a whole real upgrade end to end on the embedded defaults."""
-    from embcompat.demo import run_demo
+def _client_ready(url: str) -> str:
+    import httpx
 
     try:
-        run_demo(Context(), queries, gallery, console)
-    except KeyboardInterrupt:
-        console.print("\ninterrupted: run `make demo` again to resume the upgrade where it stopped")
-        raise typer.Exit(code=130) from None
-    except EmbcompatError as exc:
-        _fail(exc)
+        checks = httpx.get(f"{url.rstrip('/')}/ready", timeout=30).json()["checks"]
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        raise EmbcompatError(f"no readiness report from {url}: {type(exc).__name__}") from exc
+    return str(checks.get("schema", checks.get("database", "unknown")))
 
 
 def _guard(fn: Callable[[], T]) -> T:
@@ -179,19 +126,95 @@ def _print_json(payload: Any) -> None:
     sys.stdout.write("\n")
 
 
+@models_app.command("register")
+def models_register(
+    model: str,
+    version: str,
+    dim: Annotated[int, typer.Option(help="declared output dimension")],
+    shipped: Annotated[str | None, typer.Option(help="a model shipped in a PyPI package")] = None,
+    from_dir: Annotated[str | None, typer.Option(help="a sentence-transformers directory")] = None,
+    mlflow_uri: Annotated[str | None, typer.Option(help="an existing MLflow model URI")] = None,
+    external: Annotated[bool, typer.Option(help="clients send the vectors")] = False,
+    metric: Metric = Metric.COSINE,
+    parent: Annotated[str | None, typer.Option(help="the version this one succeeds")] = None,
+) -> None:
+    """Register MODEL:VERSION from exactly one source (folders and MLflow models must
+    lie inside the server's model roots)."""
+    sources = {"shipped": shipped, "dir": from_dir, "mlflow": mlflow_uri}
+    chosen = [k for k, v in sources.items() if v] + (["external"] if external else [])
+    if len(chosen) != 1:
+        console.print(
+            "[red]error[/red]: give exactly one of --shipped, --from-dir, --mlflow-uri, --external"
+        )
+        raise typer.Exit(code=2)
+    body = {"version": version, "dim": dim, "source": chosen[0], "metric": str(metric),
+            "location": sources.get(chosen[0]), "parent": parent}  # fmt: skip
+    rec = _guard(lambda: _client().register_version(model, body))
+    console.print(
+        f"registered {rec['model']}:{rec['version']} (MLflow {rec['mlflow_name']} "
+        f"v{rec['mlflow_version']}, dim {rec['dim']})"
+    )
+
+
+@models_app.command("list")
+def models_list(model: Annotated[str | None, typer.Argument()] = None) -> None:
+    """List registered versions with their aliases."""
+    table = Table("model", "version", "dim", "metric", "encoder", "parent", "aliases")
+    for r in _guard(lambda: _client().list_versions(model)):
+        table.add_row(
+            r["model"], r["version"], str(r["dim"]), r["metric"], r["encoder_uri"],
+            r["parent"] or "", ",".join(r["aliases"]),
+        )  # fmt: skip
+    console.print(table)
+
+
+@models_app.command("show")
+def models_show(model: str, version: str) -> None:
+    """Show one version as JSON, with its lineage."""
+    _print_json(_guard(lambda: _client().show_version(model, version)))
+
+
+@models_app.command("promote")
+def models_promote(model: str, version: str, alias: str = "serving") -> None:
+    """Point an alias (serving or candidate) at MODEL:VERSION."""
+    rec = _guard(lambda: _client().promote(model, version, alias))
+    console.print(f"{model}:{version} is now {alias!r} (aliases: {', '.join(rec['aliases'])})")
+
+
+@app.command("demo")
+def demo(
+    queries: Annotated[int, typer.Option(help="labelled queries")] = 3000,
+    gallery: Annotated[int, typer.Option(help="documents in the gallery")] = 12000,
+) -> None:
+    """Run (or resume) a whole real upgrade end to end on the embedded defaults."""
+    from embcompat.demo import run_demo
+
+    _local_only("demo")
+    try:
+        run_demo(Context(), queries, gallery, console)
+    except KeyboardInterrupt:
+        console.print("\ninterrupted: run `make demo` again to resume the upgrade where it stopped")
+        raise typer.Exit(code=130) from None
+    except EmbcompatError as exc:
+        _fail(exc)
+
+
 @gallery_app.command("create")
 def gallery_create(name: str, model: str, version: str, index: IndexKind = IndexKind.FLAT) -> None:
     """Create a gallery served by MODEL:VERSION."""
-    rec = _guard(lambda: galleries.create_gallery(Context(), name, model, version, index))  # type: ignore[arg-type]
-    console.print(f"gallery {rec.name!r} serves {model}:{rec.serving_version} ({rec.index_kind})")
+    body = {"name": name, "model": model, "version": version, "index_kind": str(index)}
+    rec = _guard(lambda: _client().create_gallery(body))
+    console.print(
+        f"gallery {rec['name']!r} serves {model}:{rec['serving_version']} ({rec['index_kind']})"
+    )
 
 
 @gallery_app.command("list")
 def gallery_list() -> None:
     """List galleries."""
     table = Table("gallery", "model", "serving", "index", "plan")
-    for g in _guard(lambda: galleries.list_galleries(Context())):
-        table.add_row(g.name, g.model, g.serving_version, g.index_kind, g.plan or "")
+    for g in _guard(lambda: _client().list_galleries()):
+        table.add_row(g["name"], g["model"], g["serving_version"], g["index_kind"], g["plan"] or "")
     console.print(table)
 
 
@@ -202,33 +225,33 @@ def gallery_ingest(
     batch: int = 1000,
 ) -> None:
     """Add or update items from a JSON-lines file, in batches, with a progress bar."""
-    ctx = Context()
+    client = _client()
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     items = [
-        galleries.ItemIn(str(r["id"]), r.get("text"), r.get("vector"), r.get("metadata"))
+        {"id": str(r["id"]), **{k: r[k] for k in ("text", "vector", "metadata") if k in r}}
         for r in rows
     ]
     added = updated = 0
     for start in track(range(0, len(items), batch), description="ingest"):
         part = items[start : start + batch]
-        out = _guard(lambda: galleries.ingest(ctx, name, part))  # noqa: B023 - called at once
+        out = _guard(lambda: client.ingest(name, part))  # noqa: B023 - called at once
         added, updated = added + out["added"], updated + out["updated"]
-    _guard(lambda: galleries.publish(ctx, name))
+    _guard(lambda: client.publish(name))
     console.print(f"{added} added, {updated} updated; index published")
 
 
 @gallery_app.command("stats")
 def gallery_stats(name: str) -> None:
-    """Items per version, spaces, index generations, bytes on disk."""
-    _print_json(_guard(lambda: galleries.stats(Context(), name)))
+    """The gallery, items per version, spaces, index generations, bytes on disk."""
+    _print_json(_guard(lambda: _client().gallery(name)))
 
 
 @gallery_app.command("verify")
 def gallery_verify(name: str) -> None:
     """Read every file of the gallery against its checksum; exit 1 when one fails."""
-    problems = _guard(lambda: galleries.verify(Context(), name))
-    _print_json({"gallery": name, "problems": problems})
-    if problems:
+    report = _guard(lambda: _client().verify(name))
+    _print_json(report)
+    if report["problems"]:
         raise typer.Exit(1)
 
 
@@ -236,8 +259,8 @@ def gallery_verify(name: str) -> None:
 def gallery_repair(name: str) -> None:
     """Rebuild damaged spaces from sound vectors and stored payloads; re-publish."""
     with console.status(f"repairing {name}"):
-        report = _guard(lambda: galleries.repair(Context(), name))
-    _print_json({"gallery": name, "spaces": report})
+        report = _guard(lambda: _client().repair(name))
+    _print_json(report)
 
 
 def _parse_filters(specs: list[str]) -> dict[str, Any] | None:
@@ -261,25 +284,18 @@ def search_cmd(
     ] = None,
 ) -> None:
     """Search a gallery with a text query; shows the version and path of each hit."""
-    res = _guard(
-        lambda: search.search(
-            Context(), gallery, texts=[query], k=k, filters=_parse_filters(filter or [])
-        )
-    )
+    body = {"texts": [query], "k": k, "filters": _guard(lambda: _parse_filters(filter or []))}
+    res = _guard(lambda: _client().search(gallery, body))
     table = Table("item", "score", "version", "path", "old", "new", "on the fly")
-    for h in res.hits[0]:
+    for h in res["hits"][0]:
         fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
         table.add_row(
-            h.item,
-            f"{h.score:.4f}",
-            h.version,
-            h.path,
-            fmt(h.score_old),
-            fmt(h.score_new),
-            "yes" if h.encoded_on_the_fly else "",
-        )
+            h["item"], f"{h['score']:.4f}", h["version"], h["path"], fmt(h["score_old"]),
+            fmt(h["score_new"]), "yes" if h["encoded_on_the_fly"] else "",
+        )  # fmt: skip
     console.print(
-        f"plan {res.plan}, {res.latency_ms:.0f} ms" + "".join(f"; {w}" for w in res.warnings)
+        f"plan {res['plan']}, {res['latency_ms']:.0f} ms"
+        + "".join(f"; {w}" for w in res["warnings"])
     )
     console.print(table)
 
@@ -289,7 +305,8 @@ def upgrade_plan(
     gallery: str, model: str, version: str, plan: UpgradePlan = UpgradePlan.AUTO
 ) -> None:
     """Dry run: items to re-embed, measured encoder throughput, projected time."""
-    _print_json(_guard(lambda: upgrade.plan_upgrade(Context(), gallery, model, version, plan)))
+    body = {"model": model, "version": version, "plan": str(plan)}
+    _print_json(_guard(lambda: _client().plan_upgrade(gallery, body)))
 
 
 @upgrade_app.command("start")
@@ -301,55 +318,47 @@ def upgrade_start(
     pairs: int = 2000,
     chunk_size: int = 1000,
 ) -> None:
-    """Start an upgrade: on the workers if a broker is configured, else here and now."""
-    from embcompat.workers.app import dispatch_upgrade
-
-    ctx = Context()
-    job = _guard(
-        lambda: upgrade.start_upgrade(ctx, gallery, model, version, plan, pairs, chunk_size)
+    """Start an upgrade: on the workers if a broker is configured, else where the
+    service runs (here, or the API server with --url)."""
+    client = _client()
+    body = {"model": model, "version": version, "plan": str(plan), "pairs": pairs,
+            "chunk_size": chunk_size}  # fmt: skip
+    job = _guard(lambda: client.start_upgrade(gallery, body))
+    console.print(
+        f"upgrade job {job['id']} created for {gallery!r}: {job['from_version']} -> {version}"
     )
-    console.print(f"upgrade job {job.id} created for {gallery!r}: {job.from_version} -> {version}")
-    console.print(f"job {job.id}: {dispatch_upgrade(ctx, job.id)}")
+    console.print(f"job {job['id']}: {_guard(lambda: client.job(job['id']))['state']}")
 
 
 @upgrade_app.command("status")
 def upgrade_status(job_id: int) -> None:
     """State, plan, progress, rate and ETA of a job."""
-    _print_json(_guard(lambda: upgrade.get_job(Context(), job_id)).to_dict())
+    _print_json(_guard(lambda: _client().job(job_id)))
 
 
 @upgrade_app.command("watch")
 def upgrade_watch(job_id: int, interval: float = 1.0) -> None:
     """A progress bar until the job ends."""
-    ctx = Context()
+    client = _client()
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
     ) as bar:
-        job = _guard(lambda: upgrade.get_job(ctx, job_id))
-        task = bar.add_task(f"job {job_id}", total=max(job.items_total, 1))
+        job = _guard(lambda: client.job(job_id))
+        task = bar.add_task(f"job {job_id}", total=max(job["items_total"], 1))
         while True:
-            job = upgrade.get_job(ctx, job_id)
-            bar.update(task, completed=job.items_done, description=f"job {job_id} {job.state}")
-            if job.state in ("done", "cancelled", "rolled_back", "failed"):
+            job = _guard(lambda: client.job(job_id))
+            bar.update(
+                task, completed=job["items_done"], description=f"job {job_id} {job['state']}"
+            )
+            if job["state"] in TERMINAL_STATES:
                 break
             time.sleep(interval)
-    console.print(f"job {job_id}: {job.state}" + (f" ({job.error})" if job.error else ""))
+    console.print(f"job {job_id}: {job['state']}" + (f" ({job['error']})" if job["error"] else ""))
 
 
 def _control(action: str, job_id: int) -> None:
-    fn = {
-        "pause": upgrade.pause,
-        "resume": upgrade.resume,
-        "cancel": upgrade.cancel,
-        "rollback": upgrade.rollback,
-    }[action]
-    ctx = Context()
-    job = _guard(lambda: fn(ctx, job_id))
-    console.print(f"job {job_id}: {job.state}")
-    if action == "resume":
-        from embcompat.workers.app import dispatch_upgrade
-
-        console.print(f"job {job_id}: {dispatch_upgrade(ctx, job.id)}")
+    job = _guard(lambda: _client().control(job_id, action))
+    console.print(f"job {job_id}: {job['state']}")
 
 
 @upgrade_app.command("pause")
@@ -376,19 +385,51 @@ def upgrade_rollback(job_id: int) -> None:
     _control("rollback", job_id)
 
 
+@app.command("audit")
+def audit_cmd(
+    after: Annotated[int, typer.Option(help="show events after this id")] = 0,
+    limit: int = 100,
+    actor: Annotated[str | None, typer.Option(help="only this token name")] = None,
+) -> None:
+    """Admin actions: who (token name), what, when, and how each ended."""
+    table = Table("id", "at", "actor", "action", "path", "status", "detail")
+    for e in _guard(lambda: _client().audit(after, limit, actor)):
+        table.add_row(
+            str(e["id"]), e["at"][:19], e["actor"], e["action"], e["path"], str(e["status"]),
+            json.dumps(e["detail"], sort_keys=True),
+        )  # fmt: skip
+    console.print(table)
+
+
 @app.command("serve")
-def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the admin API with uvicorn."""
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    migrate_db: Annotated[
+        bool, typer.Option("--migrate/--no-migrate", help="migrate the database first")
+    ] = True,
+) -> None:
+    """Run the admin API with uvicorn (limits and timeouts from EMBCOMPAT_* settings)."""
     import uvicorn
 
-    from embcompat.api.app import create_app
+    from embcompat.api.server import server_config
 
-    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+    _local_only("serve")
+    ctx = Context()
+    url = ctx.settings.resolved_database_url
+    if migrate_db:
+        migrate.upgrade(url)
+    elif (behind := migrate.pending(ctx.engine)) is not None:
+        console.print(f"[red]error[/red]: {behind}; run `embcompat db upgrade` first")
+        raise typer.Exit(code=2)
+    ctx.close()
+    uvicorn.Server(server_config(ctx.settings, host, port, log_level="info")).run()
 
 
 @app.command("worker")
 def worker(concurrency: int = 2, beat: bool = False) -> None:
     """Run a Celery worker on the configured broker (EMBCOMPAT_BROKER_URL)."""
+    _local_only("worker")
     settings = Context().settings
     if settings.broker_url is None:
         console.print("[red]error[/red]: set EMBCOMPAT_BROKER_URL (e.g. redis://127.0.0.1:6379/0)")

@@ -73,6 +73,7 @@ def register_text_pair(
                     source=SourceKind.SHIPPED,
                     location=shipped,
                     models_dir=models_dir or ctx.models_dir,
+                    policy=ctx.model_policy,
                     parent="v1" if version == "v2" else None,
                 )
                 say(f"registered text:{version} ({shipped}, dim {dim}) in MLflow")

@@ -69,6 +69,10 @@ class Forbidden(EmbcompatError):
     http_status = 403
 
 
+class UntrustedModel(Forbidden):
+    code = "untrusted_model"
+
+
 class NotFound(EmbcompatError):
     code = "not_found"
     http_status = 404
@@ -122,6 +126,10 @@ class InvalidTransition(Conflict):
 class InvalidInput(EmbcompatError):
     code = "invalid_input"
     http_status = 422
+
+
+class SearchTooLarge(InvalidInput):
+    code = "search_too_large"
 
 
 class DimensionMismatch(InvalidInput):

@@ -54,7 +54,9 @@ class SentenceTransformerEncoder:
             model = SentenceTransformer(str(path), device="cpu")
         except Exception as exc:  # translated at this edge
             raise EncoderError(
-                f"cannot load a sentence-transformers model from {path}: {exc}"
+                "the location holds no loadable sentence-transformers model",
+                hint=type(exc).__name__,
+                field="location",
             ) from exc
         return cls(model, normalize)
 

@@ -165,8 +165,3 @@ class MlflowRegistry:
 
     def set_tag(self, registered_name: str, version: str, key: str, value: str) -> None:
         self.client.set_model_version_tag(registered_name, version, key, value)
-
-    def model_flavors(self, model_uri: str) -> dict[str, Any]:
-        from mlflow.models import get_model_info
-
-        return dict(get_model_info(model_uri).flavors)

@@ -22,6 +22,8 @@ class ModelVersionRecord:
     tags: dict[str, Any]
     created_at: datetime
     aliases: list[str] = field(default_factory=list)
+    # digest of the model folder when embcompat logged a model that runs code
+    code_sha256: str | None = None
 
     @property
     def external(self) -> bool:

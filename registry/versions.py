@@ -33,6 +33,7 @@ from embcompat.registry.mlflow_registry import MlflowRegistry
 from embcompat.registry.records import ModelVersionRecord
 from embcompat.registry.schema import EmbeddingModel, ModelVersion
 from embcompat.registry.shipped import PARAPHRASE_L3, shipped_model_path
+from embcompat.registry.trust import ModelPolicy, check_code, folder_digest, local_dir
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
 
@@ -52,6 +53,7 @@ def _record(row: ModelVersion, aliases: list[str] | None = None) -> ModelVersion
         tags=dict(row.tags or {}),
         created_at=row.created_at,
         aliases=aliases or [],
+        code_sha256=row.code_sha256,
     )
 
 
@@ -85,9 +87,14 @@ def register_version(
     normalized: bool = True,
     parent: str | None = None,
     models_dir: Path,
+    policy: ModelPolicy,
     tags: dict[str, str] | None = None,
+    logged_here: bool = False,
 ) -> ModelVersionRecord:
-    """Register `model:version`. `location` is a directory, a shipped name or an MLflow URI."""
+    """Register `model:version`. `location` is a directory, a shipped name or an MLflow URI;
+    a directory or MLflow model must lie inside the policy's roots. `logged_here`: the
+    caller (embcompat's own training) just logged this MLflow model, so its digest is
+    recorded and its code may run when it loads; never set from a request."""
     for field, value in (("model", model), ("version", version)):
         if not NAME.fullmatch(value):
             raise InvalidInput(
@@ -123,17 +130,21 @@ def register_version(
             "encode with registry.encoders.OnnxEncoder, or log it as a pyfunc first",
             field="location",
         )
+    code_sha256 = None
     if source == "external":
         mlflow_version = registry.log_external(model, {"dim": dim, "metric": str(metric)}, meta)
         encoder_uri = EXTERNAL
     elif source in ("dir", "shipped"):
-        path = Path(loc) if source == "dir" else shipped_model_path(loc, models_dir)
+        path = policy.inside(Path(loc)) if source == "dir" else shipped_model_path(loc, models_dir)
         st_encoder = SentenceTransformerEncoder.from_dir(path, normalize=normalized)
         check_dim(st_encoder, dim, f"{model}:{version}")
         mlflow_version = registry.log_sentence_transformer(st_encoder.model, model, meta)
         encoder_uri = f"models:/{model}/{mlflow_version}"
     else:
-        encoder = _load_from_mlflow(registry, loc, dim, normalized)
+        folder = policy.inside(local_dir(loc, registry.tracking_uri))
+        code_sha256 = folder_digest(folder) if logged_here else None
+        check_code(policy, folder, code_sha256, f"the model at {loc!r}")
+        encoder = _load_folder(folder, dim, normalized, loc)
         check_dim(encoder, dim, f"{model}:{version}", (tags or {}).get("input", "text"))
         mlflow_version = registry.register(loc, model, meta)
         encoder_uri = f"models:/{model}/{mlflow_version}"
@@ -153,6 +164,7 @@ def register_version(
             mlflow_version=mlflow_version,
             parent=parent_row,
             tags=dict(tags or {}),
+            code_sha256=code_sha256,
         )
         session.add(row)
         session.flush()
@@ -231,31 +243,39 @@ def lineage(session: Session, model: str, version: str) -> list[str]:
     return chain[::-1]
 
 
-def _load_from_mlflow(registry: MlflowRegistry, uri: str, dim: int, normalized: bool) -> Encoder:
-    from mlflow.exceptions import MlflowException
+def _load_folder(folder: Path, dim: int, normalized: bool, what: str) -> Encoder:
+    """Load the MLflow model in `folder` (already checked against the policy); errors
+    name `what` (a URI or a version), never the folder."""
+    import mlflow
 
     try:
-        flavors = registry.model_flavors(uri)
-    except (MlflowException, OSError, ValueError) as exc:
-        raise EncoderError(f"no MLflow model at {uri!r}: {exc}", field="location") from exc
-    if "sentence_transformers" in flavors:
-        model = registry.mlflow.sentence_transformers.load_model(uri)
-        return SentenceTransformerEncoder(model, normalize=normalized)
-    if "python_function" in flavors:
-        return PyfuncEncoder(registry.mlflow.pyfunc.load_model(uri), dim, normalized)
-    raise EncoderError(f"MLflow model {uri} has no sentence_transformers or pyfunc flavour")
+        flavors = mlflow.models.Model.load(str(folder)).flavors
+        if "sentence_transformers" in flavors:
+            model = mlflow.sentence_transformers.load_model(str(folder))
+            return SentenceTransformerEncoder(model, normalize=normalized)
+        if "python_function" in flavors:
+            return PyfuncEncoder(mlflow.pyfunc.load_model(str(folder)), dim, normalized)
+    except Exception as exc:  # MLflow and the flavours raise many types; one edge here
+        raise EncoderError(
+            f"the MLflow model {what} does not load", hint=type(exc).__name__, field="location"
+        ) from exc
+    raise EncoderError(f"MLflow model {what} has no sentence_transformers or pyfunc flavour")
 
 
-def load_encoder(registry: MlflowRegistry, record: ModelVersionRecord) -> Encoder:
-    """Load the version's encoder (seconds to minutes): callers keep it, as the service
-    `Context` does, instead of calling this per request."""
+def load_encoder(
+    registry: MlflowRegistry, policy: ModelPolicy, record: ModelVersionRecord
+) -> Encoder:
+    """Load the version's encoder (seconds to minutes) under the trust policy: callers
+    keep it, as the service `Context` does, instead of calling this per request."""
     if record.external:
         raise EncoderError(
             f"{record.ref} is external: clients send its vectors, nothing can encode for it",
             hint="send vectors, or register a version with an encoder",
             version=record.ref,
         )
-    return _load_from_mlflow(registry, record.encoder_uri, record.dim, record.normalized)
+    folder = policy.inside(local_dir(record.encoder_uri, registry.tracking_uri))
+    check_code(policy, folder, record.code_sha256, record.ref)
+    return _load_folder(folder, record.dim, record.normalized, record.ref)
 
 
 __all__ = [

@@ -6,6 +6,7 @@ session; everything a test writes lives under its own tmp_path.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -25,6 +26,14 @@ PG_ADMIN_URL = os.environ.get(
     "EMBCOMPAT_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_URL = os.environ.get("EMBCOMPAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_model_root(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests copy data dirs whose MLflow stores point at the originals' artifacts: every
+    temp dir of the session is a model root (trust tests give their own roots)."""
+    root = str(tmp_path_factory.getbasetemp())
+    os.environ["EMBCOMPAT_MODEL_ROOTS"] = json.dumps([root])
 
 
 @pytest.fixture(autouse=True)
@@ -96,6 +105,7 @@ def vector_gallery(ctx: Context, name: str, dim: int, index_kind: str = "flat") 
         versions.register_version(
             s, ctx.registry, model="vec", version="v1", dim=dim, source="external",
             models_dir=ctx.data_dir / "models",
+            policy=ctx.model_policy,
         )  # fmt: skip
     galleries.create_gallery(ctx, name, "vec", "v1", index_kind=index_kind)  # type: ignore[arg-type]
 

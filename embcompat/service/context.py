@@ -25,6 +25,7 @@ from embcompat.registry.db import WRITER, make_engine, session_scope
 from embcompat.registry.encoders import Encoder
 from embcompat.registry.mlflow_registry import MlflowRegistry
 from embcompat.registry.records import ModelVersionRecord
+from embcompat.registry.trust import ModelPolicy
 from embcompat.service.health import Health
 from embcompat.settings import Settings, get_settings
 from embcompat.training.legacy import release_0_1_names
@@ -48,6 +49,13 @@ class Context:
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
+
+    @property
+    def model_policy(self) -> ModelPolicy:
+        """Where models may be loaded from, and whether code they carry may run."""
+        return ModelPolicy(
+            tuple(self.settings.resolved_model_roots), self.settings.allow_code_models
+        )
 
     @cached_property
     def engine(self) -> Engine:
@@ -103,7 +111,7 @@ class Context:
 
         def load() -> Encoder:
             with release_0_1_names():
-                return versions.load_encoder(self.registry, version)
+                return versions.load_encoder(self.registry, self.model_policy, version)
 
         return self.cached("encoder", version.encoder_uri, load)
 

@@ -49,5 +49,7 @@ def register_trained(
             location=uri,
             parent=compatible_with.version if compatible_with else None,
             models_dir=ctx.models_dir,
+            policy=ctx.model_policy,
             tags=tags,
+            logged_here=True,
         )

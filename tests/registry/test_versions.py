@@ -41,6 +41,7 @@ def reg(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> tuple[Con
             source="shipped",
             location=MINILM_L6,
             models_dir=models_dir,
+            policy=ctx.model_policy,
         )
         versions.register_version(
             s,
@@ -52,6 +53,7 @@ def reg(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> tuple[Con
             location=MPNET,
             parent="v1",
             models_dir=models_dir,
+            policy=ctx.model_policy,
         )
     return ctx, models_dir
 
@@ -67,6 +69,7 @@ def _register_minilm(ctx: Context, s: Any, models_dir: Path, version: str, dim: 
         source="shipped",
         location=MINILM_L6,
         models_dir=models_dir,
+        policy=ctx.model_policy,
     )
 
 
@@ -159,6 +162,7 @@ def test_external_version_registers_but_cannot_encode(ctx: Context, models_dir: 
             dim=1024,
             source="external",
             models_dir=models_dir,
+            policy=ctx.model_policy,
         )
     assert isinstance(rec, ModelVersionRecord) and rec.external
     assert ctx.registry.get_version("vendor", rec.mlflow_version).tags["source"] == "external"

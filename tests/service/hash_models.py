@@ -63,5 +63,5 @@ def register_hash_pair(ctx: Context, model: str = "hash") -> None:
             versions.register_version(
                 s, ctx.registry, model=model, version=version, dim=encoder.out_dim,
                 source="mlflow", location=info.model_uri, parent=parent, tags=tags,
-                models_dir=ctx.models_dir,
+                models_dir=ctx.models_dir, policy=ctx.model_policy, logged_here=True,
             )  # fmt: skip

@@ -83,7 +83,7 @@ def test_requests_that_cannot_succeed_are_refused_up_front(ctx: Context) -> None
     with ctx.session() as s:
         versions.register_version(
             s, ctx.registry, model="hash", version="ext", dim=24, source="external",
-            parent="v1", models_dir=ctx.models_dir,
+            parent="v1", models_dir=ctx.models_dir, policy=ctx.model_policy,
         )  # fmt: skip
     with pytest.raises(UpgradeRefused, match="external"):
         upgrade.start_upgrade(ctx, "g", "hash", "ext", "bridge", pairs=50)

@@ -45,6 +45,7 @@ def test_refusals_happen_before_anything_runs(gallery: tuple, models_dir) -> Non
             dim=384,
             source="external",
             models_dir=models_dir,
+            policy=ctx.model_policy,
         )
         versions.register_version(
             s,
@@ -54,6 +55,7 @@ def test_refusals_happen_before_anything_runs(gallery: tuple, models_dir) -> Non
             dim=64,
             source="external",
             models_dir=models_dir,
+            policy=ctx.model_policy,
         )
     galleries.create_gallery(ctx, "empty", "text", "v1")
     with pytest.raises(UpgradeRefused, match="version of another model"):

@@ -1,0 +1,188 @@
+"""The edge every request crosses before any route code runs: a request id, the bearer
+token and its scope, the body's size and pace, and an audit row for each admin action.
+
+It is plain ASGI on purpose: authentication and the size check happen before FastAPI
+reads or parses a byte of the body, so an anonymous 100 MB body costs nothing and a
+token without the scope gets 401/403 rather than a validation error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from typing import Any
+
+from anyio import to_thread
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from embcompat.api.deps import require_admin, require_read
+from embcompat.errors import EmbcompatError, Forbidden, Unauthorized
+from embcompat.registry.audit import record_event
+from embcompat.service.context import Context
+from embcompat.settings import Principal
+
+log = logging.getLogger("embcompat.api")
+PUBLIC = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+PROBLEM = b"application/problem+json"
+
+
+class BodyTooLarge(EmbcompatError):
+    code = "body_too_large"
+    http_status = 413
+
+
+class BodyTimeout(EmbcompatError):
+    code = "body_timeout"
+    http_status = 408
+
+
+def required_scope(route: APIRoute | None) -> str | None:
+    """`admin` or `read`, from the `Admin`/`Read` dependency the route declares."""
+    calls = {d.call for d in route.dependant.dependencies} if route else set()
+    if require_admin in calls:
+        return "admin"
+    if require_read in calls:
+        return "read"
+    return None
+
+
+async def send_problem(send: Send, exc: EmbcompatError, request_id: str) -> None:
+    body = json.dumps({**exc.to_problem(), "request_id": request_id}).encode()
+    headers = [(b"content-type", PROBLEM), (b"content-length", str(len(body)).encode()),
+               (b"x-request-id", request_id.encode())]  # fmt: skip
+    if exc.http_status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": exc.http_status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """ASGI middleware; see the module docstring. Routes add counts for the audit row
+    to `request.state.audit`."""
+
+    def __init__(self, app: ASGIApp, fastapi: FastAPI) -> None:
+        self.app = app
+        self.fastapi = fastapi
+
+    @property
+    def ctx(self) -> Context:
+        return self.fastapi.state.context  # type: ignore[no-any-return]
+
+    def _route(self, scope: Scope) -> APIRoute | None:
+        for route in self.fastapi.router.routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL and isinstance(route, APIRoute):
+                return route
+        return None
+
+    def _principal(self, scope: Scope) -> Principal:
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        kind, _, token = header.partition(" ")
+        if kind.lower() != "bearer" or not token.strip():
+            raise Unauthorized("missing bearer token", hint="send Authorization: Bearer <token>")
+        principal = self.ctx.settings.principal(token.strip())
+        if principal is None:
+            raise Unauthorized("unknown bearer token")
+        return principal
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        settings = self.ctx.settings
+        route = self._route(scope)
+        need = required_scope(route)
+        principal = None
+        try:
+            if scope["path"] not in PUBLIC:
+                principal = self._principal(scope)
+                state["principal"] = principal
+                if need == "admin" and "admin" not in principal.scopes:
+                    raise Forbidden("this operation changes state and needs the 'admin' scope")
+                if need == "read" and not {"read", "admin"} & set(principal.scopes):
+                    raise Forbidden("this token has no 'read' scope")
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and int(length) > settings.max_body_bytes:
+                raise BodyTooLarge(
+                    f"the body is {int(length)} bytes, over the limit of {settings.max_body_bytes}",
+                    hint="send smaller batches (EMBCOMPAT_MAX_BODY_BYTES sets the limit)",
+                )
+        except EmbcompatError as exc:
+            if principal is not None and need == "admin":  # a known name tried: recorded
+                await self._audit(scope, route, principal, exc.http_status)
+            await send_problem(send, exc, request_id)
+            return
+        except ValueError:  # a content-length that is not a number
+            await send_problem(send, BodyTooLarge("unreadable content-length"), request_id)
+            return
+
+        status = 500
+
+        async def watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, _bounded(receive, settings.max_body_bytes,
+                                           settings.body_timeout_s), watch)  # fmt: skip
+        finally:
+            if principal is not None and need == "admin" and scope["method"] != "GET":
+                await self._audit(scope, route, principal, status)
+
+    async def _audit(
+        self, scope: Scope, route: APIRoute | None, principal: Principal, status: int
+    ) -> None:
+        state = scope.get("state", {})
+        detail = {**scope.get("path_params", {}), **state.get("audit", {})}
+        event = {
+            "actor": principal.name,
+            "action": route.name if route else "unknown",
+            "method": scope["method"],
+            "path": scope["path"][:1000],
+            "status": status,
+            "request_id": state.get("request_id", ""),
+            "detail": detail,
+        }
+        try:
+            await to_thread.run_sync(lambda: self._write(event))
+        except Exception:  # the action happened; a lost audit row is logged, not raised
+            log.exception("audit row not written: %s", {k: event[k] for k in ("actor", "path")})
+
+    def _write(self, event: dict[str, Any]) -> None:
+        with self.ctx.session() as s:
+            record_event(s, **event)
+
+
+def _bounded(receive: Receive, limit: int, timeout: float) -> Receive:
+    """`receive` that refuses a body past `limit` bytes (chunked bodies have no length to
+    check up front) and a client that pauses more than `timeout` s between chunks. Once
+    the body is complete, calls pass through (they wait for a disconnect)."""
+    seen = 0
+    complete = False
+
+    async def wrapped() -> Message:
+        nonlocal seen, complete
+        if complete:
+            return await receive()
+        try:
+            message = await asyncio.wait_for(receive(), timeout)
+        except TimeoutError:
+            raise BodyTimeout(f"no body data for {timeout:g} s") from None
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise BodyTooLarge(f"the body is over the limit of {limit} bytes")
+            complete = not message.get("more_body", False)
+        return message
+
+    return wrapped

@@ -1,0 +1,230 @@
+"""The operations the CLI runs, two ways: `Local` calls the service layer in this process,
+`Remote` calls the admin API's routes over HTTP (`--url`, `--token`). Both return the
+JSON shapes of the API and raise `EmbcompatError` with the problem's code, message and
+hint, so the CLI prints the same output and exits with the same code either way."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import httpx
+
+from embcompat.errors import EmbcompatError, ServiceUnavailable
+from embcompat.kinds import UpgradePlan
+from embcompat.registry import versions
+from embcompat.registry.audit import list_events
+from embcompat.service import galleries, search, upgrade
+from embcompat.service.context import Context
+
+Json = dict[str, Any]
+ACTIONS = ("pause", "resume", "cancel", "rollback")
+
+
+class Client(Protocol):
+    """What the CLI needs, in the API's terms (one method per route it uses)."""
+
+    def register_version(self, model: str, body: Json) -> Json: ...
+    def list_versions(self, model: str | None) -> list[Json]: ...
+    def show_version(self, model: str, version: str) -> Json: ...
+    def promote(self, model: str, version: str, alias: str) -> Json: ...
+    def create_gallery(self, body: Json) -> Json: ...
+    def list_galleries(self) -> list[Json]: ...
+    def ingest(self, gallery: str, items: list[Json]) -> Json: ...
+    def publish(self, gallery: str) -> Json: ...
+    def gallery(self, gallery: str) -> Json: ...
+    def verify(self, gallery: str) -> Json: ...
+    def repair(self, gallery: str) -> Json: ...
+    def search(self, gallery: str, body: Json) -> Json: ...
+    def plan_upgrade(self, gallery: str, body: Json) -> Json: ...
+    def start_upgrade(self, gallery: str, body: Json) -> Json: ...
+    def job(self, job_id: int) -> Json: ...
+    def control(self, job_id: int, action: str) -> Json: ...
+    def audit(self, after: int, limit: int, actor: str | None) -> list[Json]: ...
+
+
+class Local:
+    """The service layer in this process; an upgrade started or resumed here runs here
+    (or on the workers, when a broker is configured), as the API's background task does."""
+
+    def __init__(self, ctx: Context | None = None) -> None:
+        self.ctx = ctx or Context()
+
+    def register_version(self, model: str, body: Json) -> Json:
+        with self.ctx.session() as s:
+            return versions.register_version(
+                s, self.ctx.registry, model=model, **body, models_dir=self.ctx.models_dir,
+                policy=self.ctx.model_policy,
+            ).to_dict()  # fmt: skip
+
+    def list_versions(self, model: str | None) -> list[Json]:
+        with self.ctx.session() as s:
+            return [r.to_dict() for r in versions.list_versions(s, self.ctx.registry, model)]
+
+    def show_version(self, model: str, version: str) -> Json:
+        with self.ctx.session() as s:
+            rec = versions.get_version(s, self.ctx.registry, model, version)
+            return {**rec.to_dict(), "lineage": versions.lineage(s, model, version)}
+
+    def promote(self, model: str, version: str, alias: str) -> Json:
+        with self.ctx.session() as s:
+            return versions.promote(s, self.ctx.registry, model, version, alias).to_dict()
+
+    def create_gallery(self, body: Json) -> Json:
+        return galleries.create_gallery(
+            self.ctx, body["name"], body["model"], body["version"], body["index_kind"]
+        ).to_dict()
+
+    def list_galleries(self) -> list[Json]:
+        return [g.to_dict() for g in galleries.list_galleries(self.ctx)]
+
+    def ingest(self, gallery: str, items: list[Json]) -> Json:
+        rows = [
+            galleries.ItemIn(str(i["id"]), i.get("text"), i.get("vector"), i.get("metadata"))
+            for i in items
+        ]
+        return dict(galleries.ingest(self.ctx, gallery, rows))
+
+    def publish(self, gallery: str) -> Json:
+        return dict(galleries.publish(self.ctx, gallery))
+
+    def gallery(self, gallery: str) -> Json:
+        return {
+            **galleries.get_gallery(self.ctx, gallery).to_dict(),
+            **galleries.stats(self.ctx, gallery),
+        }
+
+    def verify(self, gallery: str) -> Json:
+        return {"gallery": gallery, "problems": galleries.verify(self.ctx, gallery)}
+
+    def repair(self, gallery: str) -> Json:
+        return {"gallery": gallery, "spaces": galleries.repair(self.ctx, gallery)}
+
+    def search(self, gallery: str, body: Json) -> Json:
+        return search.search(
+            self.ctx, gallery, texts=body["texts"], k=body["k"], filters=body.get("filters")
+        ).to_dict()
+
+    def plan_upgrade(self, gallery: str, body: Json) -> Json:
+        return upgrade.plan_upgrade(
+            self.ctx, gallery, body["model"], body["version"], UpgradePlan(body["plan"])
+        )
+
+    def start_upgrade(self, gallery: str, body: Json) -> Json:
+        from embcompat.workers.app import dispatch_upgrade
+
+        job = upgrade.start_upgrade(
+            self.ctx, gallery, body["model"], body["version"], UpgradePlan(body["plan"]),
+            body["pairs"], body["chunk_size"],
+        )  # fmt: skip
+        dispatch_upgrade(self.ctx, job.id)
+        return job.to_dict()
+
+    def job(self, job_id: int) -> Json:
+        return upgrade.get_job(self.ctx, job_id).to_dict()
+
+    def control(self, job_id: int, action: str) -> Json:
+        fn = {
+            "pause": upgrade.pause,
+            "resume": upgrade.resume,
+            "cancel": upgrade.cancel,
+            "rollback": upgrade.rollback,
+        }[action]
+        rec = fn(self.ctx, job_id)
+        if action == "resume":
+            from embcompat.workers.app import dispatch_upgrade
+
+            dispatch_upgrade(self.ctx, job_id)
+        return rec.to_dict()
+
+    def audit(self, after: int, limit: int, actor: str | None) -> list[Json]:
+        with self.ctx.session() as s:
+            return list_events(s, after, limit, actor)
+
+
+class Remote:
+    """The admin API at `url`, authenticated with `token`."""
+
+    def __init__(self, url: str, token: str, timeout: float = 600.0) -> None:
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout
+        )
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ServiceUnavailable(
+                f"cannot reach the embcompat API at {self.url}: {type(exc).__name__}",
+                hint="check --url (EMBCOMPAT_URL) and that `embcompat serve` runs there",
+            ) from exc
+        if response.is_success:
+            return response.json()
+        try:
+            problem = response.json()
+        except ValueError:
+            problem = {"detail": response.text[:200] or response.reason_phrase}
+        error = EmbcompatError(str(problem.get("detail", "")), hint=problem.get("hint"))
+        error.code = str(problem.get("code", f"http_{response.status_code}"))
+        error.http_status = response.status_code
+        raise error
+
+    def _get(self, path: str, **kwargs: Any) -> Any:
+        return self._call("GET", path, **kwargs)
+
+    def _post(self, path: str, **kwargs: Any) -> Any:
+        return self._call("POST", path, **kwargs)
+
+    def register_version(self, model: str, body: Json) -> Json:
+        return self._post(f"/models/{model}/versions", json=body)
+
+    def list_versions(self, model: str | None) -> list[Json]:
+        params = {"model": model} if model else {}
+        return self._get("/models/versions", params=params)
+
+    def show_version(self, model: str, version: str) -> Json:
+        return self._get(f"/models/{model}/versions/{version}")
+
+    def promote(self, model: str, version: str, alias: str) -> Json:
+        return self._post(f"/models/{model}/versions/{version}/aliases/{alias}")
+
+    def create_gallery(self, body: Json) -> Json:
+        return self._post("/galleries", json=body)
+
+    def list_galleries(self) -> list[Json]:
+        return self._get("/galleries")
+
+    def ingest(self, gallery: str, items: list[Json]) -> Json:
+        return self._post(f"/galleries/{gallery}/items", json={"items": items})
+
+    def publish(self, gallery: str) -> Json:
+        return self._post(f"/galleries/{gallery}/publish")
+
+    def gallery(self, gallery: str) -> Json:
+        return self._get(f"/galleries/{gallery}")
+
+    def verify(self, gallery: str) -> Json:
+        return self._post(f"/galleries/{gallery}/verify")
+
+    def repair(self, gallery: str) -> Json:
+        return self._post(f"/galleries/{gallery}/repair")
+
+    def search(self, gallery: str, body: Json) -> Json:
+        body = {k: v for k, v in body.items() if v is not None}
+        return self._post(f"/galleries/{gallery}/search", json=body)
+
+    def plan_upgrade(self, gallery: str, body: Json) -> Json:
+        return self._post(f"/galleries/{gallery}/upgrades/plan", json=body)
+
+    def start_upgrade(self, gallery: str, body: Json) -> Json:
+        return self._post(f"/galleries/{gallery}/upgrades", json=body)
+
+    def job(self, job_id: int) -> Json:
+        return self._get(f"/upgrades/{job_id}")
+
+    def control(self, job_id: int, action: str) -> Json:
+        return self._post(f"/upgrades/{job_id}/{action}")
+
+    def audit(self, after: int, limit: int, actor: str | None) -> list[Json]:
+        params: Json = {"after": after, "limit": limit, **({"actor": actor} if actor else {})}
+        return self._get("/audit", params=params)

@@ -1,0 +1,107 @@
+"""Where a model may be loaded from, and whether its loading may run code.
+
+An admin token manages models; it must not run code on the host. Two rules hold for
+every path that loads a model (API, CLI, workers, demo):
+
+1. A `dir` or `mlflow` location resolves, symlinks included, inside the trusted roots
+   (the data directory's models folder and the service's MLflow artifact store by
+   default). Anything else is refused with one message, whether or not it exists.
+2. A model whose loading runs Python it carries (a pyfunc: pickled classes, `code/`
+   folders, `loader_module`s) loads only if embcompat logged it itself, which it
+   records as the digest of the model folder, or if the operator opted in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import yaml
+
+from embcompat.errors import EncoderError, UntrustedModel
+
+REFUSED = "the model location is not inside a trusted model root"
+REFUSED_HINT = "place the model under one of the folders of EMBCOMPAT_MODEL_ROOTS"
+
+
+@dataclass(frozen=True)
+class ModelPolicy:
+    roots: tuple[Path, ...]
+    allow_code: bool = False
+
+    def inside(self, path: Path) -> Path:
+        """`path` with every symlink resolved, if that lies inside a root; the refusal
+        is the same for a path that exists and one that does not."""
+        real = Path(os.path.realpath(path))
+        roots = [Path(os.path.realpath(r)) for r in self.roots]
+        if not any(real == r or real.is_relative_to(r) for r in roots):
+            raise UntrustedModel(REFUSED, hint=REFUSED_HINT, field="location")
+        return real
+
+
+def local_dir(uri: str, tracking_uri: str) -> Path:
+    """The local folder behind an MLflow model URI (`models:/`, `runs:/`, `file://` or a
+    path), resolved through the service's own registry (MLflow's registry URI, which
+    `MlflowRegistry` sets) and tracking store, without downloading anything."""
+    scheme = urlparse(uri).scheme
+    try:
+        if scheme == "models":
+            from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+            uri = ModelsArtifactRepository.get_underlying_uri(uri)
+        elif scheme == "runs":
+            from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+
+            uri = RunsArtifactRepository.get_underlying_uri(uri, tracking_uri)
+    except Exception as exc:  # MLflow raises many types for an unknown name or run
+        raise EncoderError(
+            f"no MLflow model at {uri!r}", hint=type(exc).__name__, field="location"
+        ) from exc
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
+        return Path(uri)
+    raise UntrustedModel(REFUSED, hint=REFUSED_HINT, field="location")
+
+
+def runs_code(folder: Path) -> bool:
+    """Whether loading this MLflow model runs Python it carries: everything but the
+    sentence-transformers flavour, and that too if it ships a `code` folder."""
+    try:
+        flavors = yaml.safe_load((folder / "MLmodel").read_text()).get("flavors", {})
+    except (OSError, yaml.YAMLError, AttributeError) as exc:
+        raise EncoderError("the location holds no readable MLflow model", field="location") from exc
+    if any(isinstance(conf, dict) and conf.get("code") for conf in flavors.values()):
+        return True
+    return "sentence_transformers" not in flavors
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over every file's relative path and content, in a stable order: what the
+    service records when it logs a model, and checks before loading one that runs code."""
+    outer = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        with path.open("rb") as f:
+            inner = hashlib.file_digest(f, "sha256").hexdigest()
+        outer.update(f"{path.relative_to(folder).as_posix()}\0{inner}\n".encode())
+    return outer.hexdigest()
+
+
+def check_code(policy: ModelPolicy, folder: Path, trusted_digest: str | None, what: str) -> None:
+    """Refuse to load a model that runs code unless embcompat logged exactly these files
+    (`trusted_digest`) or the operator opted in."""
+    if policy.allow_code or not runs_code(folder):
+        return
+    if trusted_digest is not None and folder_digest(folder) == trusted_digest:
+        return
+    raise UntrustedModel(
+        f"{what} runs Python code from its artifact when loaded, and was not logged by "
+        "embcompat (or its files changed since)",
+        hint="log it through embcompat's training, or set EMBCOMPAT_ALLOW_CODE_MODELS=true "
+        "if you trust every admin token holder to run code in this service",
+        field="location",
+    )
