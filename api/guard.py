@@ -125,16 +125,25 @@ class Guard:
             return
 
         status = 500
+        body = _BoundedBody(receive, settings.max_body_bytes, settings.body_timeout_s)
+        replaced = False
 
         async def watch(message: Message) -> None:
-            nonlocal status
+            """Pass the app's answer on, unless the body broke a limit: the app saw an
+            error reading it (FastAPI answers 400), the client gets the limit's problem."""
+            nonlocal status, replaced
+            if message["type"] == "http.response.start" and body.error is not None:
+                replaced = True
+                status = body.error.http_status
+                await send_problem(send, body.error, request_id)
+            if replaced:
+                return
             if message["type"] == "http.response.start":
                 status = message["status"]
             await send(message)
 
         try:
-            await self.app(scope, _bounded(receive, settings.max_body_bytes,
-                                           settings.body_timeout_s), watch)  # fmt: skip
+            await self.app(scope, body.receive, watch)
         finally:
             if principal is not None and need == "admin" and scope["method"] != "GET":
                 await self._audit(scope, route, principal, status)
@@ -163,26 +172,29 @@ class Guard:
             record_event(s, **event)
 
 
-def _bounded(receive: Receive, limit: int, timeout: float) -> Receive:
+class _BoundedBody:
     """`receive` that refuses a body past `limit` bytes (chunked bodies have no length to
     check up front) and a client that pauses more than `timeout` s between chunks. Once
     the body is complete, calls pass through (they wait for a disconnect)."""
-    seen = 0
-    complete = False
 
-    async def wrapped() -> Message:
-        nonlocal seen, complete
-        if complete:
-            return await receive()
+    def __init__(self, receive: Receive, limit: int, timeout: float) -> None:
+        self._receive, self.limit, self.timeout = receive, limit, timeout
+        self.seen = 0
+        self.complete = False
+        self.error: EmbcompatError | None = None
+
+    async def receive(self) -> Message:
+        if self.complete:
+            return await self._receive()
         try:
-            message = await asyncio.wait_for(receive(), timeout)
+            message = await asyncio.wait_for(self._receive(), self.timeout)
         except TimeoutError:
-            raise BodyTimeout(f"no body data for {timeout:g} s") from None
+            self.error = BodyTimeout(f"no body data for {self.timeout:g} s")
+            raise self.error from None
         if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise BodyTooLarge(f"the body is over the limit of {limit} bytes")
-            complete = not message.get("more_body", False)
+            self.seen += len(message.get("body", b""))
+            if self.seen > self.limit:
+                self.error = BodyTooLarge(f"the body is over the limit of {self.limit} bytes")
+                raise self.error
+            self.complete = not message.get("more_body", False)
         return message
-
-    return wrapped
