@@ -67,7 +67,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.context = Context(settings or get_settings())
     app.state.metrics = Metrics(app.state.context)
-    for router in (routes.models, routes.gals, routes.adapters, routes.jobs, routes.audit_trail):
+    routers = (routes.models, routes.gals, routes.adapters, routes.jobs, routes.audit_trail)
+    for router in routers:
         app.include_router(router)
 
     @app.middleware("http")
@@ -101,7 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response.headers["X-Request-ID"] = request_id
         return response
 
-    app.add_middleware(Guard, fastapi=app)  # outermost: before anything reads the body
+    app.add_middleware(Guard, fastapi=app, routers=(app.router, *routers))  # outermost: before anything reads the body
 
     @app.exception_handler(EmbcompatError)
     async def embcompat_error(request: Request, exc: EmbcompatError) -> JSONResponse:

@@ -15,7 +15,7 @@ import uuid
 from typing import Any
 
 from anyio import to_thread
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -65,20 +65,24 @@ class Guard:
     """ASGI middleware; see the module docstring. Routes add counts for the audit row
     to `request.state.audit`."""
 
-    def __init__(self, app: ASGIApp, fastapi: FastAPI) -> None:
+    def __init__(self, app: ASGIApp, fastapi: FastAPI, routers: tuple[APIRouter, ...]) -> None:
         self.app = app
         self.fastapi = fastapi
+        self.routers = routers  # the app's own router and those it includes
 
     @property
     def ctx(self) -> Context:
         return self.fastapi.state.context  # type: ignore[no-any-return]
 
-    def _route(self, scope: Scope) -> APIRoute | None:
-        for route in self.fastapi.router.routes:
-            match, _ = route.matches(scope)
-            if match is Match.FULL and isinstance(route, APIRoute):
-                return route
-        return None
+    def _route(self, scope: Scope) -> tuple[APIRoute | None, dict[str, Any]]:
+        """The route that will answer, and its path parameters."""
+        for router in self.routers:
+            for route in router.routes:
+                if isinstance(route, APIRoute):
+                    match, child = route.matches(scope)
+                    if match is Match.FULL:
+                        return route, dict(child.get("path_params", {}))
+        return None, {}
 
     def _principal(self, scope: Scope) -> Principal:
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
@@ -98,7 +102,8 @@ class Guard:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         settings = self.ctx.settings
-        route = self._route(scope)
+        route, params = self._route(scope)
+        state["path_params"] = params
         need = required_scope(route)
         principal = None
         try:
@@ -127,32 +132,37 @@ class Guard:
         status = 500
         body = _BoundedBody(receive, settings.max_body_bytes, settings.body_timeout_s)
         replaced = False
+        audited = not (principal is not None and need == "admin" and scope["method"] != "GET")
 
         async def watch(message: Message) -> None:
             """Pass the app's answer on, unless the body broke a limit: the app saw an
-            error reading it (FastAPI answers 400), the client gets the limit's problem."""
-            nonlocal status, replaced
+            error reading it (FastAPI answers 400), the client gets the limit's problem.
+            The audit row is written once the answer is sent, before background tasks."""
+            nonlocal status, replaced, audited
             if message["type"] == "http.response.start" and body.error is not None:
                 replaced = True
                 status = body.error.http_status
                 await send_problem(send, body.error, request_id)
-            if replaced:
-                return
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
+            if not replaced:
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                if not audited and principal is not None:
+                    audited = True
+                    await self._audit(scope, route, principal, status)
 
         try:
             await self.app(scope, body.receive, watch)
         finally:
-            if principal is not None and need == "admin" and scope["method"] != "GET":
+            if not audited and principal is not None:  # the app failed before answering
                 await self._audit(scope, route, principal, status)
 
     async def _audit(
         self, scope: Scope, route: APIRoute | None, principal: Principal, status: int
     ) -> None:
         state = scope.get("state", {})
-        detail = {**scope.get("path_params", {}), **state.get("audit", {})}
+        detail = {**state.get("path_params", {}), **state.get("audit", {})}
         event = {
             "actor": principal.name,
             "action": route.name if route else "unknown",
