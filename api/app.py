@@ -102,7 +102,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response.headers["X-Request-ID"] = request_id
         return response
 
-    app.add_middleware(Guard, fastapi=app, routers=(app.router, *routers))  # outermost: before anything reads the body
+    # outermost: it answers before anything reads the body
+    app.add_middleware(Guard, fastapi=app, routers=(app.router, *routers))
 
     @app.exception_handler(EmbcompatError)
     async def embcompat_error(request: Request, exc: EmbcompatError) -> JSONResponse:

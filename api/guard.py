@@ -147,10 +147,10 @@ class Guard:
                 if message["type"] == "http.response.start":
                     status = message["status"]
                 await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body"):
-                if not audited and principal is not None:
-                    audited = True
-                    await self._audit(scope, route, principal, status)
+            done = message["type"] == "http.response.body" and not message.get("more_body")
+            if done and not audited and principal is not None:
+                audited = True
+                await self._audit(scope, route, principal, status)
 
         try:
             await self.app(scope, body.receive, watch)
