@@ -9,10 +9,10 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -44,6 +44,8 @@ app.add_typer(gallery_app, name="gallery")
 app.add_typer(upgrade_app, name="upgrade")
 console = Console()
 T = TypeVar("T")
+# --url/--token of this invocation, set by the root callback before any command runs
+_REMOTE: ContextVar[tuple[str | None, str | None]] = ContextVar("remote", default=(None, None))
 
 
 def _fail(exc: EmbcompatError) -> None:
@@ -55,7 +57,6 @@ def _fail(exc: EmbcompatError) -> None:
 
 @app.callback()
 def main(
-    ctx: typer.Context,
     url: Annotated[
         str | None, typer.Option(envvar="EMBCOMPAT_URL", help="an embcompat API to work through")
     ] = None,
@@ -64,12 +65,11 @@ def main(
     ] = None,
 ) -> None:
     """Backward-compatible embedding model upgrade."""
-    ctx.obj = (url, token)
+    _REMOTE.set((url, token))
 
 
 def _remote() -> tuple[str | None, str | None]:
-    obj = click.get_current_context().find_root().obj
-    return obj if isinstance(obj, tuple) else (None, None)
+    return _REMOTE.get()
 
 
 def _client() -> Client:

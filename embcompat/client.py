@@ -5,19 +5,21 @@ hint, so the CLI prints the same output and exits with the same code either way.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import getpass
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import httpx
 
 from embcompat.errors import EmbcompatError, ServiceUnavailable
 from embcompat.kinds import UpgradePlan
 from embcompat.registry import versions
-from embcompat.registry.audit import list_events
+from embcompat.registry.audit import list_events, record_event
 from embcompat.service import galleries, search, upgrade
 from embcompat.service.context import Context
 
 Json = dict[str, Any]
-ACTIONS = ("pause", "resume", "cancel", "rollback")
+T = TypeVar("T")
 
 
 class Client(Protocol):
@@ -42,19 +44,51 @@ class Client(Protocol):
     def audit(self, after: int, limit: int, actor: str | None) -> list[Json]: ...
 
 
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (some containers)
+        return "unknown"
+
+
 class Local:
     """The service layer in this process; an upgrade started or resumed here runs here
-    (or on the workers, when a broker is configured), as the API's background task does."""
+    (or on the workers, when a broker is configured), as the API's background task does.
+    Admin actions go to the audit trail as `cli:<os user>`, as the API's go under the
+    token's name."""
 
     def __init__(self, ctx: Context | None = None) -> None:
         self.ctx = ctx or Context()
+        self.actor = f"cli:{_user()}"
+
+    def _audited(
+        self, action: str, detail: Json, run: Callable[[], T], counts: tuple[str, ...] = ()
+    ) -> T:
+        status = 200
+        try:
+            out = run()
+            if isinstance(out, dict):
+                detail = {**detail, **{k: out[k] for k in counts if k in out}}
+            return out
+        except EmbcompatError as exc:
+            status = exc.http_status
+            raise
+        finally:
+            with self.ctx.session() as s:
+                record_event(
+                    s, actor=self.actor, action=action, method="CLI", path=f"cli {action}",
+                    status=status, request_id="", detail=detail,
+                )  # fmt: skip
 
     def register_version(self, model: str, body: Json) -> Json:
-        with self.ctx.session() as s:
-            return versions.register_version(
-                s, self.ctx.registry, model=model, **body, models_dir=self.ctx.models_dir,
-                policy=self.ctx.model_policy,
-            ).to_dict()  # fmt: skip
+        def run() -> Json:
+            with self.ctx.session() as s:
+                return versions.register_version(
+                    s, self.ctx.registry, model=model, **body,
+                    models_dir=self.ctx.models_dir, policy=self.ctx.model_policy,
+                ).to_dict()  # fmt: skip
+
+        return self._audited("register_version", {"model": model}, run)
 
     def list_versions(self, model: str | None) -> list[Json]:
         with self.ctx.session() as s:
@@ -66,13 +100,20 @@ class Local:
             return {**rec.to_dict(), "lineage": versions.lineage(s, model, version)}
 
     def promote(self, model: str, version: str, alias: str) -> Json:
-        with self.ctx.session() as s:
-            return versions.promote(s, self.ctx.registry, model, version, alias).to_dict()
+        def run() -> Json:
+            with self.ctx.session() as s:
+                return versions.promote(s, self.ctx.registry, model, version, alias).to_dict()
+
+        return self._audited("promote", {"model": model, "version": version, "alias": alias}, run)
 
     def create_gallery(self, body: Json) -> Json:
-        return galleries.create_gallery(
-            self.ctx, body["name"], body["model"], body["version"], body["index_kind"]
-        ).to_dict()
+        return self._audited(
+            "create_gallery",
+            {},
+            lambda: galleries.create_gallery(
+                self.ctx, body["name"], body["model"], body["version"], body["index_kind"]
+            ).to_dict(),
+        )
 
     def list_galleries(self) -> list[Json]:
         return [g.to_dict() for g in galleries.list_galleries(self.ctx)]
@@ -82,10 +123,17 @@ class Local:
             galleries.ItemIn(str(i["id"]), i.get("text"), i.get("vector"), i.get("metadata"))
             for i in items
         ]
-        return dict(galleries.ingest(self.ctx, gallery, rows))
+        return self._audited(
+            "ingest",
+            {"name": gallery},
+            lambda: dict(galleries.ingest(self.ctx, gallery, rows)),
+            counts=("added", "updated"),
+        )
 
     def publish(self, gallery: str) -> Json:
-        return dict(galleries.publish(self.ctx, gallery))
+        return self._audited(
+            "publish", {"name": gallery}, lambda: dict(galleries.publish(self.ctx, gallery))
+        )
 
     def gallery(self, gallery: str) -> Json:
         return {
@@ -97,7 +145,11 @@ class Local:
         return {"gallery": gallery, "problems": galleries.verify(self.ctx, gallery)}
 
     def repair(self, gallery: str) -> Json:
-        return {"gallery": gallery, "spaces": galleries.repair(self.ctx, gallery)}
+        return self._audited(
+            "repair_gallery",
+            {"name": gallery},
+            lambda: {"gallery": gallery, "spaces": galleries.repair(self.ctx, gallery)},
+        )
 
     def search(self, gallery: str, body: Json) -> Json:
         return search.search(
@@ -112,10 +164,19 @@ class Local:
     def start_upgrade(self, gallery: str, body: Json) -> Json:
         from embcompat.workers.app import dispatch_upgrade
 
-        job = upgrade.start_upgrade(
-            self.ctx, gallery, body["model"], body["version"], UpgradePlan(body["plan"]),
-            body["pairs"], body["chunk_size"],
-        )  # fmt: skip
+        job = self._audited(
+            "start_upgrade",
+            {"name": gallery},
+            lambda: upgrade.start_upgrade(
+                self.ctx,
+                gallery,
+                body["model"],
+                body["version"],
+                UpgradePlan(body["plan"]),
+                body["pairs"],
+                body["chunk_size"],
+            ),  # fmt: skip
+        )
         dispatch_upgrade(self.ctx, job.id)
         return job.to_dict()
 
@@ -129,7 +190,9 @@ class Local:
             "cancel": upgrade.cancel,
             "rollback": upgrade.rollback,
         }[action]
-        rec = fn(self.ctx, job_id)
+        rec = self._audited(
+            "control", {"job_id": job_id, "action": action}, lambda: fn(self.ctx, job_id)
+        )
         if action == "resume":
             from embcompat.workers.app import dispatch_upgrade
 
