@@ -43,12 +43,16 @@ def _scrubbed(problem: dict[str, Any], settings: Settings) -> dict[str, Any]:
     folders.update({str(r): "<model-root>" for r in settings.resolved_model_roots})
 
     def scrub(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
         if isinstance(value, str):
             for folder, name in sorted(folders.items(), key=lambda f: -len(f[0])):
                 value = value.replace(folder, name)
         return value
 
-    return {k: scrub(v) for k, v in problem.items()}
+    return scrub(problem)  # type: ignore[no-any-return]
 
 
 @asynccontextmanager
@@ -58,6 +62,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    settings.tokens()  # a broken token configuration stops the start, naming the entry
     app = FastAPI(
         lifespan=_lifespan,
         title="embcompat admin API",
@@ -65,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Backward-compatible embedding model upgrades: registry, galleries, "
         "upgrades and search. Bearer tokens with scopes `read` and `admin`.",
     )
-    app.state.context = Context(settings or get_settings())
+    app.state.context = Context(settings)
     app.state.metrics = Metrics(app.state.context)
     routers = (routes.models, routes.gals, routes.adapters, routes.jobs, routes.audit_trail)
     for router in routers:
@@ -137,10 +143,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok", "version": __version__}
 
     @app.get("/ready", tags=["ops"])
-    def ready(ctx: Ctx) -> JSONResponse:
+    def ready(ctx: Ctx, request: Request) -> JSONResponse:
         """503 when a shared dependency (DB, MLflow, broker) is down or the schema is
-        behind; galleries whose files failed a check are listed under `degraded` (the
-        others serve as usual)."""
+        behind. Galleries whose files failed a check (the others serve as usual): their
+        number for anyone, the galleries and problems under `degraded` for a token with
+        a scope (orchestrators probe without one)."""
         checks: dict[str, str] = {}
         try:
             with ctx.session() as s:
@@ -165,7 +172,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 checks["broker"] = f"unreachable: {type(exc).__name__}"
         ok = all(v == "ok" for v in checks.values())
         degraded = galleries.degraded(ctx) if checks.get("schema") == "ok" else {}
-        body = {"ready": ok, "checks": checks, "degraded": degraded}
+        header = request.headers.get("authorization", "")
+        kind, _, token = header.partition(" ")
+        known = kind.lower() == "bearer" and ctx.settings.principal(token.strip()) is not None
+        body: dict[str, Any] = {"ready": ok, "checks": checks, "degraded_galleries": len(degraded)}
+        if known:
+            body["degraded"] = _scrubbed(degraded, ctx.settings)
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", tags=["ops"], dependencies=[Read], response_class=PlainTextResponse)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -21,7 +22,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embcompat.api.deps import require_admin, require_read
-from embcompat.errors import EmbcompatError, Forbidden, Unauthorized
+from embcompat.errors import EmbcompatError, Forbidden, ServiceUnavailable, Unauthorized
 from embcompat.registry.audit import record_event
 from embcompat.service.context import Context
 from embcompat.settings import Principal
@@ -89,7 +90,13 @@ class Guard:
         kind, _, token = header.partition(" ")
         if kind.lower() != "bearer" or not token.strip():
             raise Unauthorized("missing bearer token", hint="send Authorization: Bearer <token>")
-        principal = self.ctx.settings.principal(token.strip())
+        try:
+            principal = self.ctx.settings.principal(token.strip())
+        except (OSError, ValueError) as exc:  # the token file broke while serving
+            log.error("API tokens unreadable: %s", exc)
+            raise ServiceUnavailable(
+                "the server cannot read its API tokens", hint="the operator is told in the log"
+            ) from None
         if principal is None:
             raise Unauthorized("unknown bearer token")
         return principal
@@ -130,7 +137,9 @@ class Guard:
             return
 
         status = 500
-        body = _BoundedBody(receive, settings.max_body_bytes, settings.body_timeout_s)
+        body = _BoundedBody(
+            receive, settings.max_body_bytes, settings.body_timeout_s, settings.body_deadline_s
+        )
         replaced = False
         audited = not (principal is not None and need == "admin" and scope["method"] != "GET")
 
@@ -182,13 +191,25 @@ class Guard:
             record_event(s, **event)
 
 
+def _content_length(scope: Scope) -> int:
+    """The declared body size (0 without one); h11 has already refused malformed ones."""
+    value = dict(scope["headers"]).get(b"content-length", b"0")
+    try:
+        return int(value)
+    except ValueError:
+        raise BodyTooLarge("the content-length header is not a number") from None
+
+
 class _BoundedBody:
     """`receive` that refuses a body past `limit` bytes (chunked bodies have no length to
-    check up front) and a client that pauses more than `timeout` s between chunks. Once
-    the body is complete, calls pass through (they wait for a disconnect)."""
+    check up front), a client that pauses more than `timeout` s between chunks, and one
+    whose whole body takes more than `deadline` s. Once the body is complete, calls pass
+    through (they wait for a disconnect)."""
 
-    def __init__(self, receive: Receive, limit: int, timeout: float) -> None:
+    def __init__(self, receive: Receive, limit: int, timeout: float, deadline: float) -> None:
         self._receive, self.limit, self.timeout = receive, limit, timeout
+        self.total = deadline
+        self.deadline = time.monotonic() + deadline
         self.seen = 0
         self.complete = False
         self.error: EmbcompatError | None = None
@@ -196,10 +217,15 @@ class _BoundedBody:
     async def receive(self) -> Message:
         if self.complete:
             return await self._receive()
+        left = self.deadline - time.monotonic()
         try:
-            message = await asyncio.wait_for(self._receive(), self.timeout)
+            message = await asyncio.wait_for(self._receive(), max(0.0, min(self.timeout, left)))
         except TimeoutError:
-            self.error = BodyTimeout(f"no body data for {self.timeout:g} s")
+            self.error = BodyTimeout(
+                f"the body took longer than {self.total:g} s"
+                if left < self.timeout
+                else f"no body data for {self.timeout:g} s"
+            )
             raise self.error from None
         if message["type"] == "http.request":
             self.seen += len(message.get("body", b""))

@@ -5,7 +5,8 @@ hint, so the CLI prints the same output and exits with the same code either way.
 
 from __future__ import annotations
 
-import getpass
+import os
+import pwd
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -45,10 +46,11 @@ class Client(Protocol):
 
 
 def _user() -> str:
+    """The OS account (not $USER or $LOGNAME, which anyone can set)."""
     try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no name for this uid (some containers)
-        return "unknown"
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # no name for this uid (some containers)
+        return f"uid-{os.getuid()}"
 
 
 class Local:

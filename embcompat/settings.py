@@ -11,22 +11,14 @@ import hashlib
 import hmac
 import json
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import Field, PrivateAttr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Scope = Literal["read", "admin"]
-
-
-class ApiToken(BaseModel):
-    """A named bearer token: the name is what the audit trail records, never the token."""
-
-    name: str = Field(min_length=1, max_length=100)
-    token: SecretStr = Field(min_length=8)
-    scopes: list[Scope] = Field(min_length=1)
 
 
 @dataclass(frozen=True)
@@ -37,21 +29,46 @@ class Principal:
     scopes: tuple[Scope, ...]
 
 
-def _tokens(raw: Any) -> list[ApiToken]:
+TokenTable = list[tuple[bytes, Principal]]
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
+def parse_tokens(raw: Any, where: str) -> TokenTable:
     """`[{"name", "token", "scopes"}]`, or the older `{token: scopes}` map (named
-    `token-1`, `token-2`, ... in the order given, so that no name carries the secret)."""
+    `token-1`, `token-2`, ... in the order given). Errors name the entry by position and
+    name, never by its token: pydantic's would print the value."""
+    if raw is None:
+        return []
     if isinstance(raw, str):
-        raw = json.loads(raw) if raw.strip() else []
+        try:
+            raw = json.loads(raw) if raw.strip() else []
+        except ValueError as exc:  # the message holds a position, not the text
+            raise ValueError(f"{where} is not JSON: {exc}") from None
     if isinstance(raw, dict):
         raw = [
             {"name": f"token-{i}", "token": token, "scopes": scopes}
             for i, (token, scopes) in enumerate(raw.items(), 1)
         ]
-    tokens = [t if isinstance(t, ApiToken) else ApiToken.model_validate(t) for t in raw or []]
-    names = [t.name for t in tokens]
-    if len(set(names)) != len(names):
-        raise ValueError("every API token needs its own name")
-    return tokens
+    if not isinstance(raw, list):
+        raise ValueError(f"{where} must be a list of {{name, token, scopes}}")
+    table: TokenTable = []
+    for i, entry in enumerate(raw, 1):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        what = f"{where}: token #{i}" + (f" ({name!r})" if isinstance(name, str) else "")
+        if not isinstance(entry, dict) or set(entry) != {"name", "token", "scopes"}:
+            raise ValueError(f"{what} needs exactly the keys name, token and scopes")
+        token, scopes = entry["token"], entry["scopes"]
+        if not isinstance(name, str) or not 0 < len(name) <= 100:
+            raise ValueError(f"{what}: the name must be 1-100 characters")
+        if not isinstance(token, str) or len(token) < 8:
+            raise ValueError(f"{what}: the token must be a string of 8 or more characters")
+        if not isinstance(scopes, list) or not scopes or not set(scopes) <= {"read", "admin"}:
+            raise ValueError(f"{what}: scopes must be a non-empty list of 'read', 'admin'")
+        table.append((_digest(token), Principal(name, tuple(scopes))))
+    return table
 
 
 class Settings(BaseSettings):
@@ -64,14 +81,16 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(default=None, description="Celery broker; in-process if unset")
     result_backend: str | None = None
     queue: str = Field(default="embcompat", description="Celery queue the workers consume")
-    api_tokens: list[ApiToken] = Field(
-        default_factory=list, description='[{"name", "token", "scopes"}] (or {token: scopes})'
+    # raw here, parsed by `tokens()`: pydantic's errors would print the secrets
+    api_tokens: Any = Field(
+        default=None, repr=False, description='[{"name", "token", "scopes"}] (or {token: scopes})'
     )
     api_tokens_file: Path | None = Field(
         default=None, description="a JSON file of tokens (a mounted secret), added to api_tokens"
     )
-    model_roots: list[Path] | None = Field(
-        default=None, description="folders models may be loaded from; default: models, mlartifacts"
+    model_roots: list[Path] = Field(
+        default_factory=list,
+        description="folders models may be loaded from, besides models/ and mlartifacts/",
     )
     allow_code_models: bool = Field(
         default=False, description="load models whose loading runs code they carry (pickles)"
@@ -82,6 +101,7 @@ class Settings(BaseSettings):
     max_response_bytes: int = Field(default=16 * 2**20, ge=1024)
     header_timeout_s: float = Field(default=10.0, gt=0, description="to send request headers")
     body_timeout_s: float = Field(default=30.0, gt=0, description="between two body chunks")
+    body_deadline_s: float = Field(default=300.0, gt=0, description="to send a whole body")
     keep_alive_s: float = Field(default=5.0, gt=0, description="idle keep-alive connections")
     max_connections: int = Field(default=1000, ge=1, description="503 beyond; uvicorn")
     encode_batch_size: int = Field(default=64, ge=1)
@@ -110,42 +130,43 @@ class Settings(BaseSettings):
         """No broker configured: run Celery tasks in-process (the embedded default)."""
         return self.broker_url is None
 
-    _parse_tokens = field_validator("api_tokens", mode="before")(_tokens)
+    _token_cache: tuple[Any, TokenTable] | None = PrivateAttr(default=None)
 
     @property
     def resolved_model_roots(self) -> list[Path]:
-        roots = self.model_roots or [
-            self.resolved_data_dir / "models",
-            self.resolved_data_dir / "mlartifacts",
-        ]
-        return [Path(r).expanduser().resolve() for r in roots]
+        """The service's own folders (it writes them: assembled and logged models) and
+        the operator's `model_roots`."""
+        own = [self.resolved_data_dir / "models", self.resolved_data_dir / "mlartifacts"]
+        return own + [Path(r).expanduser().resolve() for r in self.model_roots]
 
-    @cached_property
-    def _token_digests(self) -> list[tuple[bytes, Principal]]:
-        tokens = list(self.api_tokens)
-        if self.api_tokens_file is not None:
-            tokens += _tokens(self.api_tokens_file.read_text())
-        names = [t.name for t in tokens]
+    def tokens(self) -> TokenTable:
+        """(sha256 of the token, its owner) for every configured token. The file is read
+        again when it changes, so that removing a token from it revokes the token."""
+        path = self.api_tokens_file
+        stamp = None
+        if path is not None:
+            st = path.stat()
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if self._token_cache is not None and self._token_cache[0] == stamp:
+            return self._token_cache[1]
+        table = parse_tokens(self.api_tokens, "EMBCOMPAT_API_TOKENS")
+        if path is not None:
+            table += parse_tokens(path.read_text(), "EMBCOMPAT_API_TOKENS_FILE")
+        names = [p.name for _, p in table]
         if len(set(names)) != len(names):
             raise ValueError("every API token needs its own name (environment and file)")
-        return [
-            (_digest(t.token.get_secret_value()), Principal(t.name, tuple(t.scopes)))
-            for t in tokens
-        ]
+        self._token_cache = (stamp, table)
+        return table
 
     def principal(self, token: str) -> Principal | None:
         """The token's owner, or None. Compares digests in constant time against every
         configured token, so the time taken says nothing about how much of a token matched."""
         found = None
         given = _digest(token)
-        for digest, principal in self._token_digests:
+        for digest, principal in self.tokens():
             if hmac.compare_digest(given, digest):
                 found = principal
         return found
-
-
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
 @lru_cache(maxsize=1)

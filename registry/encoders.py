@@ -51,7 +51,7 @@ class SentenceTransformerEncoder:
         from sentence_transformers import SentenceTransformer
 
         try:
-            model = SentenceTransformer(str(path), device="cpu")
+            model = SentenceTransformer(str(path), device="cpu", trust_remote_code=False)
         except Exception as exc:  # translated at this edge
             raise EncoderError(
                 "the location holds no loadable sentence-transformers model",

@@ -14,6 +14,7 @@ every path that loads a model (API, CLI, workers, demo):
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,10 @@ class ModelPolicy:
     def inside(self, path: Path) -> Path:
         """`path` with every symlink resolved, if that lies inside a root; the refusal
         is the same for a path that exists and one that does not."""
-        real = Path(os.path.realpath(path))
+        try:
+            real = Path(os.path.realpath(path))
+        except (ValueError, OSError):  # a NUL byte, a loop: not a place models live
+            raise UntrustedModel(REFUSED, hint=REFUSED_HINT, field="location") from None
         roots = [Path(os.path.realpath(r)) for r in self.roots]
         if not any(real == r or real.is_relative_to(r) for r in roots):
             raise UntrustedModel(REFUSED, hint=REFUSED_HINT, field="location")
@@ -68,16 +72,36 @@ def local_dir(uri: str, tracking_uri: str) -> Path:
     raise UntrustedModel(REFUSED, hint=REFUSED_HINT, field="location")
 
 
+ST_DATA = "model.sentence_transformer"  # where MLflow's flavour keeps the model
+
+
 def runs_code(folder: Path) -> bool:
-    """Whether loading this MLflow model runs Python it carries: everything but the
-    sentence-transformers flavour, and that too if it ships a `code` folder."""
-    try:
-        flavors = yaml.safe_load((folder / "MLmodel").read_text()).get("flavors", {})
-    except (OSError, yaml.YAMLError, AttributeError) as exc:
-        raise EncoderError("the location holds no readable MLflow model", field="location") from exc
-    if any(isinstance(conf, dict) and conf.get("code") for conf in flavors.values()):
+    """Whether loading this model runs Python it carries. An MLflow model does unless it
+    is the sentence-transformers flavour with no `code` folder; a sentence-transformers
+    model does if it ships any `.py` file or names a module outside the library's own
+    (`modules.json`), which a loader would import from the folder."""
+    if (folder / "MLmodel").exists():
+        try:
+            flavors = yaml.safe_load((folder / "MLmodel").read_text()).get("flavors", {})
+        except (OSError, yaml.YAMLError, AttributeError) as exc:
+            raise EncoderError(
+                "the location holds no readable MLflow model", field="location"
+            ) from exc
+        if any(isinstance(conf, dict) and conf.get("code") for conf in flavors.values()):
+            return True
+        if "sentence_transformers" not in flavors:
+            return True
+    if next(folder.rglob("*.py"), None) is not None:
         return True
-    return "sentence_transformers" not in flavors
+    for listing in folder.rglob("modules.json"):
+        try:
+            modules = json.loads(listing.read_text())
+            types = [str(m["type"]) for m in modules]
+        except (OSError, ValueError, TypeError, KeyError):
+            return True  # unreadable: the loader's guess is not ours to trust
+        if not all(t.startswith("sentence_transformers.") for t in types):
+            return True
+    return False
 
 
 def folder_digest(folder: Path) -> str:

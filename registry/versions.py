@@ -33,7 +33,7 @@ from embcompat.registry.mlflow_registry import MlflowRegistry
 from embcompat.registry.records import ModelVersionRecord
 from embcompat.registry.schema import EmbeddingModel, ModelVersion
 from embcompat.registry.shipped import PARAPHRASE_L3, shipped_model_path
-from embcompat.registry.trust import ModelPolicy, check_code, folder_digest, local_dir
+from embcompat.registry.trust import ST_DATA, ModelPolicy, check_code, folder_digest, local_dir
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
 
@@ -135,7 +135,11 @@ def register_version(
         mlflow_version = registry.log_external(model, {"dim": dim, "metric": str(metric)}, meta)
         encoder_uri = EXTERNAL
     elif source in ("dir", "shipped"):
-        path = policy.inside(Path(loc)) if source == "dir" else shipped_model_path(loc, models_dir)
+        if source == "dir":
+            path = policy.inside(Path(loc))
+            check_code(policy, path, None, f"the model at {loc!r}")
+        else:
+            path = shipped_model_path(loc, models_dir)
         st_encoder = SentenceTransformerEncoder.from_dir(path, normalize=normalized)
         check_dim(st_encoder, dim, f"{model}:{version}")
         mlflow_version = registry.log_sentence_transformer(st_encoder.model, model, meta)
@@ -251,8 +255,8 @@ def _load_folder(folder: Path, dim: int, normalized: bool, what: str) -> Encoder
     try:
         flavors = mlflow.models.Model.load(str(folder)).flavors
         if "sentence_transformers" in flavors:
-            model = mlflow.sentence_transformers.load_model(str(folder))
-            return SentenceTransformerEncoder(model, normalize=normalized)
+            # not MLflow's loader: it passes trust_remote_code=True
+            return SentenceTransformerEncoder.from_dir(folder / ST_DATA, normalized)
         if "python_function" in flavors:
             return PyfuncEncoder(mlflow.pyfunc.load_model(str(folder)), dim, normalized)
     except Exception as exc:  # MLflow and the flavours raise many types; one edge here

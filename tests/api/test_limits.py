@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def live(hash_dir: Path, tmp_path: Path) -> Iterator[str]:
     settings = Settings(
         data_dir=data, api_tokens=TOKENS, max_body_bytes=200_000, max_search_queries=20,
         max_search_hits=200, max_response_bytes=20_000, header_timeout_s=1.0,
-        body_timeout_s=1.0,
+        body_timeout_s=1.0, body_deadline_s=2.5,
     )  # fmt: skip
     with live_server(settings) as url:
         with httpx.Client(base_url=url, headers=ADMIN, timeout=60) as c:
@@ -99,6 +100,24 @@ def test_slow_clients_are_cut_off(live: str) -> None:
         )
         closed, data = _closed_within(slow_body, 5.0)
         assert closed and data.startswith(b"HTTP/1.1 408"), data[:200]
+
+    with socket.create_connection(("127.0.0.1", port)) as trickle:  # never pauses 1 s
+        trickle.sendall(
+            b"POST /galleries/g/search HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer read-token"
+            b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        )
+        trickle.settimeout(0.5)
+        started, data = time.monotonic(), b""
+        while not data and time.monotonic() - started < 10:
+            try:
+                trickle.sendall(b" ")
+                data = trickle.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        assert data.startswith(b"HTTP/1.1 408"), data[:200]
+        assert 2.0 < time.monotonic() - started < 5.0
 
     with httpx.Client(base_url=live, timeout=10) as c:  # the server still answers
         assert c.get("/health").status_code == 200

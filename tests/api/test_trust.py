@@ -122,7 +122,8 @@ def test_models_embcompat_logged_load_and_tampering_is_caught(tmp_path: Path) ->
     from embcompat.service.context import Context
     from tests.service.hash_models import register_hash_pair
 
-    settings = Settings(data_dir=tmp_path / "data", model_roots=None)
+    # the operator's roots add to the service's own folders, they do not replace them
+    settings = Settings(data_dir=tmp_path / "data", model_roots=[tmp_path / "elsewhere"])
     migrate.upgrade(settings.resolved_database_url)
     with Context(settings) as ctx:
         register_hash_pair(ctx)
@@ -136,3 +137,29 @@ def test_models_embcompat_logged_load_and_tampering_is_caught(tmp_path: Path) ->
         (folder / "python_model.pkl").write_bytes(b"not what was logged")
         with pytest.raises(UntrustedModel, match="files changed"):
             ctx.encoder(v2)
+
+
+def test_a_sentence_transformer_that_imports_its_own_module_needs_the_opt_in(
+    tmp_path: Path, setup: tuple
+) -> None:
+    """MLflow's sentence-transformers loader trusts remote code; a `modules.json` naming a
+    module shipped in the folder would run it. Such a model counts as code."""
+    import json
+
+    root, _, marker = setup
+    model = root / "st"
+    (model / "model.sentence_transformer").mkdir(parents=True)
+    (model / "MLmodel").write_text(
+        "flavors:\n  sentence_transformers:\n    sentence_transformers_version: 6.2.0\n"
+    )
+    module = f"modeling_{uuid.uuid4().hex[:8]}"
+    listing = [{"idx": 0, "name": "0", "path": "", "type": f"{module}.Layer"}]
+    (model / "model.sentence_transformer" / "modules.json").write_text(json.dumps(listing))
+    (model / "model.sentence_transformer" / f"{module}.py").write_text(
+        LOADER.format(marker=str(marker))
+    )
+    with client(tmp_path, root) as c:
+        for source, location in (("mlflow", model), ("dir", model / "model.sentence_transformer")):
+            refused = register(c, str(location), source)
+            assert refused["status"] == 403 and refused["code"] == "untrusted_model", refused
+    assert not marker.exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import pytest
 from sqlalchemy import func, select
@@ -15,6 +16,7 @@ from embcompat.registry import versions
 from embcompat.registry.records import ModelVersionRecord
 from embcompat.registry.schema import ModelVersion
 from embcompat.registry.shipped import MINILM_L6, MPNET
+from embcompat.registry.trust import local_dir, runs_code
 from embcompat.service.context import Context
 from tests.conftest import make_context
 
@@ -88,8 +90,9 @@ def test_versions_are_in_mlflow_with_tags(reg: tuple[Context, Path]) -> None:
     assert mvs["v1"].tags["dim"] == "384" and mvs["v2"].tags["dim"] == "768"
     assert mvs["v2"].tags["metric"] == "cosine" and mvs["v2"].tags["normalized"] == "true"
     assert mvs["v2"].tags["parent_version"] == "v1"
-    flavors = ctx.registry.model_flavors("models:/text/2")
-    assert "sentence_transformers" in flavors
+    folder = local_dir("models:/text/2", ctx.registry.tracking_uri)
+    assert "sentence_transformers" in mlflow.models.Model.load(str(folder)).flavors
+    assert not runs_code(folder)  # data: it loads without the opt-in
     with ctx.session() as s:
         assert versions.lineage(s, "text", "v2") == ["v1", "v2"]
 

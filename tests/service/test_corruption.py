@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from embcompat.api.app import create_app
 from embcompat.settings import Settings
-from tests.api.conftest import ADMIN, TOKENS
+from tests.api.conftest import ADMIN, READ, TOKENS
 
 ITEMS = [{"id": f"i{n}", "text": f"w{n % 7} w{n % 11} u{n}"} for n in range(45)]
 
@@ -77,7 +77,9 @@ def test_a_damaged_space_is_named_refused_and_repaired(data: Path, damage: str) 
         assert res.status_code == 500 and problem["code"] == "corrupt_artifact", problem
         assert problem["gallery"] == "g" and problem["space"] == "v1"
         assert str(data) not in res.text and "/galleries/" not in problem["detail"]
-        ready = c.get("/ready").json()
+        anonymous = c.get("/ready").json()
+        assert anonymous["degraded_galleries"] == 1 and "degraded" not in anonymous
+        ready = c.get("/ready", headers=READ).json()
         assert ready["ready"] and "v1" in ready["degraded"]["g"], ready
         refused = c.post("/galleries/g/publish", headers=ADMIN)
         assert refused.status_code == 500 and refused.json()["code"] == "corrupt_artifact"
@@ -85,7 +87,7 @@ def test_a_damaged_space_is_named_refused_and_repaired(data: Path, damage: str) 
         assert report["spaces"]["v1"]["unrebuildable"] == 0, report
         assert report["spaces"]["v1"]["kept"] + report["spaces"]["v1"]["encoded"] == 45
         assert _top1_all(c)
-        assert c.get("/ready").json()["degraded"] == {}
+        assert c.get("/ready", headers=READ).json()["degraded"] == {}
 
 
 @pytest.mark.parametrize("damage", INDEX_DAMAGE)
@@ -93,10 +95,10 @@ def test_a_damaged_index_falls_back_to_exact_search_counted(data: Path, damage: 
     INDEX_DAMAGE[damage](data)
     with TestClient(create_app(Settings(data_dir=data, api_tokens=TOKENS))) as c:
         assert _top1_all(c)  # the store answers exactly: right, if slower
-        ready = c.get("/ready").json()
+        ready = c.get("/ready", headers=READ).json()
         assert "v1" in ready["degraded"]["g"], ready
         metrics = c.get("/metrics", headers=ADMIN).text
         assert "embcompat_index_fallbacks_total 1.0" in metrics, metrics
         assert c.post("/galleries/g/repair", headers=ADMIN).is_success
-        assert c.get("/ready").json()["degraded"] == {}
+        assert c.get("/ready", headers=READ).json()["degraded"] == {}
         assert _top1_all(c)
