@@ -7,7 +7,6 @@ settings. Tokens are read from settings and never logged.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,7 +19,7 @@ from sqlalchemy import text
 
 from embcompat import __version__
 from embcompat.api import routes
-from embcompat.api.deps import Ctx, Read
+from embcompat.api.deps import Ctx, Read, scrubbed
 from embcompat.api.guard import Guard
 from embcompat.api.metrics import CONTENT_TYPE, Metrics
 from embcompat.errors import CorruptArtifact, EmbcompatError
@@ -34,25 +33,6 @@ log = logging.getLogger("embcompat.api")
 
 def _problem(status: int, body: dict[str, Any]) -> JSONResponse:
     return JSONResponse(body, status_code=status, media_type=PROBLEM)
-
-
-def _scrubbed(problem: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """The problem with server folders replaced by names: a message from deep inside
-    (a library's, a file's) must not tell a client where the service keeps its files."""
-    folders = {str(settings.resolved_data_dir): "<data>", sys.prefix: "<python>"}
-    folders.update({str(r): "<model-root>" for r in settings.resolved_model_roots})
-
-    def scrub(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: scrub(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [scrub(v) for v in value]
-        if isinstance(value, str):
-            for folder, name in sorted(folders.items(), key=lambda f: -len(f[0])):
-                value = value.replace(folder, name)
-        return value
-
-    return scrub(problem)  # type: ignore[no-any-return]
 
 
 @asynccontextmanager
@@ -116,7 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if isinstance(exc, CorruptArtifact):
             app.state.context.health.report(exc)
         problem = {**exc.to_problem(), "request_id": request.state.request_id}
-        return _problem(exc.http_status, _scrubbed(problem, app.state.context.settings))
+        return _problem(exc.http_status, scrubbed(problem, app.state.context.settings))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -177,7 +157,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         known = kind.lower() == "bearer" and ctx.settings.principal(token.strip()) is not None
         body: dict[str, Any] = {"ready": ok, "checks": checks, "degraded_galleries": len(degraded)}
         if known:
-            body["degraded"] = _scrubbed(degraded, ctx.settings)
+            body["degraded"] = scrubbed(degraded, ctx.settings)
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", tags=["ops"], dependencies=[Read], response_class=PlainTextResponse)

@@ -5,14 +5,15 @@ say which scope a route needs (the guard reads them) and document it in OpenAPI.
 
 from __future__ import annotations
 
-from typing import Annotated
+import sys
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from embcompat.errors import Forbidden, Unauthorized
 from embcompat.service.context import Context
-from embcompat.settings import Principal
+from embcompat.settings import Principal, Settings
 
 bearer = HTTPBearer(auto_error=False, description="a token from EMBCOMPAT_API_TOKENS")
 
@@ -46,6 +47,26 @@ def require_admin(
 def audit(request: Request, **counts: int | str) -> None:
     """Add what an admin action did (counts, ids) to its audit row."""
     request.state.audit = {**getattr(request.state, "audit", {}), **counts}
+
+
+def scrubbed(problem: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """`problem` (any JSON answer) with server folders replaced by names: a message from
+    deep inside (a library's, a file's, a job's error) must not tell a client where the
+    service keeps its files."""
+    folders = {str(settings.resolved_data_dir): "<data>", sys.prefix: "<python>"}
+    folders.update({str(r): "<model-root>" for r in settings.resolved_model_roots})
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
+        if isinstance(value, str):
+            for folder, name in sorted(folders.items(), key=lambda f: -len(f[0])):
+                value = value.replace(folder, name)
+        return value
+
+    return scrub(problem)  # type: ignore[no-any-return]
 
 
 Ctx = Annotated[Context, Depends(get_context)]

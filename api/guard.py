@@ -22,7 +22,14 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embcompat.api.deps import require_admin, require_read
-from embcompat.errors import EmbcompatError, Forbidden, ServiceUnavailable, Unauthorized
+from embcompat.errors import (
+    BodyTimeout,
+    BodyTooLarge,
+    EmbcompatError,
+    Forbidden,
+    ServiceUnavailable,
+    Unauthorized,
+)
 from embcompat.registry.audit import record_event
 from embcompat.service.context import Context
 from embcompat.settings import Principal
@@ -30,16 +37,6 @@ from embcompat.settings import Principal
 log = logging.getLogger("embcompat.api")
 PUBLIC = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
 PROBLEM = b"application/problem+json"
-
-
-class BodyTooLarge(EmbcompatError):
-    code = "body_too_large"
-    http_status = 413
-
-
-class BodyTimeout(EmbcompatError):
-    code = "body_timeout"
-    http_status = 408
 
 
 def required_scope(route: APIRoute | None) -> str | None:
@@ -171,7 +168,10 @@ class Guard:
         self, scope: Scope, route: APIRoute | None, principal: Principal, status: int
     ) -> None:
         state = scope.get("state", {})
-        detail = {**state.get("path_params", {}), **state.get("audit", {})}
+        detail = {
+            k: v[:200] if isinstance(v, str) else v
+            for k, v in {**state.get("path_params", {}), **state.get("audit", {})}.items()
+        }
         event = {
             "actor": principal.name,
             "action": route.name if route else "unknown",

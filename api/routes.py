@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, BackgroundTasks, Path, Query, Request, status
 from fastapi.responses import JSONResponse
 
-from embcompat.api.deps import Admin, Ctx, Read, audit
+from embcompat.api.deps import Admin, Ctx, Read, audit, scrubbed
 from embcompat.api.schemas import GalleryIn, ItemIdsIn, ItemsIn, SearchIn, UpgradeIn, VersionIn
 from embcompat.errors import InvalidInput, SearchTooLarge
 from embcompat.registry import adapter_records, versions
@@ -144,10 +144,10 @@ def search_gallery(name: str, body: SearchIn, ctx: Ctx, request: Request) -> JSO
             hint="ask for a smaller k or fewer queries per request",
         )
     res = search.search(
-        ctx, name, body.texts, body.vectors, body.k, body.old_vectors, filters=body.filters
+        ctx, name, body.texts, body.vectors, body.k, body.old_vectors, filters=body.filter_dict()
     )
     request.app.state.metrics.observe_search(res.plan, res.encodes, res.latency_ms / 1e3)
-    response = JSONResponse(res.to_dict())
+    response = JSONResponse(scrubbed(res.to_dict(), limits))
     if len(response.body) > limits.max_response_bytes:
         raise SearchTooLarge(
             f"the answer would be {len(response.body)} bytes, the limit is "
@@ -175,7 +175,7 @@ def start_upgrade(name: str, body: UpgradeIn, ctx: Ctx, tasks: BackgroundTasks) 
 
 @jobs.get("/{job_id}", dependencies=[Read])
 def job_status(job_id: Id, ctx: Ctx) -> dict[str, Any]:
-    return upgrade.get_job(ctx, job_id).to_dict()
+    return scrubbed(upgrade.get_job(ctx, job_id).to_dict(), ctx.settings)
 
 
 @jobs.post("/{job_id}/{action}", dependencies=[Admin])
@@ -191,7 +191,7 @@ def control(job_id: Id, action: str, ctx: Ctx, tasks: BackgroundTasks) -> dict[s
     rec = actions[action](ctx, job_id)
     if action == "resume":
         tasks.add_task(dispatch_upgrade, ctx, job_id)
-    return rec.to_dict()
+    return scrubbed(rec.to_dict(), ctx.settings)
 
 
 @adapters.get("", dependencies=[Read])
@@ -209,7 +209,9 @@ def show_adapter(adapter_id: Id, ctx: Ctx) -> dict[str, Any]:
 @audit_trail.get("", dependencies=[Admin])
 def list_audit(
     ctx: Ctx,
-    after: Annotated[int, Query(ge=0, description="the last id of the previous page")] = 0,
+    after: Annotated[
+        int, Query(ge=0, le=2**62, description="the last id of the previous page")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     actor: Annotated[str | None, Query(max_length=100)] = None,
 ) -> list[dict[str, Any]]:

@@ -7,7 +7,7 @@ refusal is a 422 naming the field."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
@@ -85,15 +85,37 @@ class ItemIdsIn(Body):
     ids: list[Text] = Field(min_length=1, max_length=10_000)
 
 
+class FilterOps(Body):
+    """`{"not": v or [v]}` and numeric bounds `lt`, `lte`, `gt`, `gte` (combinable)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    not_: MetaValue | Annotated[list[MetaValue], Field(max_length=100)] | None = Field(
+        default=None, alias="not"
+    )
+    lt: Number | None = None
+    lte: Number | None = None
+    gt: Number | None = None
+    gte: Number | None = None
+
+
+Condition = MetaValue | Annotated[list[MetaValue], Field(max_length=100)] | FilterOps
+
+
 class SearchIn(Body):
     texts: list[Annotated[Text, Field(max_length=10_000)]] | None = Field(
         default=None, min_length=1, max_length=1000
     )
-    vectors: list[Vector] | None = Field(default=None, min_length=1, max_length=1000)
-    old_vectors: list[Vector] | None = Field(default=None, min_length=1, max_length=1000)
+    vectors: list[Annotated[Vector, Field(max_length=65536)]] | None = Field(
+        default=None, min_length=1, max_length=1000
+    )
+    old_vectors: list[Annotated[Vector, Field(max_length=65536)]] | None = Field(
+        default=None, min_length=1, max_length=1000
+    )
     k: StrictInt = Field(default=10, ge=1, le=1000)
-    filters: dict[Text, MetaValue | list[MetaValue]] | None = Field(
-        default=None, max_length=20, description="item metadata {key: value or [values]}"
+    filters: dict[Text, Condition] | None = Field(
+        default=None,
+        max_length=20,
+        description="item metadata {key: value, [values] or {not, lt, lte, gt, gte}}",
     )
 
     @model_validator(mode="after")
@@ -101,6 +123,15 @@ class SearchIn(Body):
         _rectangular(self.vectors, "vectors")
         _rectangular(self.old_vectors, "old_vectors")
         return self
+
+    def filter_dict(self) -> dict[str, Any] | None:
+        """The filters as the service takes them (operators as plain objects)."""
+        if self.filters is None:
+            return None
+        return {
+            k: v.model_dump(by_alias=True, exclude_none=True) if isinstance(v, FilterOps) else v
+            for k, v in self.filters.items()
+        }
 
 
 class ProbeQuery(Body):

@@ -25,7 +25,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from embcompat.client import Client, Local, Remote
+from embcompat.client import Client, Local, Remote, shown_url
 from embcompat.errors import EmbcompatError
 from embcompat.kinds import TERMINAL_STATES, IndexKind, Metric, UpgradePlan
 from embcompat.service import migrate
@@ -109,7 +109,9 @@ def _client_ready(url: str) -> str:
     try:
         checks = httpx.get(f"{url.rstrip('/')}/ready", timeout=30).json()["checks"]
     except (httpx.HTTPError, ValueError, KeyError) as exc:
-        raise EmbcompatError(f"no readiness report from {url}: {type(exc).__name__}") from exc
+        raise EmbcompatError(
+            f"no readiness report from {shown_url(url)}: {type(exc).__name__}"
+        ) from exc
     return str(checks.get("schema", checks.get("database", "unknown")))
 
 

@@ -206,14 +206,22 @@ class Local:
             return list_events(s, after, limit, actor)
 
 
+def shown_url(url: str) -> str:
+    """The URL without credentials it may carry (user:password@), for messages."""
+    try:
+        return str(httpx.URL(url).copy_with(username=None, password=None)).rstrip("/")
+    except (httpx.InvalidURL, TypeError):
+        return "the given URL"
+
+
 class Remote:
     """The admin API at `url`, authenticated with `token`."""
 
     def __init__(self, url: str, token: str, timeout: float = 600.0) -> None:
-        self.url = url.rstrip("/")
         self.http = httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout
+            base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {token}"}, timeout=timeout
         )
+        self.url = shown_url(url)
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:

@@ -76,10 +76,11 @@ ST_DATA = "model.sentence_transformer"  # where MLflow's flavour keeps the model
 
 
 def runs_code(folder: Path) -> bool:
-    """Whether loading this model runs Python it carries. An MLflow model does unless it
-    is the sentence-transformers flavour with no `code` folder; a sentence-transformers
-    model does if it ships any `.py` file or names a module outside the library's own
-    (`modules.json`), which a loader would import from the folder."""
+    """Whether loading this model may run code it carries. An MLflow model does unless
+    it is the sentence-transformers flavour with no `code` folder; a sentence-transformers
+    model does if it holds any file but data (`_data_file`: Python, pickled weights, a
+    config asking for remote code or unpickling) or names a module outside the library's
+    own (`modules.json`)."""
     if (folder / "MLmodel").exists():
         try:
             flavors = yaml.safe_load((folder / "MLmodel").read_text()).get("flavors", {})
@@ -91,8 +92,9 @@ def runs_code(folder: Path) -> bool:
             return True
         if "sentence_transformers" not in flavors:
             return True
-    if next(folder.rglob("*.py"), None) is not None:
-        return True
+    for path in folder.rglob("*"):
+        if path.is_file() and not _data_file(path):
+            return True
     for listing in folder.rglob("modules.json"):
         try:
             modules = json.loads(listing.read_text())
@@ -101,6 +103,34 @@ def runs_code(folder: Path) -> bool:
             return True  # unreadable: the loader's guess is not ours to trust
         if not all(t.startswith("sentence_transformers.") for t in types):
             return True
+    return False
+
+
+# what a model that is only data holds: configs, vocabularies, safetensors weights
+DATA_SUFFIXES = {".json", ".txt", ".safetensors", ".md", ".yaml", ".yml", ".model", ".ini"}
+DATA_NAMES = {"MLmodel", "LICENSE", ".gitattributes", "registered_model_meta"}
+# config keys by which a loader would run code or unpickle (transformers, ST)
+CODE_KEYS = {"weights_only", "trust_remote_code", "auto_map", "custom_pipelines"}
+
+
+def _data_file(path: Path) -> bool:
+    """A file no loader executes: pickled weights (.bin, .pt, .pkl), Python, shared
+    libraries, and configs that switch on remote code or unpickling are not."""
+    if path.name not in DATA_NAMES and path.suffix not in DATA_SUFFIXES:
+        return False
+    if path.suffix == ".json":
+        try:
+            return not _has_key(json.loads(path.read_text()), CODE_KEYS)
+        except (OSError, ValueError):
+            return False
+    return True
+
+
+def _has_key(value: object, keys: set[str]) -> bool:
+    if isinstance(value, dict):
+        return bool(keys & value.keys()) or any(_has_key(v, keys) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_key(v, keys) for v in value)
     return False
 
 

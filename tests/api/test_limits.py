@@ -69,6 +69,10 @@ def test_searches_are_bounded(live: str) -> None:
         assert hits.status_code == 422 and "300 hits" in hits.json()["detail"]
         long = c.post("/galleries/g/search", json={"texts": ["w1 " * 5000], "k": 1})
         assert long.status_code == 422 and long.json()["field"] == "texts.0"
+        values = c.post(
+            "/galleries/g/search", json={"texts": ["w1"], "filters": {"c": ["r"] * 101}}
+        )
+        assert values.status_code == 422 and values.json()["field"].startswith("filters")
         big = c.post("/galleries/g/search", json={"texts": ["w1 w2"] * 20, "k": 10})
         assert big.status_code == 422 and "bytes" in big.json()["detail"]
 

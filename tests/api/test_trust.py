@@ -6,6 +6,7 @@ same whether the path exists or not. The operator's opt-in lets it load."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
@@ -139,27 +140,42 @@ def test_models_embcompat_logged_load_and_tampering_is_caught(tmp_path: Path) ->
             ctx.encoder(v2)
 
 
-def test_a_sentence_transformer_that_imports_its_own_module_needs_the_opt_in(
-    tmp_path: Path, setup: tuple
-) -> None:
-    """MLflow's sentence-transformers loader trusts remote code; a `modules.json` naming a
-    module shipped in the folder would run it. Such a model counts as code."""
-    import json
+ST_CODE = {
+    "a module of its own": lambda st, module: (
+        (st / "modules.json").write_text(
+            json.dumps([{"idx": 0, "name": "0", "path": "", "type": f"{module}.Layer"}])
+        ),
+        (st / f"{module}.py").write_text("raise SystemExit('never imported')"),
+    ),
+    "pickled weights": lambda st, module: (st / "pytorch_model.bin").write_bytes(b"pickle"),
+    "unpickling switched on": lambda st, module: (st / "sentence_bert_config.json").write_text(
+        json.dumps({"model_args": {"weights_only": False}})
+    ),
+    "remote code switched on": lambda st, module: (st / "config.json").write_text(
+        json.dumps({"auto_map": {"AutoModel": f"{module}.Model"}})
+    ),
+}
 
+
+@pytest.mark.parametrize("trick", ST_CODE)
+def test_a_sentence_transformer_that_carries_code_needs_the_opt_in(
+    tmp_path: Path, setup: tuple, trick: str
+) -> None:
+    """MLflow's sentence-transformers loader trusts remote code, and transformers
+    unpickles `.bin` weights when asked: a folder with any file but data counts as code."""
     root, _, marker = setup
     model = root / "st"
-    (model / "model.sentence_transformer").mkdir(parents=True)
+    st = model / "model.sentence_transformer"
+    st.mkdir(parents=True)
     (model / "MLmodel").write_text(
         "flavors:\n  sentence_transformers:\n    sentence_transformers_version: 6.2.0\n"
     )
-    module = f"modeling_{uuid.uuid4().hex[:8]}"
-    listing = [{"idx": 0, "name": "0", "path": "", "type": f"{module}.Layer"}]
-    (model / "model.sentence_transformer" / "modules.json").write_text(json.dumps(listing))
-    (model / "model.sentence_transformer" / f"{module}.py").write_text(
-        LOADER.format(marker=str(marker))
-    )
+    (st / "modules.json").write_text(json.dumps(
+        [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+    ))  # fmt: skip
+    ST_CODE[trick](st, f"modeling_{uuid.uuid4().hex[:8]}")
     with client(tmp_path, root) as c:
-        for source, location in (("mlflow", model), ("dir", model / "model.sentence_transformer")):
+        for source, location in (("mlflow", model), ("dir", st)):
             refused = register(c, str(location), source)
             assert refused["status"] == 403 and refused["code"] == "untrusted_model", refused
     assert not marker.exists()

@@ -72,3 +72,10 @@ def test_search_filters_parse_from_key_value_options() -> None:
     assert _parse_filters([]) is None
     with pytest.raises(EmbcompatError, match="'color' is not key=value"):
         _parse_filters(["color"])
+
+
+def test_remote_errors_never_show_credentials_of_the_url(runner: CliRunner) -> None:
+    url = "http://operator:hunter2-pw@127.0.0.1:9"  # nothing listens on port 9
+    out = runner.invoke(app, ["--url", url, "--token", "tok-abcdef-123", "models", "list"])
+    assert out.exit_code == 2 and "cannot reach" in out.output
+    assert "hunter2" not in out.output and "tok-abcdef" not in out.output
