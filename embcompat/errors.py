@@ -69,6 +69,16 @@ class Forbidden(EmbcompatError):
     http_status = 403
 
 
+class BodyTooLarge(EmbcompatError):
+    code = "body_too_large"
+    http_status = 413
+
+
+class BodyTimeout(EmbcompatError):
+    code = "body_timeout"
+    http_status = 408
+
+
 class UntrustedModel(Forbidden):
     code = "untrusted_model"
 

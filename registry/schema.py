@@ -110,6 +110,9 @@ class Gallery(Base):
     serving_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
     index_kind: Mapped[str] = mapped_column(String(16), default="flat")
     plan: Mapped[str | None] = mapped_column(String(32))
+    # +1 in every transaction that writes its items: readers' caches (the metadata
+    # index) know from one row whether they are current
+    items_version: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

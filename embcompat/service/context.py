@@ -101,6 +101,15 @@ class Context:
                 self._cache[(kind, key)] = build()
             return self._cache[(kind, key)]  # type: ignore[no-any-return]
 
+    def current(self, kind: str, key: Any, stamp: Any, build: Callable[[], T]) -> T:
+        """The value kept under (kind, key) if it was built for `stamp` (a version, a
+        generation), else `build()`, kept in its place: one value per key, never stale."""
+        with self._lock:
+            kept = self._cache.get((kind, key))
+            if kept is None or kept[0] != stamp:
+                kept = self._cache[(kind, key)] = (stamp, build())
+            return kept[1]  # type: ignore[no-any-return]
+
     def forget(self, kind: str, key: Any) -> None:
         with self._lock:
             self._cache.pop((kind, key), None)

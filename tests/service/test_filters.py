@@ -56,9 +56,30 @@ def test_metadata_updates_and_bad_filters(vec_gallery: tuple) -> None:
     assert _ids(res) == [[1]]
     with pytest.raises(InvalidInput, match="non-empty list"):
         search.search(ctx, "g", vectors=vectors[:1], filters={"color": []})
-    with pytest.raises(InvalidInput, match="string, number or bool"):
+    with pytest.raises(InvalidInput, match="unknown operator '\\$ne'"):
         search.search(ctx, "g", vectors=vectors[:1], filters={"color": {"$ne": "red"}})
+    with pytest.raises(InvalidInput, match="'lt' needs a number"):
+        search.search(ctx, "g", vectors=vectors[:1], filters={"n": {"lt": True}})
+    with pytest.raises(InvalidInput, match="ids have no order"):
+        search.search(ctx, "g", vectors=vectors[:1], filters={"id": {"gt": 3}})
     with pytest.raises(InvalidInput, match="'i9': metadata 'tags' must be a string, number"):
         galleries.ingest(
             ctx, "g", [galleries.ItemIn("i9", vector=vectors[9].tolist(), metadata={"tags": [1]})]
         )
+
+
+def test_ranges_and_negation(vec_gallery: tuple) -> None:
+    ctx, vectors = vec_gallery
+    galleries.ingest(ctx, "g", [galleries.ItemIn("bare", vector=vectors[0].tolist())])
+    q = vectors[:3] + 0.01
+    res = search.search(ctx, "g", vectors=q, k=300, filters={"n": {"gte": 1, "lt": 3}})
+    assert all(len(row) == 120 and {n % 5 for n in row} == {1, 2} for row in _ids(res))
+    res = search.search(ctx, "g", vectors=q, k=301, filters={"color": {"not": ["red", "blue"]}})
+    items = [[h.item for h in hits] for hits in res.hits]
+    assert all(len(row) == 101 and "bare" in row for row in items)  # no key: not red
+    assert all(int(i[1:]) % 3 == 1 for row in items for i in row if i != "bare")
+    res = search.search(
+        ctx, "g", vectors=q, k=300, filters={"color": "red", "n": {"not": 0, "lte": 2.5}}
+    )
+    assert all({(n % 3, n % 5) for n in row} <= {(0, 1), (0, 2)} for row in _ids(res))
+    assert all(len(row) == 40 for row in _ids(res))

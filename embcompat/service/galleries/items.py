@@ -114,6 +114,7 @@ def stage(ctx: Context, gallery: str, items: Sequence[ItemIn]) -> int:
         raise InvalidInput(f"staged item {missing[0]!r} needs a text and no vector", field="text")
     with gallery_lock(ctx, gallery), ctx.session(write=True) as s:
         g = get_gallery_row(s, gallery, lock=True)
+        g.items_version += 1
         serving = version_record(ctx, s, g.serving_version_id)
         if serving.external or serving.tags.get("input", "text") != "text":
             raise InvalidInput(
@@ -201,6 +202,7 @@ def _write_items(
     """The DB rows and the vectors of one ingest batch, under the gallery's lock."""
     with ctx.session(write=True) as s:
         g = get_gallery_row(s, gallery, lock=True)
+        g.items_version += 1
         existing = {
             r.external_id: r
             for r in s.scalars(
@@ -241,6 +243,7 @@ def _write_items(
 def delete_items(ctx: Context, gallery: str, external_ids: Sequence[str]) -> int:
     with gallery_lock(ctx, gallery), ctx.session(write=True) as s:
         g = get_gallery_row(s, gallery, lock=True)
+        g.items_version += 1
         rows = list(
             s.scalars(
                 select(Item).where(Item.gallery_id == g.id, Item.external_id.in_(external_ids))

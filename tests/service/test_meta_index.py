@@ -1,0 +1,140 @@
+"""The metadata index stays consistent with the items under ingest, update, delete and
+repair, seen from the context that wrote and from another one (another process): every
+filter matches exactly what a scan of the items' metadata says."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from embcompat.index.meta import MetaIndex, typed
+from embcompat.service import galleries, search
+from embcompat.service.context import Context
+from tests.conftest import make_context, vector_gallery
+
+KEYS = ("color", "size", "flag")
+VALUES = st.sampled_from(["red", "blue", 1, 2, 2.5, True, "1"])
+META = st.none() | st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=3)
+CONDITION = (
+    VALUES
+    | st.lists(VALUES, min_size=1, max_size=3)
+    | st.fixed_dictionaries({"not": VALUES | st.lists(VALUES, min_size=1, max_size=2)})
+    | st.fixed_dictionaries({}, optional={"lt": st.sampled_from([1, 2, 3]),
+                                          "gte": st.sampled_from([0, 1.5, 2])})
+    .filter(bool)
+)  # fmt: skip
+FILTERS = st.dictionaries(st.sampled_from((*KEYS, "id")), CONDITION, min_size=1, max_size=2).filter(
+    lambda f: not (isinstance(f.get("id"), dict) and set(f["id"]) - {"not"})  # ids: no order
+)
+
+
+def holds(meta: dict[str, Any] | None, external: str, key: str, condition: Any) -> bool:
+    """What a filter means, written plainly: the reference the index must agree with."""
+    present = key == "id" or key in (meta or {})
+    value = typed(external if key == "id" else (meta or {}).get(key))
+    if not isinstance(condition, dict):
+        options = condition if isinstance(condition, list) else [condition]
+        return present and value in {typed(v) for v in options}
+    if "not" in condition:
+        options = condition["not"] if isinstance(condition["not"], list) else [condition["not"]]
+        if present and value in {typed(v) for v in options}:
+            return False
+    bounds = {k: v for k, v in condition.items() if k != "not"}
+    if bounds:
+        if not present or value[0] != "number":
+            return False
+        x = value[1]
+        return ("lt" not in bounds or x < bounds["lt"]) and (
+            "gte" not in bounds or x >= bounds["gte"]
+        )
+    return True
+
+
+class MetaIndexMachine(RuleBasedStateMachine):
+    root = Path()  # set by the test to its tmp_path
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ctx = make_context(self.root / uuid.uuid4().hex[:8])  # MLflow keeps old paths
+        self.other = Context(self.ctx.settings)  # a second process's view
+        vector_gallery(self.ctx, "g", 4)
+        self.items: dict[str, dict[str, Any] | None] = {}
+
+    def teardown(self) -> None:
+        self.other.close()
+        self.ctx.close()
+
+    @rule(names=st.lists(st.integers(0, 30), min_size=1, max_size=6, unique=True), meta=META)
+    def ingest(self, names: list[int], meta: dict[str, Any] | None) -> None:
+        items = [galleries.ItemIn(f"i{n}", vector=[1.0, float(n), 0.0, 0.5], metadata=meta)
+                 for n in names]  # fmt: skip
+        galleries.ingest(self.ctx, "g", items)
+        for n in names:  # metadata None keeps what an item had
+            self.items[f"i{n}"] = meta if meta is not None else self.items.get(f"i{n}")
+
+    @rule(data=st.data())
+    def delete(self, data: st.DataObject) -> None:
+        if self.items:
+            gone = data.draw(st.lists(st.sampled_from(sorted(self.items)), min_size=1,
+                                      max_size=3, unique=True))  # fmt: skip
+            galleries.delete_items(self.other, "g", gone)  # written by the other context
+            for name in gone:
+                del self.items[name]
+
+    @rule()
+    def repair(self) -> None:
+        galleries.repair(self.ctx, "g")
+
+    @invariant()
+    def filters_match_a_scan(self) -> None:
+        for filters in FILTER_SAMPLES:
+            expected = sorted(
+                name for name, meta in self.items.items()
+                if all(holds(meta, name, k, c) for k, c in filters.items())
+            )  # fmt: skip
+            for ctx in (self.ctx, self.other):
+                if not self.items:
+                    continue
+                res = search.search(ctx, "g", vectors=[[1.0, 0.0, 0.0, 0.5]], k=1000,
+                                    filters=filters)  # fmt: skip
+                assert sorted(h.item for h in res.hits[0]) == expected, filters
+
+
+FILTER_SAMPLES: list[dict[str, Any]] = [
+    {"color": "red"}, {"color": ["red", 1]}, {"size": 2}, {"size": 2.5},
+    {"flag": True}, {"flag": "1"}, {"size": {"lt": 2}}, {"size": {"gte": 1.5, "lt": 3}},
+    {"color": {"not": "red"}}, {"id": ["i1", "i7", "nope"]}, {"id": {"not": "i3"}},
+    {"color": {"not": ["red", "blue"]}, "size": {"gte": 1}},
+]  # fmt: skip
+
+
+def test_the_metadata_index_follows_every_write(tmp_path: Path) -> None:
+    MetaIndexMachine.root = tmp_path
+    run = MetaIndexMachine.TestCase
+    run.settings = settings(
+        max_examples=25,
+        stateful_step_count=8,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    run().runTest()
+
+
+def test_the_index_agrees_with_the_reference_on_random_filters() -> None:
+    """Pure: MetaIndex against `holds` on random metadata and filters."""
+    from hypothesis import given
+
+    @given(st.lists(META, min_size=0, max_size=40), FILTERS)
+    @settings(max_examples=300, deadline=None)
+    def check(metas: list[dict[str, Any] | None], filters: dict[str, Any]) -> None:
+        index = MetaIndex((n, f"i{n}", m) for n, m in enumerate(metas))
+        expected = [n for n, m in enumerate(metas)
+                    if all(holds(m, f"i{n}", k, c) for k, c in filters.items())]  # fmt: skip
+        assert index.matching(filters).tolist() == expected
+
+    check()
