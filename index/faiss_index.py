@@ -331,16 +331,74 @@ class SpaceSearcher:
             s[short, s2.shape[1] :], i[short, i2.shape[1] :] = -np.inf, -1
         return s, i
 
+    def _search_allowed(
+        self, q: FloatArray, k: int, exclude: IdArray | None, budget: float, allow: IdArray
+    ) -> tuple[FloatArray, IdArray]:
+        """Only `allow` ids: a set small next to the space is scanned exactly from the
+        store (the truth, and cheaper than any index walk); a large one is handed to
+        FAISS as its selector, rows written since the generation scanned beside it."""
+        if exclude is not None and len(exclude):
+            allow = np.setdiff1d(allow, exclude, assume_unique=True)
+        snap = self.store.snapshot()
+        if len(allow) <= max(EXACT_SCAN, len(snap) // 50):
+            rows, found = snap.positions(allow)
+            scan_s, scan_i = self._scan(q, k, allow[found], snap.vectors[rows[found]])
+            return _topk([scan_s], [scan_i], len(q), k)
+        try:
+            gen = self.generations.load(self.store)
+            self.last_error = None
+        except CorruptArtifact as exc:
+            gen, self.last_error = None, exc.message
+            if self.on_fallback is not None:
+                self.on_fallback(exc)
+        added_ids, added_vecs, live = self._plan(gen)
+        parts_s, parts_i = [], []
+        if gen is not None and gen.index is not None:
+            removed = max(len(gen.ids) - len(live), 0)
+            if isinstance(gen.index, BinaryRerankIndex):
+                outside = np.setdiff1d(live, allow, assume_unique=True)
+                s, i = gen.index.search_excluding(q, k, live, outside)
+            else:
+                n = gen.index.ntotal
+                params = _params(gen.index, None, allow)
+                s, i = gen.index.search(q, min(k + removed, n), params=params)
+                if self.generations.metric == "l2":
+                    s = -s
+                s, i = _filtered(s, i, live, removed, None)
+            parts_s.append(s)
+            parts_i.append(i)
+        keep = member(allow, added_ids)
+        scan_s, scan_i = self._scan(q, k, added_ids[keep], added_vecs[keep])
+        return _topk([*parts_s, scan_s], [*parts_i, scan_i], len(q), k)
+
+    def _scan(
+        self, q: FloatArray, k: int, ids: IdArray, vectors: FloatArray
+    ) -> tuple[FloatArray, IdArray]:
+        """Exact top k of `vectors` (rows of `ids`) for every query."""
+        if len(ids) == 0:
+            return np.full((len(q), 0), -np.inf, np.float32), np.zeros((len(q), 0), np.int64)
+        scores = q @ vectors.T if self.generations.metric == "ip" else -_l2(q, vectors)
+        top = np.argsort(-scores, axis=1)[:, :k]
+        return np.take_along_axis(scores, top, 1), ids[top]
+
     def search(
-        self, queries: FloatArray, k: int, exclude: IdArray | None = None, budget: float = 1.0
+        self,
+        queries: FloatArray,
+        k: int,
+        exclude: IdArray | None = None,
+        budget: float = 1.0,
+        allow: IdArray | None = None,
     ) -> tuple[FloatArray, IdArray]:
         """queries: (nq, d) → scores, ids: (nq, k), best first (L2: negated distances);
         missing slots get id -1 and score -inf. `exclude`: ids never returned (items
         served from another space); k stays full while enough other items exist.
         `budget` < 1: this space holds that share of a mixed gallery's live items, and a
         graph index explores that share of its usual breadth (efSearch), so the parts of a
-        mixed search together cost about what one index of the whole gallery does."""
+        mixed search together cost about what one index of the whole gallery does.
+        `allow` (sorted): only these ids may be returned (a filter's matches)."""
         q = check_vectors(queries, self.store.dim, f"search of space {self.store.root.name!r}")
+        if allow is not None:
+            return self._search_allowed(q, k, exclude, budget, allow)
         try:
             gen = self.generations.load(self.store)
             self.last_error = None
@@ -376,11 +434,20 @@ class SpaceSearcher:
         return _topk(parts_s, parts_i, len(q), k)
 
 
-def _params(index: faiss.Index, exclude: IdArray | None) -> faiss.SearchParameters | None:
-    """Search parameters that skip `exclude` ids, keeping the index's own settings."""
-    if exclude is None or len(exclude) == 0:
+def _params(
+    index: faiss.Index, exclude: IdArray | None, allow: IdArray | None = None
+) -> faiss.SearchParameters | None:
+    """Search parameters that skip `exclude` ids, or keep only `allow` ids, keeping the
+    index's own settings."""
+    selector: Any
+    if allow is not None:
+        selector = faiss.IDSelectorBatch(np.ascontiguousarray(allow, np.int64))
+    elif exclude is None or len(exclude) == 0:
         return None
-    selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.ascontiguousarray(exclude, np.int64)))
+    else:
+        batch = faiss.IDSelectorBatch(np.ascontiguousarray(exclude, np.int64))
+        selector = faiss.IDSelectorNot(batch)
+        selector.keepalive = batch
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
     # faiss' bundled type stubs lag its Python API (keyword arguments, HNSW parameters)
     params: Any
@@ -395,6 +462,7 @@ def _params(index: faiss.Index, exclude: IdArray | None) -> faiss.SearchParamete
 
 
 MIN_EF = 32
+EXACT_SCAN = 20_000  # allowed sets up to this size (or 2 % of a space) are scanned exactly
 
 
 def _budget_params(index: faiss.Index, budget: float, fetch: int) -> faiss.SearchParameters | None:

@@ -85,10 +85,6 @@ class MetaIndex:
                 break
         return self.ids if out is None else out
 
-    def excluded(self, filters: Mapping[str, Any]) -> IdArray:
-        """The sorted ids a search with `filters` must never return."""
-        return np.setdiff1d(self.ids, self.matching(filters), assume_unique=True)
-
     def _one(self, key: str, condition: Any) -> IdArray:
         if isinstance(condition, dict):
             ops = parse_operators(key, condition)

@@ -50,6 +50,7 @@ class MixedIndex:
     mapped: SpaceSearcher | None = None
     exclude: IdArray | None = None  # items filtered out of this search, sorted
     pool: Executor | None = None  # searches the two spaces side by side when given
+    allow: IdArray | None = None  # only these items (a filter's matches), sorted
 
     def upgraded(self) -> IdArray:
         """Sorted ids already in the new space (the same array until it changes)."""
@@ -156,8 +157,8 @@ def _two_part(
     b_old, b_new = index.budgets()
     (s_new, i_new), (s_old, i_old) = both(
         index.pool,
-        lambda: index.new.search(q_new, k, exclude=index.exclude, budget=b_new),
-        lambda: old_side.search(q_side, k, exclude=upgraded, budget=b_old),
+        lambda: index.new.search(q_new, k, exclude=index.exclude, budget=b_new, allow=index.allow),
+        lambda: old_side.search(q_side, k, exclude=upgraded, budget=b_old, allow=index.allow),
     )
     old_path = "old" if plan.name == "dual" else plan.name
     f_new = _merge_part(plan, "new", s_new)
@@ -228,8 +229,8 @@ def _cascade(
     b_old, b_new = index.budgets()
     (s_old, i_old), (_, i_new) = both(
         index.pool,
-        lambda: index.old.search(q_old, kk, exclude=index.exclude, budget=b_old),
-        lambda: index.new.search(q_new, kk, exclude=index.exclude, budget=b_new),
+        lambda: index.old.search(q_old, kk, exclude=index.exclude, budget=b_old, allow=index.allow),
+        lambda: index.new.search(q_new, kk, exclude=index.exclude, budget=b_new, allow=index.allow),
     )
     cand = np.concatenate([i_old, i_new], axis=1)  # (nq, 2K), may repeat ids
     old_vecs, old_found = index.old.store.get(cand.ravel())

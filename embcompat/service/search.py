@@ -26,8 +26,8 @@ from embcompat.registry.schema import Item
 from embcompat.service.context import Context
 from embcompat.service.galleries import (
     Filters,
+    allowed_by,
     encode_and_store,
-    excluded_by,
     get_gallery_row,
     mapped_searcher,
     space_searcher,
@@ -103,7 +103,7 @@ def search(
     if not 1 <= k <= 1000:
         raise InvalidInput(f"k must be between 1 and 1000, got {k}", field="k")
     t0 = time.perf_counter()
-    excluded = excluded_by(ctx, gallery, filters)
+    allowed = allowed_by(ctx, gallery, filters)
     with ctx.session() as s:
         g = get_gallery_row(s, gallery)
         serving = version_record(ctx, s, g.serving_version_id)
@@ -122,7 +122,7 @@ def search(
         gate = dict((job.report or {}).get("gate", {})) if job else {}
     if mixed_plan is None or target is None:
         q = _queries(ctx, serving, texts, vectors)
-        scores, ids = space_searcher(ctx, gallery, serving, kind).search(q, k, exclude=excluded)
+        scores, ids = space_searcher(ctx, gallery, serving, kind).search(q, k, allow=allowed)
         hits = _hits(ctx, ids, scores, lambda r, c: (serving.version, "index", None, None, False))
         return SearchResponse(gallery, "single", hits, latency_ms=_ms(t0))
     needs_old = mixed_plan in (ServingPlan.DUAL, ServingPlan.CASCADE)
@@ -141,8 +141,8 @@ def search(
         space_searcher(ctx, gallery, old, kind),
         space_searcher(ctx, gallery, target, kind),
         mapped,
-        excluded,
-        ctx.search_pool,
+        pool=ctx.search_pool,
+        allow=allowed,
     )
     cascade = mixed_plan == ServingPlan.CASCADE
     writer = StoreReadThrough(ctx, gallery, target) if read_through and cascade else None

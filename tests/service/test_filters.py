@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from embcompat.errors import InvalidInput
+from embcompat.index import faiss_index
 from embcompat.service import galleries, search
 from embcompat.service.context import Context
 from tests.conftest import vector_gallery
@@ -13,8 +14,15 @@ from tests.conftest import vector_gallery
 COLORS = ("red", "green", "blue")
 
 
-@pytest.fixture
-def vec_gallery(ctx: Context) -> tuple[Context, np.ndarray]:
+@pytest.fixture(params=["exact scan", "faiss selector"])
+def vec_gallery(
+    ctx: Context, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Context, np.ndarray]:
+    """300 items, 200 in an HNSW generation and 100 written after it. Filters are
+    answered both ways: matches scanned exactly, and handed to FAISS as a selector (the
+    way for sets larger than `EXACT_SCAN`, forced here by setting it to 0)."""
+    if request.param == "faiss selector":
+        monkeypatch.setattr(faiss_index, "EXACT_SCAN", 0)
     vector_gallery(ctx, "g", 16, "hnsw")
     vectors = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
     items = [

@@ -1,6 +1,6 @@
 """Galleries: items and their vectors per model version, filters, index publishing."""
 
-from embcompat.service.galleries.filters import Filters, MetaValue, excluded_by
+from embcompat.service.galleries.filters import Filters, MetaValue, allowed_by
 from embcompat.service.galleries.items import (
     ItemIn,
     delete_items,
@@ -40,7 +40,7 @@ __all__ = [
     "encode_and_store",
     "encode_items",
     "encode_staged",
-    "excluded_by",
+    "allowed_by",
     "gallery_dir",
     "gallery_lock",
     "get_gallery",

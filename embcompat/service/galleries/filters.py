@@ -37,8 +37,8 @@ def check_metadata(item_id: str, meta: Any) -> None:
             )
 
 
-def excluded_by(ctx: Context, gallery: str, filters: Filters | None) -> IdArray | None:
-    """The sorted item ids a search with `filters` must never return (None: no filter),
+def allowed_by(ctx: Context, gallery: str, filters: Filters | None) -> IdArray | None:
+    """The sorted ids of the items a search with `filters` may return (None: no filter),
     from the gallery's metadata index (`index.meta`): array operations on the matching
     ids, no pass over the items. The index is rebuilt from the database only after a
     write to the gallery's items (its `items_version` moved)."""
@@ -46,7 +46,7 @@ def excluded_by(ctx: Context, gallery: str, filters: Filters | None) -> IdArray 
         return None
     if not isinstance(filters, dict):
         raise InvalidInput("filters must be an object of key: condition", field="filters")
-    return meta_index(ctx, gallery).excluded(filters)
+    return meta_index(ctx, gallery).matching(filters)
 
 
 def meta_index(ctx: Context, gallery: str) -> MetaIndex:
