@@ -163,12 +163,17 @@ def plan_upgrade(name: str, body: UpgradeIn, ctx: Ctx) -> dict[str, Any]:
 
 
 @gals.post("/{name}/upgrades", status_code=status.HTTP_202_ACCEPTED, dependencies=[Admin])
-def start_upgrade(name: str, body: UpgradeIn, ctx: Ctx, tasks: BackgroundTasks) -> dict[str, Any]:
+def start_upgrade(
+    name: str, body: UpgradeIn, ctx: Ctx, tasks: BackgroundTasks, request: Request
+) -> dict[str, Any]:
     probe = [q.model_dump() for q in body.probe] if body.probe else None
     schedule = BackfillSchedule(**body.schedule.model_dump()) if body.schedule else None
     job = upgrade.start_upgrade(
-        ctx, name, body.model, body.version, body.plan, body.pairs, body.chunk_size, schedule, probe
-    )
+        ctx, name, body.model, body.version, body.plan, body.pairs, body.chunk_size, schedule,
+        probe, body.override,
+    )  # fmt: skip
+    if body.override:
+        audit(request, override="true")
     tasks.add_task(dispatch_upgrade, ctx, job.id)  # in-process runs after the reply
     return job.to_dict()
 

@@ -153,3 +153,8 @@ class UpgradeIn(Body):
     chunk_size: StrictInt = Field(default=1000, ge=1, le=1_000_000)
     probe: list[ProbeQuery] | None = Field(default=None, max_length=100_000)
     schedule: ScheduleIn | None = None
+    override: StrictBool = Field(
+        default=False,
+        description="serve a requested bridge, mapped or basis plan without labels showing "
+        "it is no worse than the old model (recorded; searches carry a warning)",
+    )

@@ -319,12 +319,15 @@ def upgrade_start(
     plan: UpgradePlan = UpgradePlan.AUTO,
     pairs: int = 2000,
     chunk_size: int = 1000,
+    override: Annotated[
+        bool, typer.Option(help="serve a requested bridge/mapped/basis plan without labels")
+    ] = False,
 ) -> None:
     """Start an upgrade: on the workers if a broker is configured, else where the
     service runs (here, or the API server with --url)."""
     client = _client()
     body = {"model": model, "version": version, "plan": str(plan), "pairs": pairs,
-            "chunk_size": chunk_size}  # fmt: skip
+            "chunk_size": chunk_size, "override": override}  # fmt: skip
     job = _guard(lambda: client.start_upgrade(gallery, body))
     console.print(
         f"upgrade job {job['id']} created for {gallery!r}: {job['from_version']} -> {version}"

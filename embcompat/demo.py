@@ -274,7 +274,8 @@ def _compat_table(
     )
     console.print(labelled)
     console.print(
-        f"gate: bridge {'accepted' if gate.get('bridge_accepted') else 'refused'} "
+        f"gate: label-free check {'passed' if gate.get('bridge_accepted') else 'failed'}, "
+        "advice only "
         f"(proxy M(new,old) {gate.get('proxy_r10_new_old', 0):.3f} vs M(old,old) "
         f"{gate.get('proxy_r10_old_old', 0):.3f}); "
         f"plan [bold]{job.plan}[/bold]: {gate.get('reason')}"

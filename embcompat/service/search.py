@@ -158,7 +158,8 @@ def search(
                 None if np.isnan(sn) else float(sn), bool(res.on_the_fly[r, c]))  # fmt: skip
 
     hits = _hits(ctx, res.ids, res.scores, describe)
-    return SearchResponse(gallery, mixed_plan, hits, res.warnings, int(res.encodes.sum()), _ms(t0))
+    warnings = [gate["warning"], *res.warnings] if gate.get("warning") else res.warnings
+    return SearchResponse(gallery, mixed_plan, hits, warnings, int(res.encodes.sum()), _ms(t0))
 
 
 def _plan(

@@ -129,11 +129,15 @@ class GalleryMachine(RuleBasedStateMachine):
         galleries.publish(self.ctx, self.name)
 
     # -- upgrades --------------------------------------------------------------------
-    @rule(plan=st.sampled_from(PLANS), to=st.sampled_from(["v1", "v2", "v2c"]))
-    def start(self, plan: str, to: str) -> None:
+    @rule(
+        plan=st.sampled_from(PLANS), to=st.sampled_from(["v1", "v2", "v2c"]), override=st.booleans()
+    )
+    def start(self, plan: str, to: str, override: bool) -> None:
         active = self._job()
         try:
-            job = upgrade.start_upgrade(self.ctx, self.name, "hash", to, plan, chunk_size=15)
+            job = upgrade.start_upgrade(
+                self.ctx, self.name, "hash", to, plan, chunk_size=15, override=override
+            )
         except UpgradeInProgress:
             assert active is not None and active.state in ACTIVE_STATES
             return

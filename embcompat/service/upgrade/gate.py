@@ -1,9 +1,10 @@
 """The gate: measure on the held-out pairs (and a labelled probe when given) and choose
 the serving plan, or refuse the upgrade.
 
-Label-free truth: the new model's own top-10 among the held-out items. The bridge is
-refused when it recovers less of it than the old model does on its own (M(new,old)
-below M(old,old)); a requested plan that needs a refused bridge falls back to `dual`."""
+Label-free, the new model's own top-10 among the held-out items stands in for the
+truth (M(new,old) against M(old,old)). It is recorded as advice, never as the deciding
+test: a bridge wins it by construction, so bridge-type plans need an operator's
+override (`choose_plan`)."""
 
 from __future__ import annotations
 
@@ -40,32 +41,59 @@ def proxy_bridge_check(bridge: Any, h_old: FloatArray, h_new: FloatArray) -> tup
     return old_old, new_old
 
 
+BRIDGE_TYPES = {ServingPlan.BRIDGE, ServingPlan.MAPPED, ServingPlan.BASIS}
+
+
 def choose_plan(
-    requested: str, bridge_ok: bool, old: ModelVersionRecord, new: ModelVersionRecord
-) -> tuple[ServingPlan, str]:
-    """The plan to serve and why, from the request and what the gate measured."""
+    requested: str,
+    bridge_ok: bool,
+    old: ModelVersionRecord,
+    new: ModelVersionRecord,
+    override: bool = False,
+) -> tuple[ServingPlan, str, str | None]:
+    """The plan to serve, why, and the warning an override carries.
+
+    A bridge-type plan (`bridge`, `mapped`, `basis` on a version not trained compatible)
+    answers old items through an adapter. Without labels nothing shows that it searches
+    no worse than the old model (the label-free proxy takes the new model's neighbours
+    as the truth, which anything derived from the new model wins), so it is served only
+    on the operator's explicit override, recorded with its warning. Otherwise: `cascade`
+    when both encoders exist, `dual` when not (clients then send both encodings)."""
     both_encoders = not old.external and not new.external
+    safe = ServingPlan.CASCADE if both_encoders else ServingPlan.DUAL
+    warning = None
     if requested == UpgradePlan.AUTO:
-        if both_encoders:
-            plan, reason = (
-                ServingPlan.CASCADE,
-                "both encoders are available: the cascade fuses them from day one",
-            )
-        else:
-            plan = ServingPlan.BRIDGE if bridge_ok else ServingPlan.DUAL
-            reason = "chosen by the gate's measurement"
-    elif requested == UpgradePlan.BRIDGE and not bridge_ok:
         plan, reason = (
-            ServingPlan.DUAL,
-            "the bridge would search worse than staying on the old model",
+            safe,
+            (
+                "both encoders are available: the cascade fuses them from day one"
+                if both_encoders
+                else "an encoder is external: both spaces are searched with the vectors sent"
+            ),
         )
     elif requested == UpgradePlan.BACKFILL:
         plan, reason = ServingPlan.DUAL, "requested backfill: the old part searched as before"
+    elif ServingPlan(requested) in BRIDGE_TYPES and not override:
+        plan, reason = (
+            safe,
+            (
+                f"without labels nothing shows that {requested!r} searches no worse than "
+                f"{old.ref}: serving {safe!r} (an operator can override, at that risk)"
+            ),
+        )
+    elif ServingPlan(requested) in BRIDGE_TYPES:
+        plan, reason = ServingPlan(requested), "requested, on the operator's override"
+        warning = (
+            f"{requested!r} is served on an operator's override: unlabelled, it may search "
+            f"worse than {old.ref} alone"
+            + ("" if bridge_ok else " (the label-free proxy also found it below)")
+        )
     else:
         plan, reason = ServingPlan(requested), "requested"
     if plan in (ServingPlan.DUAL, ServingPlan.CASCADE) and old.external:
-        plan, reason = ServingPlan.BRIDGE, f"{old.ref} is external: queries cannot be encoded by it"
-    return plan, reason
+        plan = ServingPlan.DUAL
+        reason += f"; {old.ref} is external: searches send old_vectors with the query"
+    return plan, reason, warning
 
 
 def step_gate(ctx: Context, job_id: int) -> None:
@@ -75,6 +103,7 @@ def step_gate(ctx: Context, job_id: int) -> None:
         if job.state != JobState.GATED:
             return
         requested = job.params["plan"]
+        override = bool(job.params.get("override", False))
     v = job_versions(ctx, job_id)
     if serves_compatible(ctx, job_id):
         reason = (
@@ -89,7 +118,7 @@ def step_gate(ctx: Context, job_id: int) -> None:
     bridge = job_adapter(ctx, job_id, "bridge", v.new, v.old)
     old_old, new_old = proxy_bridge_check(bridge, x_old[cut:], x_new[cut:])
     bridge_ok = new_old >= old_old
-    plan, reason = choose_plan(requested, bridge_ok, v.old, v.new)
+    plan, reason, warning = choose_plan(requested, bridge_ok, v.old, v.new, override)
     labelled = None
     if not v.old.external and not v.new.external:
         labelled = _measure_probe(ctx, job_id, v.old, v.new, ids, x_old, x_new)
@@ -120,6 +149,7 @@ def step_gate(ctx: Context, job_id: int) -> None:
         "reason": reason,
         "held_out_pairs": len(x_old) - cut,
         **({"probe": labelled} if labelled else {}),
+        **({"override": True, "warning": warning} if warning else {}),
     }
     _record_bridge_verdict(ctx, v.old, v.new, bridge_ok, gate)
     serve(ctx, job_id, plan, gate)

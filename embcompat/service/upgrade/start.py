@@ -134,10 +134,13 @@ def start_upgrade(
     chunk_size: int = 1000,
     schedule: BackfillSchedule | None = None,
     probe: list[dict[str, Any]] | None = None,
+    override: bool = False,
 ) -> JobRecord:
     """Create the job (state planned) and its chunk ledger; refuses before anything runs.
     With a `schedule`, the backfill runs only in its window and at its rate. A `probe`
-    (queries as {"text", "relevant": [item ids]}) lets the gate measure with labels."""
+    (queries as {"text", "relevant": [item ids]}) lets the gate measure with labels.
+    `override`: serve a requested bridge-type plan although nothing labelled shows it
+    is no worse than the old model (recorded with a warning that searches carry)."""
     if pairs < 50 or chunk_size < 1:
         raise UpgradeRefused("an upgrade needs at least 50 pairs and chunk_size >= 1")
     with gallery_lock(ctx, gallery), ctx.session(write=True) as s:
@@ -161,6 +164,7 @@ def start_upgrade(
                 "chunk_size": chunk_size,
                 "schedule": schedule.to_dict() if schedule else {},
                 "probe": probe or [],
+                "override": override,
             },
             report={},
         )
