@@ -64,6 +64,13 @@ def rrf_scores(ranks: npt.NDArray[np.int64]) -> FloatArray:
     return np.where(ranks >= 0, 1.0 / (RRF_K + ranks + 1), 0.0).astype(np.float32)
 
 
+def rrf_rows(scores: FloatArray) -> FloatArray:
+    """RRF term of each column's rank within its row (unknown scores contribute 0)."""
+    key = np.where(np.isfinite(scores), scores, -np.inf)
+    ranks = np.argsort(np.argsort(-key, axis=1, kind="stable"), axis=1)
+    return np.where(np.isfinite(scores), rrf_scores(ranks), 0.0).astype(np.float32)
+
+
 def zscore_rows(scores: FloatArray) -> FloatArray:
     """Standardise each row over its finite entries (per-query, per-space)."""
     s = np.asarray(scores, np.float64)

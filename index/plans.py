@@ -29,7 +29,7 @@ from embcompat.adapters.base import Adapter
 from embcompat.arrays import FloatArray, IdArray
 from embcompat.errors import EmbcompatError, InvalidInput
 from embcompat.index.faiss_index import SpaceSearcher
-from embcompat.index.merge import Platt, fuse_z, rrf_scores, zscore_rows
+from embcompat.index.merge import Platt, fuse_z, rrf_rows, rrf_scores, zscore_rows
 from embcompat.kinds import Merge, ServingPlan
 
 PATHS = ("new", "bridge", "mapped", "old", "basis", "cascade")  # codes in Results.paths
@@ -268,7 +268,7 @@ def _cascade(
     if plan.merge == "rrf":
         # a side with no score (new vector not stored, beyond the budget) counts as if it
         # ranked the item where the other side does, so being unknown is never a penalty
-        r_old, r_new = _rrf_rows(sc_old), _rrf_rows(sc_new)
+        r_old, r_new = rrf_rows(sc_old), rrf_rows(sc_new)
         fused = np.where(np.isfinite(sc_old), r_old, r_new) + np.where(
             np.isfinite(sc_new), r_new, r_old
         )
@@ -309,10 +309,3 @@ def _within_budget(
                 seen.add(int(cand[r, c]))
                 wanted[r, c] = True
     return wanted
-
-
-def _rrf_rows(scores: FloatArray) -> FloatArray:
-    """RRF term of each column's rank within its row (unknown scores contribute 0)."""
-    key = np.where(np.isfinite(scores), scores, -np.inf)
-    ranks = np.argsort(np.argsort(-key, axis=1, kind="stable"), axis=1)
-    return np.where(np.isfinite(scores), rrf_scores(ranks), 0.0).astype(np.float32)

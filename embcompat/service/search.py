@@ -172,8 +172,9 @@ def _plan(
 ) -> Plan:
     """The serving plan of a job, its adapters and calibration kept on the context."""
     labelled = gate.get("probe") or {}
-    if name == ServingPlan.CASCADE:
-        merge = Merge.LEARNED if "weight" in labelled else Merge.RRF
+    if name == ServingPlan.CASCADE:  # jobs gated before the cross-validation: learned
+        chosen = labelled.get("merge", "learned" if "weight" in labelled else "rrf")
+        merge = Merge.LEARNED if chosen == "learned" else Merge.RRF
     else:
         merge = Merge.CALIBRATED
     bridge = job_adapter(ctx, job_id, "bridge", new, old) if name == ServingPlan.BRIDGE else None

@@ -165,6 +165,8 @@ def test_a_labelled_probe_sets_the_fusion_and_decides_whether_v1_is_kept(gallery
     measured = done.report["gate"]["probe"]
     assert measured["queries"] >= 10 and measured["sub_gallery"] == 160
     assert 0.0 <= measured["weight"] <= 1.0 and measured["cascade_k"] in (50, 100, 200)
+    learned_wins = measured["cv_r10_learned"] > measured["cv_r10_rrf"]
+    assert measured["merge"] == ("learned" if learned_wins else "rrf"), measured
     assert measured["downgrade"] is False, measured
     assert measured["fusion_gain"] == pytest.approx(
         measured["r10_cascade"] - measured["r10_new_new"]

@@ -7,7 +7,8 @@ K·m/n on a sub-gallery of m of its n items. From it the gate learns:
 - whether the upgrade is a downgrade: M(new,new) below M(old,old) by more than noise
   (queries v2 loses minus queries it wins above two standard deviations of a sign
   test, as McNemar's test counts them): refused;
-- the cascade's fusion weight, and the fused quality at 100 % (keep v1 or retire it);
+- the cascade's merge: RRF, or a fusion weight learned on the probe only when it beats
+  RRF on queries it was not fitted on; and the fused quality at 100 % (keep v1 or not);
 - whether the old model's recall@K caps the cascade, and the K that lifts the cap.
 """
 
@@ -19,7 +20,8 @@ import numpy as np
 from sqlalchemy import select
 
 from embcompat.adapters.metrics import hits_at_k, recall_at_k, search
-from embcompat.index.merge import fit_weight, fuse_z, zscore_rows
+from embcompat.arrays import FloatArray, IdArray
+from embcompat.index.merge import fit_weight, fuse_z, rrf_rows, zscore_rows
 from embcompat.index.plans import later_repeats
 from embcompat.registry.schema import Item
 from embcompat.service.context import Context
@@ -27,6 +29,7 @@ from embcompat.service.context import Context
 MIN_QUERIES = 10
 KS = (50, 100, 200)
 KEEP_OLD_MIN_GAIN = 0.01  # fused R@10 must beat v2 alone by a point to keep v1 running
+FOLDS = 5
 
 
 def measure(
@@ -84,15 +87,9 @@ def measure(
     # at 100 %: the old index proposes its top K, the new index its own; both score all
     cand = np.concatenate([search(q_old, g_old, kk)[1], search(q_new, g_new, kk)[1]], axis=1)
     dup = later_repeats(cand)
-    zo = zscore_rows(np.where(dup, np.nan, np.einsum("qcd,qd->qc", g_old[cand], q_old)))
-    zn = zscore_rows(np.where(dup, np.nan, np.einsum("qcd,qd->qc", g_new[cand], q_new)))
-
-    def fused_recall(w: float) -> float:
-        order = np.argsort(-fuse_z(zo, zn, w), axis=1)[:, :k10]
-        return recall_at_k(np.take_along_axis(cand, order, 1), relevant, k10)
-
-    weight = fit_weight(fused_recall)
-    r_cascade = fused_recall(weight)
+    s_old = np.where(dup, np.nan, np.einsum("qcd,qd->qc", g_old[cand], q_old))
+    s_new = np.where(dup, np.nan, np.einsum("qcd,qd->qc", g_new[cand], q_new))
+    fusion = choose_merge(s_old, s_new, cand, relevant, k10)
     return {
         **out,
         "k_scaled": k10,
@@ -101,11 +98,52 @@ def measure(
         "queries_lost": lost,
         "queries_won": won,
         "downgrade": bool(lost - won > 2 * np.sqrt(lost + won)),
-        "weight": weight,
-        "r10_cascade": r_cascade,
-        "fusion_gain": r_cascade - r_nn,
-        "keep_old_at_100": r_cascade - r_nn >= KEEP_OLD_MIN_GAIN,
+        **fusion,
+        "fusion_gain": fusion["r10_cascade"] - r_nn,
+        "keep_old_at_100": fusion["r10_cascade"] - r_nn >= KEEP_OLD_MIN_GAIN,
         "old_recall_at_k": {str(k): v for k, v in old_recall.items()},
         "cascade_k": cascade_k,
         "capped": old_recall[KS[-1]] < r_nn,
+    }
+
+
+def choose_merge(
+    s_old: FloatArray,
+    s_new: FloatArray,
+    cand: IdArray,
+    relevant: list[set[int]],
+    k: int,
+    folds: int = FOLDS,
+) -> dict[str, Any]:
+    """RRF, or the weight of a z-score fusion learned on the probe, whichever finds more
+    relevant items on probe queries it was not fitted on (`folds`-fold cross-validation;
+    a tie keeps RRF, which fits nothing). Scores: (nq, c) per candidate, NaN where unknown.
+    Returns the merge, the weight (fitted on every query), the held-out R@k of both, and
+    the R@k of the chosen merge on every query."""
+    zo, zn = zscore_rows(s_old), zscore_rows(s_new)
+    rrf = np.where(np.isfinite(s_old) | np.isfinite(s_new), rrf_rows(s_old) + rrf_rows(s_new),
+                   -np.inf)  # fmt: skip
+
+    def recall(fused: FloatArray, rows: IdArray) -> float:
+        order = np.argsort(-fused[rows], axis=1, kind="stable")[:, :k]
+        ranked = np.take_along_axis(cand[rows], order, 1)
+        return recall_at_k(ranked, [relevant[r] for r in rows], k) * len(rows)
+
+    everyone = np.arange(len(cand))
+    parts = np.array_split(np.random.default_rng(0).permutation(len(cand)), folds)
+    held_learned = held_rrf = 0.0
+    for part in parts:
+        fit_rows = np.setdiff1d(everyone, part)
+        w = fit_weight(lambda w: recall(fuse_z(zo, zn, w), fit_rows))  # noqa: B023
+        held_learned += recall(fuse_z(zo, zn, w), part)
+        held_rrf += recall(rrf, part)
+    weight = fit_weight(lambda w: recall(fuse_z(zo, zn, w), everyone))
+    learned = held_learned > held_rrf
+    fused = fuse_z(zo, zn, weight) if learned else rrf
+    return {
+        "merge": "learned" if learned else "rrf",
+        "weight": weight,
+        "cv_r10_learned": held_learned / len(cand),
+        "cv_r10_rrf": held_rrf / len(cand),
+        "r10_cascade": recall(fused, everyone) / len(cand),
     }
