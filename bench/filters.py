@@ -8,7 +8,7 @@ on the same vectors; the service filtered on one `shard` and on one `tenant`, ag
 the bare index searched with an `IDSelectorBatch` of the matching ids; and a numeric
 range filter. The service's time includes everything a request does but the HTTP layer.
 
-    python bench/filters.py [--n 200000] [--queries 50] [--json PATH]
+    python bench/filters.py [--n 200000] [--queries 50] [--json PATH] [--database-url URL]
 """
 
 from __future__ import annotations
@@ -52,10 +52,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200_000)
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--json", help="write the rows")
+    parser.add_argument("--database-url", help="an empty database (default: SQLite)")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="embcompat-filters-"))
-    settings = Settings(data_dir=root)
+    settings = Settings(data_dir=root, database_url=args.database_url)
     migrate.upgrade(settings.resolved_database_url)
     ctx = Context(settings)
     with ctx.session() as s:
@@ -110,7 +111,8 @@ def main() -> None:
         svc, ref = _median_ms(service(filters), queries), _median_ms(faiss_with(mask), queries)
         rows.append({"n": args.n, "search": name, "service_ms": svc, "faiss_ms": ref,
                      "ratio": svc / ref})  # fmt: skip
-    print(f"N={args.n}: ingest {args.n / ingest_s:.0f} items/s through the service")
+    db = "postgresql" if args.database_url else "sqlite"
+    print(f"N={args.n}: ingest {args.n / ingest_s:.0f} items/s through the service ({db})")
     print_table(rows, ["n", "search", "service_ms", "faiss_ms", "ratio"])
     write_json(args.json, {"ingest_items_s": args.n / ingest_s, "rows": rows})
     ctx.close()

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import select
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from embcompat.arrays import FloatArray, IdArray, check_vectors
@@ -25,7 +25,7 @@ from embcompat.errors import DuplicateItem, InvalidInput, UnknownItem
 from embcompat.index.store import MANIFEST, SpaceStore
 from embcompat.registry.jobs import active_upgrade
 from embcompat.registry.records import ModelVersionRecord
-from embcompat.registry.schema import Item
+from embcompat.registry.schema import Item, utcnow
 from embcompat.service.context import Context
 from embcompat.service.galleries.filters import check_metadata
 from embcompat.service.galleries.layout import (
@@ -199,30 +199,50 @@ def _write_items(
     targets: list[ModelVersionRecord],
     vectors: list[FloatArray],
 ) -> dict[str, int]:
-    """The DB rows and the vectors of one ingest batch, under the gallery's lock."""
+    """The DB rows and the vectors of one ingest batch, under the gallery's lock. Rows
+    are written in bulk (one multi-row INSERT ... RETURNING for new items, one UPDATE
+    per key set by primary key for known ones): no ORM object per item."""
     with ctx.session(write=True) as s:
         g = get_gallery_row(s, gallery, lock=True)
         g.items_version += 1
         existing = {
-            r.external_id: r
-            for r in s.scalars(
-                select(Item).where(Item.gallery_id == g.id, Item.external_id.in_(ids))
+            ext: (int(i), payload)
+            for i, ext, payload in s.execute(
+                select(Item.id, Item.external_id, Item.payload).where(
+                    Item.gallery_id == g.id, Item.external_id.in_(ids)
+                )
             )
         }
-        rows, changed = [], []
-        for it in items:
-            row = existing.get(it.id) or Item(gallery_id=g.id, external_id=it.id)
-            if row.id is not None and (row.payload != it.text or it.vector is not None):
-                changed.append(row.id)
-            row.payload = it.text
-            if it.metadata is not None:
-                row.meta = it.metadata
-            row.vector_version_id = targets[0].id
-            s.add(row)
-            rows.append(row)
-        s.flush()
-        db_ids = np.array([r.id for r in rows], np.int64)
-        fresh = db_ids[[it.id not in existing for it in items]]
+        version_id, now = targets[0].id, utcnow()
+        fresh_rows = [
+            {"gallery_id": g.id, "external_id": it.id, "payload": it.text, "meta": it.metadata,
+             "vector_version_id": version_id}
+            for it in items if it.id not in existing
+        ]  # fmt: skip
+        got: dict[str, int] = {}
+        if fresh_rows:
+            inserted = s.execute(
+                insert(Item).returning(Item.id, Item.external_id, sort_by_parameter_order=True),
+                fresh_rows,
+            )
+            got = {ext: int(i) for i, ext in inserted}
+        known = [it for it in items if it.id in existing]
+        for with_meta in (True, False):  # one statement per set of columns
+            rows = [
+                {"id": existing[it.id][0], "payload": it.text, "vector_version_id": version_id,
+                 "updated_at": now, **({"meta": it.metadata} if with_meta else {})}
+                for it in known if (it.metadata is not None) == with_meta
+            ]  # fmt: skip
+            if rows:
+                s.execute(update(Item), rows)
+        changed = [
+            existing[it.id][0]
+            for it in known
+            if existing[it.id][1] != it.text or it.vector is not None
+        ]
+        db_ids = np.array([existing[it.id][0] if it.id in existing else got[it.id]
+                           for it in items], np.int64)  # fmt: skip
+        fresh = np.array([got[it.id] for it in items if it.id in got], np.int64)
         changed += fresh.tolist()  # an id SQLite reused may still have an orphan vector
         sources = _hashes([it.text for it in items])
         stores = [space_store(ctx, gallery, v) for v in targets]
