@@ -152,9 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 checks["broker"] = f"unreachable: {type(exc).__name__}"
         ok = all(v == "ok" for v in checks.values())
         degraded = galleries.degraded(ctx) if checks.get("schema") == "ok" else {}
-        header = request.headers.get("authorization", "")
-        kind, _, token = header.partition(" ")
-        known = kind.lower() == "bearer" and ctx.settings.principal(token.strip()) is not None
+        known = ctx.settings.bearer(request.headers.get("authorization", "")) is not None
         body: dict[str, Any] = {"ready": ok, "checks": checks, "degraded_galleries": len(degraded)}
         if known:
             body["degraded"] = scrubbed(degraded, ctx.settings)

@@ -30,18 +30,24 @@ def principal(request: Request) -> Principal:
     return found
 
 
+def check_scope(who: Principal, need: str) -> None:
+    """Forbidden unless `who` holds `need` ('admin' covers 'read')."""
+    if need == "admin" and "admin" not in who.scopes:
+        raise Forbidden("this operation changes state and needs the 'admin' scope")
+    if need == "read" and not {"read", "admin"} & set(who.scopes):
+        raise Forbidden("this token has no 'read' scope")
+
+
 def require_read(
     request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> None:
-    if not {"read", "admin"} & set(principal(request).scopes):
-        raise Forbidden("this token has no 'read' scope")
+    check_scope(principal(request), "read")
 
 
 def require_admin(
     request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> None:
-    if "admin" not in principal(request).scopes:
-        raise Forbidden("this operation changes state and needs the 'admin' scope")
+    check_scope(principal(request), "admin")
 
 
 def audit(request: Request, **counts: int | str) -> None:
@@ -55,6 +61,7 @@ def scrubbed(problem: dict[str, Any], settings: Settings) -> dict[str, Any]:
     service keeps its files."""
     folders = {str(settings.resolved_data_dir): "<data>", sys.prefix: "<python>"}
     folders.update({str(r): "<model-root>" for r in settings.resolved_model_roots})
+    longest_first = sorted(folders.items(), key=lambda f: -len(f[0]))
 
     def scrub(value: Any) -> Any:
         if isinstance(value, dict):
@@ -62,7 +69,7 @@ def scrubbed(problem: dict[str, Any], settings: Settings) -> dict[str, Any]:
         if isinstance(value, list):
             return [scrub(v) for v in value]
         if isinstance(value, str):
-            for folder, name in sorted(folders.items(), key=lambda f: -len(f[0])):
+            for folder, name in longest_first:
                 value = value.replace(folder, name)
         return value
 

@@ -21,12 +21,11 @@ from fastapi.routing import APIRoute
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from embcompat.api.deps import require_admin, require_read
+from embcompat.api.deps import check_scope, require_admin, require_read
 from embcompat.errors import (
     BodyTimeout,
     BodyTooLarge,
     EmbcompatError,
-    Forbidden,
     ServiceUnavailable,
     Unauthorized,
 )
@@ -84,11 +83,10 @@ class Guard:
 
     def _principal(self, scope: Scope) -> Principal:
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        kind, _, token = header.partition(" ")
-        if kind.lower() != "bearer" or not token.strip():
+        if not header.partition(" ")[2].strip():
             raise Unauthorized("missing bearer token", hint="send Authorization: Bearer <token>")
         try:
-            principal = self.ctx.settings.principal(token.strip())
+            principal = self.ctx.settings.bearer(header)
         except (OSError, ValueError) as exc:  # the token file broke while serving
             log.error("API tokens unreadable: %s", exc)
             raise ServiceUnavailable(
@@ -114,23 +112,18 @@ class Guard:
             if scope["path"] not in PUBLIC:
                 principal = self._principal(scope)
                 state["principal"] = principal
-                if need == "admin" and "admin" not in principal.scopes:
-                    raise Forbidden("this operation changes state and needs the 'admin' scope")
-                if need == "read" and not {"read", "admin"} & set(principal.scopes):
-                    raise Forbidden("this token has no 'read' scope")
-            length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and int(length) > settings.max_body_bytes:
+                if need is not None:
+                    check_scope(principal, need)
+            length = _content_length(scope)
+            if length > settings.max_body_bytes:
                 raise BodyTooLarge(
-                    f"the body is {int(length)} bytes, over the limit of {settings.max_body_bytes}",
+                    f"the body is {length} bytes, over the limit of {settings.max_body_bytes}",
                     hint="send smaller batches (EMBCOMPAT_MAX_BODY_BYTES sets the limit)",
                 )
         except EmbcompatError as exc:
             if principal is not None and need == "admin":  # a known name tried: recorded
                 await self._audit(scope, route, principal, exc.http_status)
             await send_problem(send, exc, request_id)
-            return
-        except ValueError:  # a content-length that is not a number
-            await send_problem(send, BodyTooLarge("unreadable content-length"), request_id)
             return
 
         status = 500

@@ -185,15 +185,11 @@ def job_status(job_id: Id, ctx: Ctx) -> dict[str, Any]:
 
 @jobs.post("/{job_id}/{action}", dependencies=[Admin])
 def control(job_id: Id, action: str, ctx: Ctx, tasks: BackgroundTasks) -> dict[str, Any]:
-    actions = {
-        "pause": upgrade.pause,
-        "resume": upgrade.resume,
-        "cancel": upgrade.cancel,
-        "rollback": upgrade.rollback,
-    }
-    if action not in actions:
-        raise InvalidInput(f"unknown action {action!r}", hint=", ".join(actions), field="action")
-    rec = actions[action](ctx, job_id)
+    if action not in upgrade.CONTROLS:
+        raise InvalidInput(
+            f"unknown action {action!r}", hint=", ".join(upgrade.CONTROLS), field="action"
+        )
+    rec = upgrade.CONTROLS[action](ctx, job_id)
     if action == "resume":
         tasks.add_task(dispatch_upgrade, ctx, job_id)
     return scrubbed(rec.to_dict(), ctx.settings)

@@ -186,12 +186,7 @@ class Local:
         return upgrade.get_job(self.ctx, job_id).to_dict()
 
     def control(self, job_id: int, action: str) -> Json:
-        fn = {
-            "pause": upgrade.pause,
-            "resume": upgrade.resume,
-            "cancel": upgrade.cancel,
-            "rollback": upgrade.rollback,
-        }[action]
+        fn = upgrade.CONTROLS[action]
         rec = self._audited(
             "control", {"job_id": job_id, "action": action}, lambda: fn(self.ctx, job_id)
         )

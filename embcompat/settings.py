@@ -158,6 +158,13 @@ class Settings(BaseSettings):
         self._token_cache = (stamp, table)
         return table
 
+    def bearer(self, authorization: str) -> Principal | None:
+        """The owner of the token in an `Authorization: Bearer <token>` header value."""
+        kind, _, token = authorization.partition(" ")
+        if kind.lower() != "bearer" or not token.strip():
+            return None
+        return self.principal(token.strip())
+
     def principal(self, token: str) -> Principal | None:
         """The token's owner, or None. Compares digests in constant time against every
         configured token, so the time taken says nothing about how much of a token matched."""

@@ -331,6 +331,18 @@ class SpaceSearcher:
             s[short, s2.shape[1] :], i[short, i2.shape[1] :] = -np.inf, -1
         return s, i
 
+    def _generation(self) -> Generation | None:
+        """The current generation, or None when it is damaged: the caller then answers
+        exactly from the store, and `on_fallback` is told."""
+        try:
+            gen = self.generations.load(self.store)
+            self.last_error = None
+        except CorruptArtifact as exc:
+            gen, self.last_error = None, exc.message
+            if self.on_fallback is not None:
+                self.on_fallback(exc)
+        return gen
+
     def _search_allowed(
         self, q: FloatArray, k: int, exclude: IdArray | None, budget: float, allow: IdArray
     ) -> tuple[FloatArray, IdArray]:
@@ -344,13 +356,7 @@ class SpaceSearcher:
             rows, found = snap.positions(allow)
             scan_s, scan_i = self._scan(q, k, allow[found], snap.vectors[rows[found]])
             return _topk([scan_s], [scan_i], len(q), k)
-        try:
-            gen = self.generations.load(self.store)
-            self.last_error = None
-        except CorruptArtifact as exc:
-            gen, self.last_error = None, exc.message
-            if self.on_fallback is not None:
-                self.on_fallback(exc)
+        gen = self._generation()
         added_ids, added_vecs, live = self._plan(gen)
         parts_s, parts_i = [], []
         if gen is not None and gen.index is not None:
@@ -399,13 +405,7 @@ class SpaceSearcher:
         q = check_vectors(queries, self.store.dim, f"search of space {self.store.root.name!r}")
         if allow is not None:
             return self._search_allowed(q, k, exclude, budget, allow)
-        try:
-            gen = self.generations.load(self.store)
-            self.last_error = None
-        except CorruptArtifact as exc:
-            gen, self.last_error = None, exc.message  # answer exactly from the store
-            if self.on_fallback is not None:
-                self.on_fallback(exc)
+        gen = self._generation()
         added_ids, added_vecs, live = self._plan(gen)
         excluded = exclude if exclude is not None and len(exclude) else None
         if excluded is not None and not (excluded[1:] >= excluded[:-1]).all():
@@ -426,12 +426,8 @@ class SpaceSearcher:
         if excluded is not None and len(added_ids):
             keep = ~member(excluded, added_ids)
             added_ids, added_vecs = added_ids[keep], added_vecs[keep]
-        if len(added_ids):
-            scores = q @ added_vecs.T if self.generations.metric == "ip" else -_l2(q, added_vecs)
-            top = np.argsort(-scores, axis=1)[:, :k]
-            parts_s.append(np.take_along_axis(scores, top, 1))
-            parts_i.append(added_ids[top])
-        return _topk(parts_s, parts_i, len(q), k)
+        scan_s, scan_i = self._scan(q, k, added_ids, added_vecs)
+        return _topk([*parts_s, scan_s], [*parts_i, scan_i], len(q), k)
 
 
 def _params(

@@ -44,7 +44,6 @@ class _Key:
     exact: dict[tuple[str, Any], IdArray] = field(default_factory=dict)
     numbers: np.ndarray = field(default_factory=lambda: np.zeros(0))  # sorted values
     number_ids: IdArray = field(default_factory=lambda: _EMPTY)  # their ids
-    holders: IdArray = field(default_factory=lambda: _EMPTY)  # ids with the key
 
 
 class MetaIndex:
@@ -69,7 +68,6 @@ class MetaIndex:
                 owners = np.concatenate([i for _, i in nums])
                 order = np.argsort(vals, kind="stable")
                 entry.numbers, entry.number_ids = vals[order], owners[order]
-            entry.holders = np.unique(np.concatenate(list(entry.exact.values())))
             self.keys[key] = entry
 
     def __len__(self) -> int:

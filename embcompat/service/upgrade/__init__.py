@@ -12,6 +12,7 @@ from embcompat.service.upgrade.backfill import (
     warm_active_encoders,
 )
 from embcompat.service.upgrade.control import (
+    CONTROLS,
     cancel,
     fail,
     get_job,
@@ -30,6 +31,7 @@ from embcompat.service.upgrade.start import plan_upgrade, start_upgrade
 from embcompat.service.upgrade.states import TRANSITIONS, JobRecord, transition
 
 __all__ = [
+    "CONTROLS",
     "TRANSITIONS",
     "BackfillSchedule",
     "JobRecord",

@@ -86,6 +86,10 @@ def rollback(ctx: Context, job_id: int) -> JobRecord:
     return rec
 
 
+# what an operator can do to a job, by the name the API and the CLI use
+CONTROLS = {"pause": pause, "resume": resume, "cancel": cancel, "rollback": rollback}
+
+
 def fail(ctx: Context, job_id: int, error: str) -> None:
     """Move the job to `failed` with the error text (resume continues where it was)."""
     with ctx.session(write=True) as s:
