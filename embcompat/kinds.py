@@ -33,6 +33,7 @@ class IndexKind(StrEnum):
     FLAT = "flat"
     IVF = "ivf"
     HNSW = "hnsw"
+    IVFPQ = "ivfpq"  # product-quantised codes in memory, floats re-read from disk
     BINARY = "binary"
     BINARY_HNSW = "binary-hnsw"
 

@@ -210,7 +210,7 @@ class TwoStageSearcher:
             need = ~found & (ids >= 0)
             if not need.any():
                 break
-            vecs, hit = store.read(ids[need])
+            vecs, hit = store.get(ids[need])
             rows = np.flatnonzero(need)[hit]
             out[rows], found[rows] = vecs[hit], True
         return out, found

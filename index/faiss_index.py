@@ -39,6 +39,8 @@ from embcompat.index.binary import (
     ensure_binarizer,
     load_binarizer,
 )
+from embcompat.index.ivfpq import MIN_VECTORS as MIN_PQ
+from embcompat.index.ivfpq import PQRerankIndex, build_ivfpq
 from embcompat.index.store import SpaceStore
 from embcompat.kinds import FLOAT_INDEX_KINDS, IndexKind
 
@@ -91,7 +93,7 @@ def build_index(
 @dataclass(frozen=True)
 class Generation:
     number: int
-    index: faiss.Index | BinaryRerankIndex | None  # None for an empty space
+    index: faiss.Index | BinaryRerankIndex | PQRerankIndex | None  # None: an empty space
     ids: IdArray  # sorted ids the index holds
     store_seq: int
 
@@ -178,12 +180,14 @@ class IndexGenerations:
             BinaryIndex.build(binarizer.codes(snap.vectors), snap.ids, graph).save(tmp)
             checksum = sha256_file(tmp / "binary.faiss")
         elif len(snap):
-            if self.kind.startswith("binary"):  # too few vectors to fit codes yet
-                built = IndexKind.FLAT
-            faiss.write_index(
-                build_index(snap.vectors, snap.ids, built, self.metric),  # type: ignore[arg-type]
-                str(tmp / "index.faiss"),
-            )
+            if self.kind.startswith("binary") or (self.kind == IndexKind.IVFPQ and len(snap) < MIN_PQ):
+                built = IndexKind.FLAT  # too few vectors to fit codes yet
+            if built == IndexKind.IVFPQ:
+                metric = faiss.METRIC_INNER_PRODUCT if self.metric == "ip" else faiss.METRIC_L2
+                index = build_ivfpq(snap, metric)
+            else:
+                index = build_index(snap.vectors, snap.ids, built, self.metric)  # type: ignore[arg-type]
+            faiss.write_index(index, str(tmp / "index.faiss"))
             checksum = sha256_file(tmp / "index.faiss")
         np.save(tmp / "ids.npy", np.sort(snap.ids))
         meta = {
@@ -230,7 +234,7 @@ class IndexGenerations:
         try:
             meta = json.loads((folder / "meta.json").read_text())
             ids = np.load(folder / "ids.npy")
-            index: faiss.Index | BinaryRerankIndex | None = None
+            index: faiss.Index | BinaryRerankIndex | PQRerankIndex | None = None
             if meta.get("binary"):
                 binarizer = load_binarizer(self.root)
                 stages = TwoStageSearcher(
@@ -244,6 +248,10 @@ class IndexGenerations:
                         **self.where,
                     )
                 index = faiss.read_index(str(folder / "index.faiss"))
+                if meta["kind"] == IndexKind.IVFPQ:
+                    if store is None:
+                        raise CorruptArtifact(f"{self.label}: an IVF-PQ generation needs its store")
+                    index = PQRerankIndex(index, store)
         except CorruptArtifact:
             raise
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
@@ -283,7 +291,7 @@ class SpaceSearcher:
             built_at = gen.store_seq if gen else -1
             added = (snap.written > built_at) | ~np.isin(snap.ids, gen_ids)
             current = np.sort(snap.ids[~added])
-            self._delta = (key, snap.ids[added], snap.vectors[added], current)
+            self._delta = (key, snap.ids[added], snap.rows(np.flatnonzero(added)), current)
         return self._delta[1:]
 
     def _excluded_in(self, gen: Generation, excluded: IdArray | None) -> int:
@@ -354,14 +362,16 @@ class SpaceSearcher:
         snap = self.store.snapshot()
         if len(allow) <= max(EXACT_SCAN, len(snap) // 50):
             rows, found = snap.positions(allow)
-            scan_s, scan_i = self._scan(q, k, allow[found], snap.vectors[rows[found]])
+            scan_s, scan_i = self._scan(q, k, allow[found], snap.rows(rows[found]))
             return _topk([scan_s], [scan_i], len(q), k)
         gen = self._generation()
         added_ids, added_vecs, live = self._plan(gen)
         parts_s, parts_i = [], []
         if gen is not None and gen.index is not None:
             removed = max(len(gen.ids) - len(live), 0)
-            if isinstance(gen.index, BinaryRerankIndex):
+            if isinstance(gen.index, PQRerankIndex):
+                s, i = gen.index.search_excluding(q, k, live, None, allow)
+            elif isinstance(gen.index, BinaryRerankIndex):
                 outside = np.setdiff1d(live, allow, assume_unique=True)
                 s, i = gen.index.search_excluding(q, k, live, outside)
             else:
@@ -415,7 +425,7 @@ class SpaceSearcher:
             removed = max(len(gen.ids) - len(live), 0)
             # only excluded ids this index holds make it short (a filter spans all spaces)
             n_ex = self._excluded_in(gen, excluded)
-            if isinstance(gen.index, BinaryRerankIndex):
+            if isinstance(gen.index, BinaryRerankIndex | PQRerankIndex):
                 s, i = gen.index.search_excluding(q, k, live, excluded)
             else:
                 s, i = self._search_generation(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import threading
 from collections.abc import Iterator, Mapping
@@ -36,16 +37,21 @@ MAX_SHARDS = 32
 
 @dataclass(frozen=True)
 class Snapshot:
-    """One manifest's view of a space: live ids and their vectors (memory-mapped)."""
+    """One manifest's view of a space: live ids and, on demand, their vectors.
+
+    The vectors stay in their memory-mapped shard files: `rows()` reads only the rows
+    asked (a search's few candidates, a map chunk), and `vectors` joins every shard in
+    memory only for the callers that need all of them at once (building an index)."""
 
     seq: int
     dim: int
     ids: IdArray
-    vectors: FloatArray
     sources: SourceArray  # content fingerprint of each vector (0: unknown)
     written: IdArray  # the store seq at which each row's file was written
     order: IdArray  # argsort of ids, for lookups
     sorted_ids: IdArray  # ids[order]: what exclusions and membership tests take
+    shards: tuple[np.memmap[Any, Any] | FloatArray, ...]  # vectors, in row order
+    starts: IdArray  # (shards + 1,) first row of each shard, then the total
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -57,21 +63,44 @@ class Snapshot:
         pos = np.minimum(np.searchsorted(self.sorted_ids, ids), len(self.sorted_ids) - 1)
         return self.order[pos], self.sorted_ids[pos] == ids
 
+    def rows(self, rows: IdArray) -> FloatArray:
+        """The vectors of `rows` (n,) → (n, dim), read shard by shard in ascending row
+        order (sequential page reads from the memory-mapped files)."""
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows), self.dim), np.float32)
+        shard = np.searchsorted(self.starts, rows, side="right") - 1
+        for k in np.unique(shard):
+            sel = np.flatnonzero(shard == k)
+            sel = sel[np.argsort(rows[sel], kind="stable")]
+            out[sel] = self.shards[k][rows[sel] - self.starts[k]]
+        return out
 
-@dataclass(frozen=True)
-class _Layout:
-    """Where each live id sits on disk: shard number and row, shards memory-mapped."""
+    @functools.cached_property
+    def vectors(self) -> FloatArray:
+        """Every vector in memory, (n, dim): for building an index or fitting codes."""
+        if not self.shards:
+            return np.zeros((0, self.dim), np.float32)
+        return np.ascontiguousarray(np.concatenate(self.shards), np.float32)
 
-    dim: int
-    ids: IdArray
-    order: IdArray
-    shard: IdArray
-    row: IdArray
-    shards: list[np.memmap[Any, Any] | FloatArray]
+    def extended(self, seq: int, shard: Shard) -> Snapshot:
+        """This snapshot plus one appended shard of new ids, by O(N) copies instead of
+        re-reading and re-sorting every shard (ingest and map steps append often)."""
+        new_order = np.argsort(shard.ids, kind="stable")
+        at = np.searchsorted(self.sorted_ids, shard.ids[new_order])
+        return Snapshot(
+            seq, self.dim, np.concatenate([self.ids, shard.ids]),
+            np.concatenate([self.sources, shard.sources]),
+            np.concatenate([self.written, np.full(len(shard.ids), seq, np.int64)]),
+            np.insert(self.order, at, new_order + len(self.ids)),
+            np.insert(self.sorted_ids, at, shard.ids[new_order]),
+            (*self.shards, shard.vectors), np.append(self.starts, len(self.ids) + len(shard.ids)),
+        )  # fmt: skip
 
 
 class SpaceStore:
     """The vectors of one space (a model version, or a mapped copy) of one gallery."""
+
+    max_shards = MAX_SHARDS  # past this many live shards, appends merge the newest
 
     def __init__(
         self, root: Path, dim: int | None = None, where: Mapping[str, str] | None = None
@@ -84,7 +113,6 @@ class SpaceStore:
         if dim is not None:  # opening an existing space never creates its folder
             self.root.mkdir(parents=True, exist_ok=True)
         self._cache: tuple[tuple[int, ...], Snapshot] | None = None
-        self._layout_cache: tuple[tuple[int, ...], _Layout] | None = None
         self._dim: int | None = None
         self._verified: set[str] = set()  # shards checked against their checksums
         manifest = self._read_manifest()
@@ -156,7 +184,7 @@ class SpaceStore:
         """Check every live shard against its checksums now (not only on first read);
         returns how many vectors the space holds."""
         self._verified.clear()
-        self._cache = self._layout_cache = None
+        self._cache = None
         return len(self.snapshot())
 
     def _manifest_key(self) -> tuple[int, ...]:
@@ -168,27 +196,24 @@ class SpaceStore:
         return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
 
     def snapshot(self) -> Snapshot:
-        """The live ids and vectors; cached until the manifest file changes."""
+        """The live ids (vectors read on demand); cached until the manifest changes."""
         key = self._manifest_key()
         if self._cache and self._cache[0] == key:
             return self._cache[1]
         m = self._manifest()
         shards = [self._shard(m, name) for name in m["shards"]]
-        ids = np.concatenate([s.ids for s in shards]) if shards else np.zeros(0, np.int64)
-        vecs = (
-            np.concatenate([s.vectors for s in shards])
-            if shards
-            else np.zeros((0, m["dim"]), np.float32)
-        )
-        src = np.concatenate([s.sources for s in shards]) if shards else np.zeros(0, np.uint64)
+        ids = np.concatenate([np.zeros(0, np.int64)] + [s.ids for s in shards])
+        src = np.concatenate([np.zeros(0, np.uint64)] + [s.sources for s in shards])
         written = np.concatenate(
             [np.zeros(0, np.int64)]
             + [_row_written(m, n, len(s.ids)) for s, n in zip(shards, m["shards"], strict=True)]
         )
         order = np.argsort(ids, kind="stable")
+        starts = np.cumsum([0] + [len(s.ids) for s in shards]).astype(np.int64)
         snap = Snapshot(
-            m["seq"], m["dim"], ids, np.ascontiguousarray(vecs), src, written, order, ids[order]
-        )
+            m["seq"], m["dim"], ids, src, written, order, ids[order],
+            tuple(s.vectors for s in shards), starts,
+        )  # fmt: skip
         self._cache = (key, snap)
         return snap
 
@@ -202,57 +227,18 @@ class SpaceStore:
         return out, found
 
     def get(self, ids: IdArray) -> tuple[FloatArray, npt.NDArray[np.bool_]]:
-        """ids: (n,) → vectors (n, dim) (zeros where missing) and a found mask (n,)."""
+        """ids: (n,) → vectors (n, dim) (zeros where missing) and a found mask (n,),
+        reading only those rows from the memory-mapped shards (the float re-ranking of a
+        binary or IVF-PQ index touches a few hundred rows per query and keeps the rest
+        of the space on disk)."""
         snap = self.snapshot()
-        rows, found = snap.positions(np.asarray(ids, np.int64))
+        rows, found = snap.positions(np.asarray(ids, np.int64).ravel())
         out = np.zeros((len(rows), snap.dim), np.float32)
-        out[found] = snap.vectors[rows[found]]
+        out[found] = snap.rows(rows[found])
         return out, found
 
     def __len__(self) -> int:
         return len(self.snapshot())
-
-    def read(self, ids: IdArray) -> tuple[FloatArray, npt.NDArray[np.bool_]]:
-        """As `get`, but reading only the asked rows from the memory-mapped shard files,
-        never loading the space: the float re-ranking of a binary index keeps vectors on
-        disk and touches a few hundred rows per query."""
-        layout = self._layout()
-        ids = np.asarray(ids, np.int64).ravel()
-        out = np.zeros((len(ids), layout.dim), np.float32)
-        found = np.zeros(len(ids), dtype=bool)
-        if len(layout.ids) == 0 or len(ids) == 0:
-            return out, found
-        sorted_ids = layout.ids[layout.order]
-        pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-        found = sorted_ids[pos] == ids
-        rows = layout.order[pos]
-        shard, local = layout.shard[rows], layout.row[rows]
-        for k in np.unique(shard[found]):
-            sel = found & (shard == k)
-            order = np.argsort(local[sel])  # ascending rows: sequential page reads
-            picked = np.flatnonzero(sel)[order]
-            out[picked] = layout.shards[k][local[sel][order]]
-        return out, found
-
-    def _layout(self) -> _Layout:
-        key = self._manifest_key()
-        if self._layout_cache and self._layout_cache[0] == key:
-            return self._layout_cache[1]
-        m = self._manifest()
-        loaded = [self._shard(m, name) for name in m["shards"]]
-        ids = [s.ids for s in loaded]
-        shards = [s.vectors for s in loaded]
-        all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-        layout = _Layout(
-            m["dim"],
-            all_ids,
-            np.argsort(all_ids, kind="stable"),
-            np.concatenate([np.full(len(x), k) for k, x in enumerate(ids)]) if ids else all_ids,
-            np.concatenate([np.arange(len(x)) for x in ids]) if ids else all_ids,
-            shards,
-        )
-        self._layout_cache = (key, layout)
-        return layout
 
     # -- writing ---------------------------------------------------------------
     @contextmanager
@@ -266,7 +252,7 @@ class SpaceStore:
 
     def _commit(self, manifest: dict[str, Any]) -> None:
         atomic_write(self.root / MANIFEST, json.dumps(manifest).encode())
-        self._cache = self._layout_cache = None
+        self._cache = None
 
     def _checked(
         self, ids: Any, vectors: Any, sources: Any
@@ -282,12 +268,16 @@ class SpaceStore:
             raise InvalidInput(f"{len(ids)} ids for {len(vecs)} vectors and {len(src)} sources")
         return ids, vecs, src
 
+    def _held(self, ids: IdArray) -> npt.NDArray[np.bool_]:
+        """Which of `ids` are live (a sorted lookup, not a pass over the space)."""
+        return self.snapshot().positions(ids)[1]
+
     def add_missing(self, ids: Any, vectors: Any, sources: Any = None) -> IdArray:
         """Add only the ids not yet present, atomically: two writers racing on an item
         store it once. `sources`: (n,) content fingerprints. Returns the ids added."""
         ids, vecs, src = self._checked(ids, vectors, sources)
         with self._locked():
-            fresh = ~np.isin(ids, self.snapshot().ids)
+            fresh = ~self._held(ids)
             if fresh.any():
                 self._append_locked(ids[fresh], vecs[fresh], src[fresh], clash=None)
         return ids[fresh]
@@ -304,7 +294,7 @@ class SpaceStore:
         if len(ids) == 0:
             return 0
         with self._locked():
-            clash = np.isin(ids, self.snapshot().ids)
+            clash = self._held(ids)
             if clash.any() and not replace:
                 raise DuplicateItem(
                     f"{self.label} already holds item id {int(ids[clash][0])} "
@@ -317,24 +307,29 @@ class SpaceStore:
     def _append_locked(
         self, ids: IdArray, vecs: FloatArray, src: SourceArray, clash: IdArray | None
     ) -> None:
-        """Write one shard and commit it; `clash` ids are dropped from older shards."""
+        """Write one shard and commit it; `clash` ids are dropped from older shards.
+        A plain append extends the cached snapshot instead of re-reading the space, so
+        appending is O(batch) in reads and the manifest stays O(log N) shards long."""
+        before = self.snapshot()
         m = self._manifest()
         seq = m["seq"] + 1
         shard = f"shard-{seq:08d}"
         sums = write_shard(self.root, shard, ids, vecs, src)
+        self._verified.add(shard)  # written and checksummed just now
         m = {**m, "seq": seq, "shards": [*m["shards"], shard], "sha256": {**_sums(m), **sums}}
         if clash is not None:
             m = self._without(m, clash, seq, keep=shard)
-        if len(m["shards"]) > MAX_SHARDS:
-            m = self._compacted(m, seq)
-        self._commit(m)
+        merged = self._compacted(m, seq)
+        self._commit(merged)
+        if clash is None and merged is m:
+            self._cache = (self._manifest_key(), before.extended(seq, self._shard(m, shard)))
 
     def delete(self, ids: Any) -> int:
         """Remove ids; returns how many were live."""
         ids = np.asarray(ids, dtype=np.int64).ravel()
         with self._locked():
             m = self._manifest()
-            gone = ids[np.isin(ids, self.snapshot().ids)]
+            gone = ids[self._held(ids)]
             if len(gone) == 0:
                 return 0
             self._commit(self._without(m, gone, m["seq"] + 1))
@@ -343,18 +338,19 @@ class SpaceStore:
     def _without(
         self, m: dict[str, Any], ids: IdArray, seq: int, keep: str | None = None
     ) -> dict[str, Any]:
-        """The manifest with `ids` gone: shards holding them are rewritten without them
-        (new files; the old ones stay until `garbage_collect`, for readers still on them)."""
+        """The manifest with `ids` gone: the shards holding them (found from the cached
+        snapshot, not by reading every shard) are rewritten without them (new files; the
+        old ones stay until `garbage_collect`, for readers still on them)."""
+        snap = self.snapshot()
+        rows, found = snap.positions(ids)
+        hit_shards = set(np.searchsorted(snap.starts, rows[found], side="right") - 1)
         shards, sums, runs = [], _sums(m), dict(m.get("written") or {})
-        for shard in m["shards"]:
-            if shard == keep:
+        for k, shard in enumerate(m["shards"]):
+            if shard == keep or k not in hit_shards:
                 shards.append(shard)
                 continue
             old = self._shard(m, shard)
             hit = np.isin(old.ids, ids)
-            if not hit.any():
-                shards.append(shard)
-                continue
             if (~hit).any():
                 name = f"{shard}.c{seq:08d}"
                 sums.update(
@@ -368,13 +364,22 @@ class SpaceStore:
                 "written": _live_runs(runs, shards)}  # fmt: skip
 
     def _compacted(self, m: dict[str, Any], seq: int) -> dict[str, Any]:
-        """Many small writes (read-through backfill) make many shards: merge all but the
-        first (usually the large ingest) into one."""
-        first, rest = m["shards"][0], m["shards"][1:]
+        """Size-tiered merging, as in a log-structured store: past `max_shards`, the newest
+        shards are merged, taking older ones in while the older one is no larger than
+        what is merged so far. A row is rewritten only when its shard at least doubles,
+        O(log N) times over a space's life, so many small appends (ingest batches, map
+        chunks, read-through writes) cost O(N log N) in all instead of O(N^2)."""
+        if len(m["shards"]) <= self.max_shards:
+            return m
+        sizes = [len(self._shard(m, s).ids) for s in m["shards"]]
+        first = len(sizes) - 2
+        while first > 0 and sizes[first - 1] <= sum(sizes[first:]):
+            first -= 1
+        merge = m["shards"][first:]
         name = f"shard-{seq:08d}.m"
-        parts = [self._shard(m, s) for s in rest]
+        parts = [self._shard(m, s) for s in merge]
         written = np.concatenate(
-            [_row_written(m, s, len(p.ids)) for s, p in zip(rest, parts, strict=True)]
+            [_row_written(m, s, len(p.ids)) for s, p in zip(merge, parts, strict=True)]
         )
         sums = write_shard(
             self.root,
@@ -383,7 +388,8 @@ class SpaceStore:
             np.concatenate([p.vectors for p in parts]),
             np.concatenate([p.sources for p in parts]),
         )
-        shards = [first, name]
+        self._verified.add(name)
+        shards = [*m["shards"][:first], name]
         runs = {**(m.get("written") or {}), name: _runs(written)}
         return {**m, "shards": shards, "sha256": _live_sums({**_sums(m), **sums}, shards),
                 "written": _live_runs(runs, shards)}  # fmt: skip

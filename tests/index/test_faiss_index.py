@@ -11,6 +11,7 @@ import pytest
 
 from embcompat.arrays import l2_normalize
 from embcompat.errors import CorruptArtifact, DimensionMismatch
+from embcompat.index import faiss_index
 from embcompat.index.faiss_index import IndexGenerations, SpaceSearcher
 from embcompat.index.store import SpaceStore
 
@@ -122,3 +123,41 @@ def test_excluded_ids_never_come_back_and_k_stays_full(
     _, ids = SpaceSearcher(store, gens).search(x[:20], 10, exclude=excluded_rows * 3)
     truth = kept[np.argsort(-(x[:20] @ x[kept].T), axis=1)[:, :10]] * 3
     np.testing.assert_array_equal(ids, truth)
+
+
+def test_ivfpq_keeps_codes_in_memory_and_reranks_with_the_stored_floats(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IVF-PQ: 16 bytes of code a 64-d vector, yet the re-rank from the floats on disk
+    gives nearly exact answers; deletes, later writes and allow-sets hold as in flat."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(64, 64))
+    x = l2_normalize((centres[rng.integers(0, 64, 12_000)] + 0.4 * rng.normal(size=(12_000, 64)))
+                     .astype(np.float32))  # fmt: skip
+    store = SpaceStore(tmp_path / "s", 64)
+    store.add(np.arange(12_000) * 3, x)
+    gens = IndexGenerations(tmp_path / "idx", "ivfpq")
+    gens.publish(store)
+    gen = gens.load(store)
+    assert gen is not None and type(gen.index).__name__ == "PQRerankIndex"
+    assert gen.index.index.code_size == 16  # type: ignore[union-attr]
+    searcher = SpaceSearcher(store, gens)
+    q = x[:100]
+    scores, ids = searcher.search(q, 10)
+    truth = np.argsort(-(q @ x.T), axis=1)[:, :10] * 3
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth, strict=True)])
+    assert recall >= 0.9
+    np.testing.assert_allclose(scores[:, 0], (q * x[ids[:, 0] // 3]).sum(1), rtol=1e-5)  # exact
+
+    monkeypatch.setattr(faiss_index, "EXACT_SCAN", 0)  # 10 % goes through the codes
+    allow = np.arange(0, 12_000 * 3, 3)[rng.random(12_000) < 0.1]
+    _, hit = searcher.search(q, 10, allow=allow)
+    assert np.isin(hit, allow).all()
+    sub = x[allow // 3]
+    truth = allow[np.argsort(-(q @ sub.T), axis=1)[:, :10]]
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(hit, truth, strict=True)]) >= 0.9
+
+    store.delete([0])
+    store.add([99_999], x[:1])
+    _, ids = searcher.search(x[:1], 3)
+    assert ids[0, 0] == 99_999 and 0 not in ids

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from embcompat.errors import DimensionMismatch, DuplicateItem, InvalidVectors
 from embcompat.index.store import MAX_SHARDS, OpenSpaces, SpaceStore
@@ -121,3 +126,71 @@ def test_open_spaces_share_one_store_per_folder_and_check_its_dim(tmp_path: Path
     with pytest.raises(DimensionMismatch):
         spaces.open(tmp_path / "s", 4)
     assert OpenSpaces().open(tmp_path / "s") is not store  # another context, its own store
+
+
+def test_appends_rewrite_each_row_a_logarithmic_number_of_times(tmp_path: Path) -> None:
+    """Size-tiered compaction: 400 appends of 50 rows rewrite far less than the O(N^2)
+    of merging everything past the limit, and the shard count stays bounded."""
+    store = SpaceStore(tmp_path / "s", 4)
+    x = _vecs(400 * 50, d=4)
+    for b in range(400):
+        store.add_missing(np.arange(b * 50, (b + 1) * 50), x[b * 50 : (b + 1) * 50])
+    files = list((tmp_path / "s").glob("shard-*.m.npy"))
+    rewritten = sum(np.load(f, mmap_mode="r").shape[0] for f in files)
+    assert rewritten <= 20_000 * 8  # log2(400) ~ 8.6 doublings at most per row
+    assert len(store._manifest()["shards"]) <= MAX_SHARDS
+    np.testing.assert_array_equal(store.get(np.arange(20_000))[0], x)
+
+
+class StoreMachine(RuleBasedStateMachine):
+    """The snapshot a writer keeps up to date by extending it must equal what a fresh
+    reader builds from the files, whatever mix of writes came before."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = Path(tempfile.mkdtemp())
+        self.store = SpaceStore(self.tmp / "s", 3)
+        self.store.max_shards = 4  # compact often
+        self.model: dict[int, np.ndarray] = {}
+
+    ids = st.lists(st.integers(0, 60), min_size=1, max_size=12, unique=True)
+
+    @rule(ids=ids, seed=st.integers(0, 9), replace=st.booleans())
+    def add(self, ids: list[int], seed: int, replace: bool) -> None:
+        x = _vecs(len(ids), d=3, seed=seed)
+        if not replace:
+            added = self.store.add_missing(ids, x).tolist()
+            assert set(added) == set(ids) - set(self.model)
+            self.model.update({i: x[ids.index(i)] for i in added})
+        else:
+            self.store.add(ids, x, replace=True)
+            self.model.update({i: x[n] for n, i in enumerate(ids)})
+
+    @rule(ids=ids)
+    def delete(self, ids: list[int]) -> None:
+        gone = self.store.delete(ids)
+        assert gone == len(set(ids) & set(self.model))
+        for i in ids:
+            self.model.pop(i, None)
+
+    @invariant()
+    def matches_a_fresh_reader(self) -> None:
+        mine, fresh = self.store.snapshot(), SpaceStore(self.tmp / "s").snapshot()
+        for snap in (mine, fresh):
+            assert sorted(snap.ids.tolist()) == sorted(self.model)
+            assert snap.sorted_ids.tolist() == sorted(self.model)
+        np.testing.assert_array_equal(mine.ids, fresh.ids)
+        np.testing.assert_array_equal(mine.written, fresh.written)
+        np.testing.assert_array_equal(mine.vectors, fresh.vectors)
+        want = np.array([self.model[i] for i in sorted(self.model)]).reshape(-1, 3)
+        np.testing.assert_array_equal(self.store.get(np.array(sorted(self.model)))[0], want)
+
+    def teardown(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+StoreMachine.TestCase.settings = settings(
+    max_examples=int(os.environ.get("EMBCOMPAT_FUZZ_EXAMPLES", "30")), stateful_step_count=40,
+    deadline=None,
+)
+test_store_snapshots_stay_true = StoreMachine.TestCase
