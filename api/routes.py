@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from embcompat.api.deps import Admin, Ctx, Read, audit, scrubbed
 from embcompat.api.schemas import GalleryIn, ItemIdsIn, ItemsIn, SearchIn, UpgradeIn, VersionIn
 from embcompat.errors import InvalidInput, SearchTooLarge
+from embcompat.kinds import IndexKind
 from embcompat.registry import adapter_records, versions
 from embcompat.registry.audit import list_events
 from embcompat.service import galleries, search, upgrade
@@ -110,8 +111,8 @@ def delete_items(name: str, body: ItemIdsIn, ctx: Ctx, request: Request) -> dict
 
 
 @gals.post("/{name}/publish", dependencies=[Admin])
-def publish(name: str, ctx: Ctx) -> dict[str, int]:
-    return galleries.publish(ctx, name)
+def publish(name: str, ctx: Ctx, index_kind: IndexKind | None = None) -> dict[str, int]:
+    return galleries.publish(ctx, name, index_kind)
 
 
 @gals.post("/{name}/verify", dependencies=[Admin])

@@ -32,6 +32,7 @@ from embcompat.registry import versions
 from embcompat.registry.schema import JobChunk
 from embcompat.service import galleries, migrate, upgrade
 from embcompat.service.context import Context
+from embcompat.service.upgrade.backfill import MAP_BATCH
 from embcompat.settings import Settings
 
 REDIS = os.environ.get("EMBCOMPAT_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
@@ -132,13 +133,15 @@ def _map_ratio(ctx: Context, repeats: int = 3) -> tuple[float, float]:
     mapped_rates, bare_rates = [], []
     with ctx.session() as s:
         seqs = [c.seq for c in s.query(JobChunk).filter_by(job_id=job.id)]
+    per = MAP_BATCH // 500  # the service's batching of 500-item chunks
+    batches = [seqs[i : i + per] for i in range(0, len(seqs), per)]
     for _ in range(repeats):
         root = galleries.mapped_store(ctx, "docs", old, new, job.id).root
         for f in root.glob("*"):
             f.unlink()  # start each repeat from an empty mapped space
         root.rmdir()
         t0 = time.perf_counter()
-        n = sum(upgrade.map_chunk(ctx, job.id, seq) for seq in seqs)
+        n = sum(upgrade.map_chunks(ctx, job.id, b) for b in batches)
         mapped_rates.append(n / (time.perf_counter() - t0))
         t0 = time.perf_counter()
         for start in range(0, len(x), 500):  # the same chunking, bare math

@@ -242,6 +242,13 @@ def gallery_ingest(
     console.print(f"{added} added, {updated} updated; index published")
 
 
+@gallery_app.command("publish")
+def gallery_publish(name: str, index: IndexKind | None = None) -> None:
+    """Publish fresh index generations; `--index` switches the gallery's index kind."""
+    out = _guard(lambda: _client().publish(name, str(index) if index else None))
+    console.print(f"published {', '.join(f'{k}: generation {v}' for k, v in out.items())}")
+
+
 @gallery_app.command("stats")
 def gallery_stats(name: str) -> None:
     """The gallery, items per version, spaces, index generations, bytes on disk."""

@@ -33,7 +33,7 @@ class Client(Protocol):
     def create_gallery(self, body: Json) -> Json: ...
     def list_galleries(self) -> list[Json]: ...
     def ingest(self, gallery: str, items: list[Json]) -> Json: ...
-    def publish(self, gallery: str) -> Json: ...
+    def publish(self, gallery: str, index_kind: str | None = None) -> Json: ...
     def gallery(self, gallery: str) -> Json: ...
     def verify(self, gallery: str) -> Json: ...
     def repair(self, gallery: str) -> Json: ...
@@ -132,9 +132,11 @@ class Local:
             counts=("added", "updated"),
         )
 
-    def publish(self, gallery: str) -> Json:
+    def publish(self, gallery: str, index_kind: str | None = None) -> Json:
         return self._audited(
-            "publish", {"name": gallery}, lambda: dict(galleries.publish(self.ctx, gallery))
+            "publish",
+            {"name": gallery},
+            lambda: dict(galleries.publish(self.ctx, gallery, index_kind)),
         )
 
     def gallery(self, gallery: str) -> Json:
@@ -265,8 +267,9 @@ class Remote:
     def ingest(self, gallery: str, items: list[Json]) -> Json:
         return self._post(f"/galleries/{gallery}/items", json={"items": items})
 
-    def publish(self, gallery: str) -> Json:
-        return self._post(f"/galleries/{gallery}/publish")
+    def publish(self, gallery: str, index_kind: str | None = None) -> Json:
+        params = {"index_kind": index_kind} if index_kind else {}
+        return self._post(f"/galleries/{gallery}/publish", params=params)
 
     def gallery(self, gallery: str) -> Json:
         return self._get(f"/galleries/{gallery}")

@@ -10,7 +10,8 @@ from sqlalchemy import func, select
 from embcompat.arrays import member
 from embcompat.index.binary import binarizer_metrics
 from embcompat.index.faiss_index import IndexGenerations
-from embcompat.kinds import SERVING_STATES
+from embcompat.errors import InvalidInput
+from embcompat.kinds import SERVING_STATES, IndexKind
 from embcompat.registry.adapter_log import log_binarizer
 from embcompat.registry.jobs import active_upgrade
 from embcompat.registry.records import ModelVersionRecord
@@ -26,13 +27,24 @@ from embcompat.service.galleries.layout import (
 )
 
 
-def publish(ctx: Context, gallery: str) -> dict[str, int]:
+def publish(ctx: Context, gallery: str, index_kind: str | None = None) -> dict[str, int]:
     """Build and publish a new index generation for every version space of the gallery
     (a mapped space is searched from the store until its job finishes). Every shard is
-    verified against its checksum first: a damaged space is refused, never indexed."""
+    verified against its checksum first: a damaged space is refused, never indexed.
+    `index_kind` switches the gallery to another kind first (a gallery that outgrew RAM
+    moves to `ivfpq`); searches keep the old generation until the new one is published."""
     out = {}
-    with ctx.session() as s:
-        kind = get_gallery_row(s, gallery).index_kind
+    if index_kind is not None and index_kind not in set(IndexKind):
+        raise InvalidInput(
+            f"unknown index kind {index_kind!r}",
+            hint=f"one of {', '.join(IndexKind)}",
+            field="index_kind",
+        )
+    with ctx.session(write=index_kind is not None) as s:
+        row = get_gallery_row(s, gallery, lock=index_kind is not None)
+        if index_kind is not None:
+            row.index_kind = str(index_kind)
+        kind = row.index_kind
     for space in sorted((gallery_dir(ctx, gallery) / "vectors").glob("v*")):
         if not space.name[1:].isdigit():
             continue

@@ -19,6 +19,7 @@ from embcompat.service.context import Context
 from embcompat.service.galleries import (
     encode_and_store,
     gallery_lock,
+    mapped_searcher,
     mapped_store,
     space_searcher,
     space_store,
@@ -54,29 +55,75 @@ def _chunk_item_ids(session: Session, job: Job, chunk: JobChunk) -> IdArray:
     return np.array([i for (i,) in rows], np.int64)
 
 
-def map_chunks_needed(ctx: Context, job_id: int) -> list[int]:
-    """The chunks to map before serving, when the job serves the `mapped` plan."""
+MAP_BATCH = 100_000  # vectors mapped per write: one shard, one transform call
+
+
+def map_batches(ctx: Context, job_id: int) -> list[list[int]]:
+    """The chunks to map before serving, when the job serves the `mapped` plan, grouped
+    into batches of about MAP_BATCH items (a map is a matrix product: per-chunk writes
+    and lookups would cost more than the product itself)."""
     with ctx.session() as s:
         job = job_row(s, job_id)
         if job.plan != ServingPlan.MAPPED or job.state != JobState.SERVING_BRIDGE:
             return []
-        return [c.seq for c in s.scalars(select(JobChunk).where(JobChunk.job_id == job_id))]
+        chunks = s.execute(
+            select(JobChunk.seq, JobChunk.start, JobChunk.stop)
+            .where(JobChunk.job_id == job_id)
+            .order_by(JobChunk.seq)
+        ).all()
+    v = job_versions(ctx, job_id)
+    snap = space_store(ctx, v.gallery, v.old).snapshot()
+    batches: list[list[int]] = [[]]
+    size = 0
+    for seq, start, stop in chunks:
+        n = int(np.searchsorted(snap.sorted_ids, stop) - np.searchsorted(snap.sorted_ids, start))
+        if batches[-1] and size + n > MAP_BATCH:
+            batches.append([])
+            size = 0
+        batches[-1].append(seq)
+        size += n
+    return [b for b in batches if b]
 
 
-def map_chunk(ctx: Context, job_id: int, seq: int) -> int:
-    """Push one chunk's stored old vectors through the gallery-side adapter into the
-    mapped space (idempotent: ids already mapped are skipped). Returns vectors mapped."""
+def map_chunks(ctx: Context, job_id: int, seqs: list[int]) -> int:
+    """Push the chunks' stored old vectors through the gallery-side adapter into the
+    mapped space (idempotent: ids already mapped are skipped). The ids come from the old
+    space itself (an item deleted from the gallery is gone from it too), read from its
+    memory-mapped shards. Returns vectors mapped."""
     v = job_versions(ctx, job_id)
     with ctx.session() as s:
-        ids = _chunk_item_ids(s, job_row(s, job_id), _chunk(s, job_id, seq))
+        ranges = s.execute(
+            select(JobChunk.start, JobChunk.stop).where(
+                JobChunk.job_id == job_id, JobChunk.seq.in_(seqs)
+            )
+        ).all()
     mapper = job_adapter(ctx, job_id, "mapper", v.old, v.new)
     old = space_store(ctx, v.gallery, v.old)
-    vectors, found = old.get(ids)
-    mapped = mapper.transform(vectors[found])
     target = mapped_store(ctx, v.gallery, v.old, v.new, job_id)
+    snap = old.snapshot()
+    ids = np.concatenate(
+        [np.zeros(0, np.int64)]
+        + [snap.sorted_ids[np.searchsorted(snap.sorted_ids, a) : np.searchsorted(snap.sorted_ids, b)]
+           for a, b in ranges]
+    )  # fmt: skip
+    ids = ids[~target.snapshot().positions(ids)[1]]  # mapped by an earlier, stopped run
+    if len(ids) == 0:
+        return 0
+    mapped = mapper.transform(old.get(ids)[0])
     with gallery_lock(ctx, v.gallery):  # an item deleted meanwhile is not mapped
-        sources, still = old.sources(ids[found])
-        return len(target.add_missing(ids[found][still], mapped[still], sources[still]))
+        sources, still = old.sources(ids)
+        return len(target.add_missing(ids[still], mapped[still], sources[still]))
+
+
+def publish_mapped(ctx: Context, job_id: int) -> int:
+    """Index the mapped space once it is whole, with the gallery's index kind, so the
+    mapped plan searches an index instead of scanning every mapped vector per query.
+    Returns the generation number."""
+    v = job_versions(ctx, job_id)
+    with ctx.session() as s:
+        kind = gallery_row_by_id(s, job_row(s, job_id).gallery_id).index_kind
+    searcher = mapped_searcher(ctx, v.gallery, v.old, v.new, job_id, kind)
+    return searcher.generations.publish(searcher.store)
 
 
 def step_start_backfill(ctx: Context, job_id: int) -> list[int]:

@@ -12,8 +12,9 @@ from embcompat.service.context import Context
 from embcompat.service.upgrade.backfill import (
     backfill_chunk,
     finalize,
-    map_chunk,
-    map_chunks_needed,
+    map_batches,
+    map_chunks,
+    publish_mapped,
     step_start_backfill,
 )
 from embcompat.service.upgrade.control import fail, get_job
@@ -45,8 +46,11 @@ def prepare(ctx: Context, job_id: int) -> list[int]:
     step_pair(ctx, job_id)
     step_train(ctx, job_id)
     step_gate(ctx, job_id)
-    for seq in map_chunks_needed(ctx, job_id):
-        map_chunk(ctx, job_id, seq)
+    batches = map_batches(ctx, job_id)
+    for seqs in batches:
+        map_chunks(ctx, job_id, seqs)
+    if batches:
+        publish_mapped(ctx, job_id)
     return step_start_backfill(ctx, job_id)
 
 
