@@ -14,13 +14,16 @@ number. The key `id` matches the items' external ids.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+import io
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from embcompat.arrays import IdArray
+from embcompat.arrays import IdArray, member
 from embcompat.errors import InvalidInput
 
 MetaValue = str | int | float | bool
@@ -39,71 +42,126 @@ def typed(value: Any) -> tuple[str, Any]:
     return ("str", value)
 
 
-@dataclass
-class _Key:
-    exact: dict[tuple[str, Any], IdArray] = field(default_factory=dict)
-    numbers: np.ndarray = field(default_factory=lambda: np.zeros(0))  # sorted values
-    number_ids: IdArray = field(default_factory=lambda: _EMPTY)  # their ids
+@dataclass(frozen=True)
+class _Postings:
+    """One key's postings as parallel arrays sorted by (value code, id): the ids holding
+    a value are one slice. Numeric values also sorted by value, for ranges."""
+
+    codes: IdArray
+    owners: IdArray
+    numbers: npt.NDArray[np.float64]
+    number_ids: IdArray
+
+    def without(self, ids: IdArray) -> _Postings:
+        keep, nkeep = ~member(ids, self.owners), ~member(ids, self.number_ids)
+        return _Postings(
+            self.codes[keep], self.owners[keep], self.numbers[nkeep], self.number_ids[nkeep]
+        )
+
+    def plus(self, codes: list[int], owners: list[int], numbers: list[float], nids: list[int]) -> _Postings:
+        c = np.concatenate([self.codes, np.asarray(codes, np.int64)])
+        o = np.concatenate([self.owners, np.asarray(owners, np.int64)])
+        n = np.concatenate([self.numbers, np.asarray(numbers, np.float64)])
+        ni = np.concatenate([self.number_ids, np.asarray(nids, np.int64)])
+        order, norder = np.lexsort((o, c)), np.lexsort((ni, n))
+        return _Postings(c[order], o[order], n[norder], ni[norder])
+
+
+_NONE = _Postings(_EMPTY, _EMPTY, np.zeros(0), _EMPTY)
+Rows = Iterable[tuple[int, Mapping[str, Any] | None]]
+Resolver = Callable[[list[str]], IdArray]
 
 
 class MetaIndex:
-    """Built once from (id, external id, metadata) rows; answers `matching(filters)`."""
+    """The metadata of a gallery's items as postings; answers `matching(filters)`.
 
-    def __init__(self, rows: Iterable[tuple[int, str, Mapping[str, Any] | None]]) -> None:
-        postings: dict[str, dict[tuple[str, Any], list[int]]] = {}
-        ids: list[int] = []
-        self.by_external: dict[str, int] = {}
-        for item_id, external, meta in rows:
-            ids.append(item_id)
-            self.by_external[external] = item_id
-            for key, value in (meta or {}).items():
-                postings.setdefault(key, {}).setdefault(typed(value), []).append(item_id)
-        self.ids = np.unique(np.asarray(ids, np.int64))
-        self.keys: dict[str, _Key] = {}
-        for key, values in postings.items():
-            entry = _Key({v: np.unique(np.asarray(i, np.int64)) for v, i in values.items()})
-            nums = [(v[1], i) for v, i in entry.exact.items() if v[0] == "number"]
-            if nums:
-                vals = np.concatenate([np.full(len(i), v) for v, i in nums])
-                owners = np.concatenate([i for _, i in nums])
-                order = np.argsort(vals, kind="stable")
-                entry.numbers, entry.number_ids = vals[order], owners[order]
-            self.keys[key] = entry
+    Built once from (id, metadata) rows, then kept current by `updated(rows, removed)`
+    with only the items written since (array work per key, no pass over the items).
+    Value codes are shared by the versions of one index and only ever appended, so an
+    older version still being read stays valid."""
+
+    def __init__(
+        self, ids: IdArray, keys: dict[str, _Postings], codes: dict[tuple[str, Any], int]
+    ) -> None:
+        self.ids, self.keys, self._codes = ids, keys, codes
+
+    @classmethod
+    def build(cls, rows: Rows) -> MetaIndex:
+        return cls(_EMPTY, {}, {}).updated(rows, _EMPTY)
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def matching(self, filters: Mapping[str, Any]) -> IdArray:
-        """The sorted ids of the items every condition holds for."""
+    def updated(self, rows: Rows, removed: IdArray) -> MetaIndex:
+        """A new index: items of `rows` (id, metadata) written or rewritten, `removed`
+        ids gone; this one is left as it was for the searches still using it."""
+        fresh: dict[str, tuple[list[int], list[int], list[float], list[int]]] = {}
+        written: list[int] = []
+        for item_id, meta in rows:
+            written.append(item_id)
+            for key, value in (meta or {}).items():
+                kind_value = typed(value)
+                code = self._codes.setdefault(kind_value, len(self._codes))
+                codes, owners, numbers, nids = fresh.setdefault(key, ([], [], [], []))
+                codes.append(code)
+                owners.append(item_id)
+                if kind_value[0] == "number":
+                    numbers.append(kind_value[1])
+                    nids.append(item_id)
+        changed = np.unique(np.concatenate([np.asarray(written, np.int64), removed]))
+        keys = {}
+        for key in self.keys.keys() | fresh.keys():
+            postings = self.keys.get(key, _NONE)
+            if len(changed):
+                postings = postings.without(changed)
+            if key in fresh:
+                postings = postings.plus(*fresh[key])
+            if len(postings.owners):
+                keys[key] = postings
+        ids = np.setdiff1d(self.ids, removed, assume_unique=True)
+        ids = np.union1d(ids, np.asarray(written, np.int64))
+        return MetaIndex(ids, keys, self._codes)
+
+    def matching(self, filters: Mapping[str, Any], resolve: Resolver) -> IdArray:
+        """The sorted ids of the items every condition holds for; `resolve` maps external
+        item ids to ids (the key `id`)."""
         out: IdArray | None = None
         for key, condition in filters.items():
-            part = self._one(key, condition)
+            part = self._one(key, condition, resolve)
             out = part if out is None else np.intersect1d(out, part, assume_unique=True)
             if len(out) == 0:
                 break
         return self.ids if out is None else out
 
-    def _one(self, key: str, condition: Any) -> IdArray:
+    def _one(self, key: str, condition: Any, resolve: Resolver) -> IdArray:
         if isinstance(condition, dict):
             ops = parse_operators(key, condition)
             result = self.ids
             if "not" in ops:
-                result = np.setdiff1d(result, self._equal(key, ops["not"]), assume_unique=True)
+                result = np.setdiff1d(
+                    result, self._equal(key, ops["not"], resolve), assume_unique=True
+                )
             if RANGES & ops.keys():
                 result = np.intersect1d(result, self._range(key, ops), assume_unique=True)
             return result
-        return self._equal(key, check_values(key, condition))
+        return self._equal(key, check_values(key, condition), resolve)
 
-    def _equal(self, key: str, values: list[MetaValue]) -> IdArray:
+    def _equal(self, key: str, values: list[MetaValue], resolve: Resolver) -> IdArray:
         if key == "id":
-            found = {
-                self.by_external[v] for v in values if isinstance(v, str) and v in self.by_external
-            }
-            return np.array(sorted(found), np.int64)
+            names = [v for v in values if isinstance(v, str)]
+            found = resolve(names) if names else _EMPTY
+            return np.intersect1d(found, self.ids)
         entry = self.keys.get(key)
         if entry is None:
             return _EMPTY
-        parts = [entry.exact.get(typed(v), _EMPTY) for v in values]
+        parts = []
+        for v in values:
+            code = self._codes.get(typed(v))
+            if code is not None:
+                lo, hi = np.searchsorted(entry.codes, [code, code + 1])
+                parts.append(entry.owners[lo:hi])
+        if not parts:
+            return _EMPTY
         return np.unique(np.concatenate(parts)) if len(parts) > 1 else parts[0]
 
     def _range(self, key: str, ops: dict[str, Any]) -> IdArray:
@@ -160,3 +218,35 @@ def parse_operators(key: str, condition: dict[str, Any]) -> dict[str, Any]:
     if key == "id" and RANGES & ops.keys():
         raise InvalidInput("filter 'id': ids have no order, use a value or not", field="filters")
     return ops
+
+
+def to_bytes(index: MetaIndex, stamp: tuple[int, int]) -> bytes:
+    """The index as one `.npz` (no pickles), with the (gallery id, items version) it is
+    current for."""
+    keys = sorted(index.keys)
+    arrays: dict[str, np.ndarray] = {"ids": index.ids, "stamp": np.asarray(stamp, np.int64)}
+    for n, key in enumerate(keys):
+        p = index.keys[key]
+        arrays |= {f"k{n}_codes": p.codes, f"k{n}_owners": p.owners,
+                   f"k{n}_numbers": p.numbers, f"k{n}_nids": p.number_ids}  # fmt: skip
+    codes = sorted(index._codes.items(), key=lambda kv: kv[1])
+    header = {"keys": keys, "codes": [[kind, value, code] for (kind, value), code in codes]}
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def from_bytes(data: bytes) -> tuple[MetaIndex, tuple[int, int]]:
+    """`to_bytes` read back; on a damaged file ValueError, KeyError, EOFError or
+    zipfile.BadZipFile."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as f:
+        header = json.loads(bytes(f["header"]).decode())
+        keys = {
+            key: _Postings(f[f"k{n}_codes"], f[f"k{n}_owners"], f[f"k{n}_numbers"],
+                           f[f"k{n}_nids"])
+            for n, key in enumerate(header["keys"])
+        }  # fmt: skip
+        codes = {(kind, value): int(code) for kind, value, code in header["codes"]}
+        stamp = tuple(int(x) for x in f["stamp"])
+        return MetaIndex(f["ids"], keys, codes), (stamp[0], stamp[1])

@@ -121,6 +121,7 @@ class Item(Base):
     __table_args__ = (
         UniqueConstraint("gallery_id", "external_id"),
         Index("ix_items_gallery_version", "gallery_id", "vector_version_id"),
+        Index("ix_items_gallery_meta_seq", "gallery_id", "meta_seq"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -133,6 +134,22 @@ class Item(Base):
     vector_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # the gallery's items_version when this row was last written: the metadata index
+    # catches up by reading the rows stamped after the version it was built at
+    meta_seq: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+
+
+class ItemDeletion(Base):
+    """An item deleted at a gallery's items_version `seq` (what the metadata index of an
+    older version must drop)."""
+
+    __tablename__ = "item_deletions"
+    __table_args__ = (Index("ix_item_deletions_gallery_seq", "gallery_id", "seq"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    gallery_id: Mapped[int] = mapped_column(ForeignKey("galleries.id", ondelete="CASCADE"))
+    item_id: Mapped[int]
+    seq: Mapped[int]
 
 
 ACTIVE_UPGRADE = text(

@@ -101,13 +101,17 @@ class Context:
                 self._cache[(kind, key)] = build()
             return self._cache[(kind, key)]  # type: ignore[no-any-return]
 
-    def current(self, kind: str, key: Any, stamp: Any, build: Callable[[], T]) -> T:
+    def current(
+        self, kind: str, key: Any, stamp: Any, build: Callable[[tuple[Any, T] | None], T]
+    ) -> T:
         """The value kept under (kind, key) if it was built for `stamp` (a version, a
-        generation), else `build()`, kept in its place: one value per key, never stale."""
+        generation), else `build(kept)`, kept in its place: one value per key, never
+        stale. `kept` is (stamp, value) of an older stamp, or None: a value that can be
+        brought up to date costs what changed, not a rebuild."""
         with self._lock:
             kept = self._cache.get((kind, key))
             if kept is None or kept[0] != stamp:
-                kept = self._cache[(kind, key)] = (stamp, build())
+                kept = self._cache[(kind, key)] = (stamp, build(kept))
             return kept[1]  # type: ignore[no-any-return]
 
     def forget(self, kind: str, key: Any) -> None:

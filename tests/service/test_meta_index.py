@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -15,6 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from embcompat.index.meta import MetaIndex, typed
 from embcompat.service import galleries, search
 from embcompat.service.context import Context
+from embcompat.service.galleries.filters import index_file
 from tests.conftest import make_context, vector_gallery
 
 KEYS = ("color", "size", "flag")
@@ -71,6 +73,7 @@ class MetaIndexMachine(RuleBasedStateMachine):
 
     @rule(names=st.lists(st.integers(0, 30), min_size=1, max_size=6, unique=True), meta=META)
     def ingest(self, names: list[int], meta: dict[str, Any] | None) -> None:
+        """Written by this context; the other catches up from the DB."""
         items = [galleries.ItemIn(f"i{n}", vector=[1.0, float(n), 0.0, 0.5], metadata=meta)
                  for n in names]  # fmt: skip
         galleries.ingest(self.ctx, "g", items)
@@ -89,6 +92,16 @@ class MetaIndexMachine(RuleBasedStateMachine):
     @rule()
     def repair(self) -> None:
         galleries.repair(self.ctx, "g")
+
+    @rule(damage=st.booleans())
+    def restart_other(self, damage: bool) -> None:
+        """Another process starts: from the index file saved beside the gallery (behind
+        by up to SAVE_EVERY writes, so it catches up), or, damaged, from the items."""
+        path = index_file(self.ctx, "g")
+        if damage and path.exists():
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        self.other.close()
+        self.other = Context(self.ctx.settings)
 
     @invariant()
     def filters_match_a_scan(self) -> None:
@@ -132,9 +145,12 @@ def test_the_index_agrees_with_the_reference_on_random_filters() -> None:
     @given(st.lists(META, min_size=0, max_size=40), FILTERS)
     @settings(max_examples=300, deadline=None)
     def check(metas: list[dict[str, Any] | None], filters: dict[str, Any]) -> None:
-        index = MetaIndex((n, f"i{n}", m) for n, m in enumerate(metas))
+        index = MetaIndex.build(enumerate(metas))
         expected = [n for n, m in enumerate(metas)
                     if all(holds(m, f"i{n}", k, c) for k, c in filters.items())]  # fmt: skip
-        assert index.matching(filters).tolist() == expected
+        assert index.matching(filters, resolve).tolist() == expected
+
+    def resolve(names: list[str]) -> np.ndarray:
+        return np.array(sorted({int(n[1:]) for n in names if n[1:].isdigit()}), np.int64)
 
     check()

@@ -6,16 +6,23 @@ the key `id` matches item ids."""
 
 from __future__ import annotations
 
+import logging
+import zipfile
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import select
 
 from embcompat.arrays import IdArray
 from embcompat.errors import InvalidInput
-from embcompat.index.meta import MetaIndex, MetaValue
-from embcompat.registry.schema import Item
+from embcompat.files import atomic_write
+from embcompat.index.meta import MetaIndex, MetaValue, from_bytes, to_bytes
+from embcompat.registry.schema import Item, ItemDeletion
 from embcompat.service.context import Context
-from embcompat.service.galleries.layout import get_gallery_row
+from embcompat.service.galleries.layout import gallery_dir, get_gallery_row
+
+log = logging.getLogger(__name__)
 
 Filters = dict[str, Any]
 
@@ -40,24 +47,85 @@ def check_metadata(item_id: str, meta: Any) -> None:
 def allowed_by(ctx: Context, gallery: str, filters: Filters | None) -> IdArray | None:
     """The sorted ids of the items a search with `filters` may return (None: no filter),
     from the gallery's metadata index (`index.meta`): array operations on the matching
-    ids, no pass over the items. The index is rebuilt from the database only after a
-    write to the gallery's items (its `items_version` moved)."""
+    ids, no pass over the items."""
     if not filters:
         return None
     if not isinstance(filters, dict):
         raise InvalidInput("filters must be an object of key: condition", field="filters")
-    return meta_index(ctx, gallery).matching(filters)
+    with ctx.session() as s:
+        gallery_id = get_gallery_row(s, gallery).id
+
+        def resolve(names: list[str]) -> IdArray:
+            query = select(Item.id).where(Item.gallery_id == gallery_id, Item.external_id.in_(names))
+            return np.unique(np.array(s.scalars(query).all(), np.int64))
+
+        return meta_index(ctx, gallery).matching(filters, resolve)
+
+
+REBUILD_SHARE = 0.25  # more changed items than this share of the index: rebuild instead
+SAVE_EVERY = 100  # item writes between saves of the index file
+
+
+def index_file(ctx: Context, gallery: str) -> Path:
+    return gallery_dir(ctx, gallery) / "meta-index.npz"
 
 
 def meta_index(ctx: Context, gallery: str) -> MetaIndex:
-    """The gallery's metadata index as of its latest item write, kept on the context."""
+    """The gallery's metadata index as of its latest item write, kept on the context.
+
+    Behind by a few writes, it catches up with the rows stamped after it (`meta_seq`) and
+    the deletions logged since; a new process starts from the file saved beside the
+    gallery (rewritten every SAVE_EVERY writes); only a missing or damaged file, or many
+    changes at once, cost a pass over the gallery's items."""
     with ctx.session() as s:
         g = get_gallery_row(s, gallery)
-        query = select(Item.id, Item.external_id, Item.meta).where(Item.gallery_id == g.id)
-        # the version is read before the rows, so the rows are never older than it says
-        return ctx.current(
-            "meta",
-            gallery,
-            (g.id, g.items_version),
-            lambda: MetaIndex((int(i), str(e), m) for i, e, m in s.execute(query)),
-        )
+        stamp = (g.id, g.items_version)  # read before the rows: they are never older
+
+        def catch_up(kept: tuple[Any, tuple[MetaIndex, int]] | None) -> tuple[MetaIndex, int]:
+            base = (kept[1][0], kept[0], kept[1][1]) if kept else _saved(ctx, gallery)
+            if base is not None and base[1][0] == g.id and base[1][1] <= g.items_version:
+                index, (_, since), saved = base
+                rows = s.execute(
+                    select(Item.id, Item.meta).where(Item.gallery_id == g.id, Item.meta_seq > since)
+                ).all()
+                removed = s.scalars(
+                    select(ItemDeletion.item_id).where(
+                        ItemDeletion.gallery_id == g.id, ItemDeletion.seq > since
+                    )
+                ).all()
+                if len(rows) + len(removed) <= max(1000, REBUILD_SHARE * len(index)):
+                    index = index.updated(
+                        ((int(i), m) for i, m in rows), np.unique(np.array(removed, np.int64))
+                    )
+                    if g.items_version - saved >= SAVE_EVERY:
+                        saved = _save(ctx, gallery, index, stamp)
+                    return index, saved
+            query = select(Item.id, Item.meta).where(Item.gallery_id == g.id)
+            index = MetaIndex.build((int(i), m) for i, m in s.execute(query))
+            return index, _save(ctx, gallery, index, stamp)
+
+        return ctx.current("meta", gallery, stamp, catch_up)[0]
+
+
+def _saved(ctx: Context, gallery: str) -> tuple[MetaIndex, tuple[int, int], int] | None:
+    """The index file beside the gallery, if it reads back whole."""
+    try:
+        index, stamp = from_bytes(index_file(ctx, gallery).read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+        # derived data: rebuilt from the items
+        log.warning("gallery %r: metadata index file unreadable (%s), rebuilding", gallery, exc)
+        return None
+    return index, stamp, stamp[1]
+
+
+def _save(ctx: Context, gallery: str, index: MetaIndex, stamp: tuple[int, int]) -> int:
+    atomic_write(index_file(ctx, gallery), to_bytes(index, stamp))
+    return stamp[1]
+
+
+def forget_meta_index(ctx: Context, gallery: str) -> None:
+    """Drop the kept and saved index (a repair): the next filter rebuilds it."""
+    ctx.forget("meta", gallery)
+    index_file(ctx, gallery).unlink(missing_ok=True)

@@ -25,7 +25,7 @@ from embcompat.errors import DuplicateItem, InvalidInput, UnknownItem
 from embcompat.index.store import MANIFEST, SpaceStore
 from embcompat.registry.jobs import active_upgrade
 from embcompat.registry.records import ModelVersionRecord
-from embcompat.registry.schema import Item, utcnow
+from embcompat.registry.schema import Item, ItemDeletion, utcnow
 from embcompat.service.context import Context
 from embcompat.service.galleries.filters import check_metadata
 from embcompat.service.galleries.layout import (
@@ -138,6 +138,7 @@ def stage(ctx: Context, gallery: str, items: Sequence[ItemIn]) -> int:
                 row.payload, row.vector_version_id = it.text, None
             if it.metadata is not None:
                 row.meta = it.metadata
+            row.meta_seq = g.items_version
             s.add(row)
         for store in _space_stores(ctx, gallery):
             store.delete(np.array(changed, np.int64))
@@ -216,7 +217,7 @@ def _write_items(
         version_id, now = targets[0].id, utcnow()
         fresh_rows = [
             {"gallery_id": g.id, "external_id": it.id, "payload": it.text, "meta": it.metadata,
-             "vector_version_id": version_id}
+             "vector_version_id": version_id, "meta_seq": g.items_version}
             for it in items if it.id not in existing
         ]  # fmt: skip
         got: dict[str, int] = {}
@@ -230,7 +231,8 @@ def _write_items(
         for with_meta in (True, False):  # one statement per set of columns
             rows = [
                 {"id": existing[it.id][0], "payload": it.text, "vector_version_id": version_id,
-                 "updated_at": now, **({"meta": it.metadata} if with_meta else {})}
+                 "updated_at": now, "meta_seq": g.items_version,
+                 **({"meta": it.metadata} if with_meta else {})}
                 for it in known if (it.metadata is not None) == with_meta
             ]  # fmt: skip
             if rows:
@@ -278,6 +280,11 @@ def delete_items(ctx: Context, gallery: str, external_ids: Sequence[str]) -> int
             store.delete(db_ids)
         for r in rows:
             s.delete(r)
+        if len(db_ids):
+            s.execute(
+                insert(ItemDeletion),
+                [{"gallery_id": g.id, "item_id": int(i), "seq": g.items_version} for i in db_ids],
+            )
         return len(rows)
 
 

@@ -24,6 +24,7 @@ from embcompat.index.store import SpaceStore
 from embcompat.registry.records import ModelVersionRecord
 from embcompat.registry.schema import Gallery, Item
 from embcompat.service.context import Context
+from embcompat.service.galleries.filters import forget_meta_index
 from embcompat.service.galleries.items import content_hash
 from embcompat.service.galleries.layout import (
     gallery_dir,
@@ -113,6 +114,7 @@ def repair(ctx: Context, gallery: str) -> dict[str, Any]:
         for name, version in versions.items():
             report[name] = _rebuild(ctx, gallery, version, live, names)
     ctx.health.clear(gallery)
+    forget_meta_index(ctx, gallery)  # derived from the items: rebuilt by the next filter
     for name, version in versions.items():
         with ctx.session() as s:
             kind = get_gallery_row(s, gallery).index_kind
