@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from embcompat.adapters.base import Adapter, Direction, check_pairs
-from embcompat.arrays import FloatArray, l2_normalize
+from embcompat.arrays import FloatArray, row_norms
 
 
 def _centers(x: FloatArray, y: FloatArray, center: bool) -> tuple[FloatArray, FloatArray]:
@@ -35,8 +35,12 @@ class _AffineMap(Adapter):
     normalize_output: bool
 
     def _apply(self, x: FloatArray) -> FloatArray:
-        out: FloatArray = ((x - self.mu_x) @ self.weight + self.mu_y).astype(np.float32)
-        return l2_normalize(out) if self.normalize_output else out
+        # (x − μx)·W + μy = x·W + (μy − μx·W): one product, one in-place add, no copies
+        out: FloatArray = x @ self.weight
+        out += self.mu_y - self.mu_x @ self.weight
+        if self.normalize_output:
+            out /= row_norms(out)
+        return out
 
     def arrays(self) -> dict[str, npt.NDArray[Any]]:
         return {"weight": self.weight, "mu_x": self.mu_x, "mu_y": self.mu_y}

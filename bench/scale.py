@@ -129,7 +129,9 @@ def postgres_ingest(admin_url: str, n: int) -> float:
         c.execute(text(f'CREATE DATABASE "{name}"'))
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            ctx = _context(Path(tmp), make_url(admin_url).set(database=name).render_as_string(False))
+            ctx = _context(
+                Path(tmp), make_url(admin_url).set(database=name).render_as_string(False)
+            )
             try:
                 return ingest(ctx, n)
             finally:
@@ -146,14 +148,18 @@ def _generation_file(ctx: Context, space: str) -> Path:
     return next(f for f in (folder / "index.faiss", folder / "binary.faiss") if f.exists())
 
 
-def _bare(path: Path, ctx: Context, space: str) -> Callable[[np.ndarray, np.ndarray | None], object]:
+def _bare(
+    path: Path, ctx: Context, space: str
+) -> Callable[[np.ndarray, np.ndarray | None], object]:
     """Bare FAISS over the published index file: search(q, allowed ids or None)."""
     if path.name == "binary.faiss":
         index = faiss.read_index_binary(str(path))
         codes = load_binarizer(gallery_dir(ctx, "g") / "indexes" / space).codes  # the service's
 
         def binary(q: np.ndarray, allow: np.ndarray | None) -> object:
-            params = None if allow is None else faiss.SearchParameters(sel=faiss.IDSelectorBatch(allow))
+            params = (
+                None if allow is None else faiss.SearchParameters(sel=faiss.IDSelectorBatch(allow))
+            )
             return index.search(codes(q), 10, params=params)
 
         return binary
@@ -165,7 +171,9 @@ def _bare(path: Path, ctx: Context, space: str) -> Callable[[np.ndarray, np.ndar
     return run
 
 
-def kind_rows(ctx: Context, n: int, ids: np.ndarray, queries: np.ndarray, kinds: list[str]) -> list[dict[str, Any]]:
+def kind_rows(
+    ctx: Context, n: int, ids: np.ndarray, queries: np.ndarray, kinds: list[str]
+) -> list[dict[str, Any]]:
     with ctx.session() as s:
         v1 = versions.get_version(s, ctx.registry, "vec", "v1")
     i = np.arange(n)

@@ -34,7 +34,13 @@ def check_vectors(x: Any, dim: int, what: str) -> FloatArray:
 
 def l2_normalize(x: FloatArray) -> FloatArray:
     """x: (n, d) → rows scaled to unit length (zero rows stay zero)."""
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    return (x / row_norms(x)).astype(np.float32, copy=False)
+
+
+def row_norms(x: FloatArray) -> FloatArray:
+    """x: (n, d) → (n, 1) row lengths, at least 1e-12 (einsum: one pass, no squares
+    array, several times faster than np.linalg.norm on a chunk of a gallery)."""
+    return np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), 1e-12)[:, None]
 
 
 def member(sorted_ids: IdArray, ids: IdArray) -> BoolArray:

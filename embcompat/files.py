@@ -11,13 +11,15 @@ from pathlib import Path
 import numpy as np
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` by temp file + fsync + rename in the same folder."""
+def atomic_write(path: Path, *parts: bytes | memoryview) -> None:
+    """Write the parts, in order, to `path` by temp file + fsync + rename in the same
+    folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            for part in parts:
+                fh.write(part)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -26,11 +28,18 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def npy_bytes(arr: np.ndarray) -> bytes:
-    """An array in `.npy` format, for `atomic_write`."""
+def atomic_write_npy(path: Path, arr: np.ndarray) -> str:
+    """Write `arr` as `.npy` (the bytes np.save writes) from the array's own buffer, with
+    no copy of it in memory; returns the file's sha256."""
+    arr = np.ascontiguousarray(arr)
     buf = io.BytesIO()
-    np.save(buf, arr)
-    return buf.getvalue()
+    np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(arr))
+    header = buf.getvalue()
+    body = memoryview(arr.reshape(-1).view(np.uint8))
+    atomic_write(path, header, body)
+    digest = hashlib.sha256(header)
+    digest.update(body)
+    return digest.hexdigest()
 
 
 def sha256_file(path: Path) -> str:

@@ -180,7 +180,9 @@ class IndexGenerations:
             BinaryIndex.build(binarizer.codes(snap.vectors), snap.ids, graph).save(tmp)
             checksum = sha256_file(tmp / "binary.faiss")
         elif len(snap):
-            if self.kind.startswith("binary") or (self.kind == IndexKind.IVFPQ and len(snap) < MIN_PQ):
+            if self.kind.startswith("binary") or (
+                self.kind == IndexKind.IVFPQ and len(snap) < MIN_PQ
+            ):
                 built = IndexKind.FLAT  # too few vectors to fit codes yet
             if built == IndexKind.IVFPQ:
                 metric = faiss.METRIC_INNER_PRODUCT if self.metric == "ip" else faiss.METRIC_L2
@@ -398,7 +400,9 @@ class SpaceSearcher:
             part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
             scores, ids = np.take_along_axis(scores, part, 1), ids[part]
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(scores, top, 1), np.take_along_axis(np.broadcast_to(ids, scores.shape), top, 1)
+        return np.take_along_axis(scores, top, 1), np.take_along_axis(
+            np.broadcast_to(ids, scores.shape), top, 1
+        )
 
     def search(
         self,

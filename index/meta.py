@@ -58,7 +58,9 @@ class _Postings:
             self.codes[keep], self.owners[keep], self.numbers[nkeep], self.number_ids[nkeep]
         )
 
-    def plus(self, codes: list[int], owners: list[int], numbers: list[float], nids: list[int]) -> _Postings:
+    def plus(
+        self, codes: list[int], owners: list[int], numbers: list[float], nids: list[int]
+    ) -> _Postings:
         c = np.concatenate([self.codes, np.asarray(codes, np.int64)])
         o = np.concatenate([self.owners, np.asarray(owners, np.int64)])
         n = np.concatenate([self.numbers, np.asarray(numbers, np.float64)])

@@ -11,7 +11,6 @@ finiteness check instead of a checksum.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy.typing as npt
 
 from embcompat.arrays import FloatArray, IdArray
 from embcompat.errors import CorruptArtifact
-from embcompat.files import atomic_write, npy_bytes, sha256_file
+from embcompat.files import atomic_write_npy, sha256_file
 
 SourceArray = npt.NDArray[np.uint64]
 SUFFIXES = (".npy", ".ids.npy", ".src.npy")
@@ -50,9 +49,7 @@ def write_shard(
         np.ascontiguousarray(sources, np.uint64),
     )
     for suffix, arr in zip(SUFFIXES, arrays, strict=True):
-        data = npy_bytes(arr)
-        atomic_write(root / f"{name}{suffix}", data)
-        checksums[f"{name}{suffix}"] = hashlib.sha256(data).hexdigest()
+        checksums[f"{name}{suffix}"] = atomic_write_npy(root / f"{name}{suffix}", arr)
     return checksums
 
 

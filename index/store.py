@@ -233,6 +233,8 @@ class SpaceStore:
         of the space on disk)."""
         snap = self.snapshot()
         rows, found = snap.positions(np.asarray(ids, np.int64).ravel())
+        if found.all():
+            return snap.rows(rows), found
         out = np.zeros((len(rows), snap.dim), np.float32)
         out[found] = snap.rows(rows[found])
         return out, found

@@ -190,7 +190,8 @@ class StoreMachine(RuleBasedStateMachine):
 
 
 StoreMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("EMBCOMPAT_FUZZ_EXAMPLES", "30")), stateful_step_count=40,
+    max_examples=int(os.environ.get("EMBCOMPAT_FUZZ_EXAMPLES", "30")),
+    stateful_step_count=40,
     deadline=None,
 )
 test_store_snapshots_stay_true = StoreMachine.TestCase

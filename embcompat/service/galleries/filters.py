@@ -56,7 +56,9 @@ def allowed_by(ctx: Context, gallery: str, filters: Filters | None) -> IdArray |
         gallery_id = get_gallery_row(s, gallery).id
 
         def resolve(names: list[str]) -> IdArray:
-            query = select(Item.id).where(Item.gallery_id == gallery_id, Item.external_id.in_(names))
+            query = select(Item.id).where(
+                Item.gallery_id == gallery_id, Item.external_id.in_(names)
+            )
             return np.unique(np.array(s.scalars(query).all(), np.int64))
 
         return meta_index(ctx, gallery).matching(filters, resolve)

@@ -8,9 +8,9 @@ import numpy as np
 from sqlalchemy import func, select
 
 from embcompat.arrays import member
+from embcompat.errors import InvalidInput
 from embcompat.index.binary import binarizer_metrics
 from embcompat.index.faiss_index import IndexGenerations
-from embcompat.errors import InvalidInput
 from embcompat.kinds import SERVING_STATES, IndexKind
 from embcompat.registry.adapter_log import log_binarizer
 from embcompat.registry.jobs import active_upgrade

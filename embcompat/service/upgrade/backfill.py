@@ -100,12 +100,11 @@ def map_chunks(ctx: Context, job_id: int, seqs: list[int]) -> int:
     mapper = job_adapter(ctx, job_id, "mapper", v.old, v.new)
     old = space_store(ctx, v.gallery, v.old)
     target = mapped_store(ctx, v.gallery, v.old, v.new, job_id)
-    snap = old.snapshot()
+    held = old.snapshot().sorted_ids
     ids = np.concatenate(
         [np.zeros(0, np.int64)]
-        + [snap.sorted_ids[np.searchsorted(snap.sorted_ids, a) : np.searchsorted(snap.sorted_ids, b)]
-           for a, b in ranges]
-    )  # fmt: skip
+        + [held[np.searchsorted(held, a) : np.searchsorted(held, b)] for a, b in ranges]
+    )
     ids = ids[~target.snapshot().positions(ids)[1]]  # mapped by an earlier, stopped run
     if len(ids) == 0:
         return 0
