@@ -1,7 +1,8 @@
 """Without labels the gate never serves a plan that can fall below the old model: a
 bridge-type plan needs the operator's override, which is recorded, and every search
 served by it carries the warning. An external old model gets `dual` (clients send both
-encodings), never a bridge on its own."""
+encodings), never a bridge on its own. With labels, every plan is measured and the
+no-regret plan with the highest lowest point is served."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from embcompat.registry import versions
 from embcompat.service import galleries, search, upgrade
 from embcompat.service.context import Context
+from embcompat.service.upgrade import gate
 from embcompat.settings import Settings
 
 TEXTS = [f"w{n % 7} w{n % 11} u{n}" for n in range(60)]
@@ -77,3 +79,48 @@ def test_the_override_serves_it_and_says_so_on_every_search(ctx: Context, reques
     assert res.plan == requested and res.warnings[0] == gate["warning"]
     job = upgrade.get_job(ctx, 1)
     assert job.to_dict()["report"]["gate"]["warning"] == gate["warning"]
+
+
+def _points(day_one: float, final: float, lost: int = 0, won: int = 0) -> dict[str, object]:
+    regret = lost - won > 2 * (lost + won) ** 0.5
+    return {"r10_day_one": day_one, "r10_final": final, "lowest": min(day_one, final),
+            "queries_lost": lost, "queries_won": won, "no_regret": not regret}  # fmt: skip
+
+
+def test_with_labels_the_highest_lowest_point_among_no_regret_plans_is_served(
+    ctx: Context,
+) -> None:
+    with ctx.session() as s:
+        v1 = versions.get_version(s, ctx.registry, "hash", "v1")
+        v2 = versions.get_version(s, ctx.registry, "hash", "v2")
+    measured = {
+        "dual": _points(0.60, 0.70),
+        "cascade": _points(0.66, 0.72, lost=3, won=12),
+        "bridge": _points(0.75, 0.70, lost=40, won=10),  # highest, but below v1 on day one
+        "mapped": _points(0.61, 0.70, lost=5, won=6),
+    }
+    plan, reason, warning = gate.choose_plan("auto", False, v1, v2, measured=measured)
+    assert (plan, warning) == ("cascade", None) and "highest lowest point" in reason
+    plan, reason, warning = gate.choose_plan("bridge", True, v1, v2, measured=measured)
+    assert plan == "cascade" and "below hash:v1" in reason and warning is None
+    plan, _, warning = gate.choose_plan("bridge", True, v1, v2, override=True, measured=measured)
+    assert plan == "bridge" and warning and "labelled probe shows it below" in warning
+    plan, reason, warning = gate.choose_plan("mapped", False, v1, v2, measured=measured)
+    assert (plan, warning) == ("mapped", None) and "no-regret" in reason  # labels, no override
+    nothing = {p: _points(0.5, 0.5, lost=30, won=0) for p in ("cascade", "bridge")}
+    plan, reason, _ = gate.choose_plan("auto", False, v1, v2, measured=nothing)
+    assert plan == "cascade" and "no plan is no-regret" in reason
+
+
+def test_a_probe_measures_every_plan_through_an_upgrade(ctx: Context) -> None:
+    """hash:v2 is an exact rotation of hash:v1: with labels, the bridge is shown to be no
+    worse than v1, so it is served as requested without an override."""
+    galleries.create_gallery(ctx, "g", "hash", "v1")
+    galleries.ingest(ctx, "g", [galleries.ItemIn(f"i{n}", t) for n, t in enumerate(TEXTS)])
+    probe = [{"text": t, "relevant": [f"i{n}"]} for n, t in enumerate(TEXTS)]
+    job = upgrade.start_upgrade(ctx, "g", "hash", "v2", "bridge", pairs=60, probe=probe)
+    rec = upgrade.run_in_process(ctx, job.id, stop_after=0)
+    measured = rec.report["gate"]["probe"]["plans"]
+    assert set(measured) == {"dual", "cascade", "bridge", "mapped"}
+    assert measured["bridge"]["no_regret"] and measured["bridge"]["r10_day_one"] >= 0.9
+    assert rec.plan == "bridge" and "warning" not in rec.report["gate"]

@@ -4,7 +4,9 @@ the serving plan, or refuse the upgrade.
 Label-free, the new model's own top-10 among the held-out items stands in for the
 truth (M(new,old) against M(old,old)). It is recorded as advice, never as the deciding
 test: a bridge wins it by construction, so bridge-type plans need an operator's
-override (`choose_plan`)."""
+override (`choose_plan`). With a labelled probe every plan is measured on it (day one
+and 100 %, a sign test against v1) and the no-regret plan with the highest lowest point
+is served."""
 
 from __future__ import annotations
 
@@ -50,8 +52,14 @@ def choose_plan(
     old: ModelVersionRecord,
     new: ModelVersionRecord,
     override: bool = False,
+    measured: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[ServingPlan, str, str | None]:
     """The plan to serve, why, and the warning an override carries.
+
+    With a labelled probe (`measured`: `probe.plan_points`), `auto` serves the plan
+    whose lowest point (day one or 100 %) is highest among the no-regret ones, and a
+    requested plan is served if it is no-regret; one the probe shows below v1 needs the
+    override. Without one:
 
     A bridge-type plan (`bridge`, `mapped`, `basis` on a version not trained compatible)
     answers old items through an adapter. Without labels nothing shows that it searches
@@ -61,6 +69,8 @@ def choose_plan(
     when both encoders exist, `dual` when not (clients then send both encodings)."""
     both_encoders = not old.external and not new.external
     safe = ServingPlan.CASCADE if both_encoders else ServingPlan.DUAL
+    if measured:
+        return _choose_measured(requested, measured, safe, override, old)
     warning = None
     if requested == UpgradePlan.AUTO:
         plan, reason = (
@@ -96,6 +106,56 @@ def choose_plan(
     return plan, reason, warning
 
 
+def _choose_measured(
+    requested: str,
+    measured: dict[str, dict[str, Any]],
+    safe: ServingPlan,
+    override: bool,
+    old: ModelVersionRecord,
+) -> tuple[ServingPlan, str, str | None]:
+    def points(plan: str) -> str:
+        m = measured[plan]
+        return (
+            f"R@10 {m['r10_day_one']:.3f} on day one, {m['r10_final']:.3f} at 100 %; "
+            f"{m['queries_won']} probe queries won and {m['queries_lost']} lost against "
+            f"{old.ref}"
+        )
+
+    if requested == UpgradePlan.AUTO:
+        fine = [p for p, m in measured.items() if m["no_regret"]]
+        if not fine:
+            return safe, f"no plan is no-regret on the labelled probe: serving {safe!r}", None
+        best = max(fine, key=lambda p: (measured[p]["lowest"], p == safe))
+        return (
+            ServingPlan(best),
+            f"highest lowest point among the no-regret plans on the labelled probe: "
+            f"{best!r} ({points(best)})",
+            None,
+        )
+    if requested == UpgradePlan.BACKFILL:
+        return ServingPlan.DUAL, "requested backfill: the old part searched as before", None
+    if requested not in measured:
+        return choose_plan(requested, False, old, old, override)  # not measured: unlabelled
+    if measured[requested]["no_regret"]:
+        return (
+            ServingPlan(requested),
+            f"requested; no-regret on the labelled probe ({points(requested)})",
+            None,
+        )
+    if override:
+        warning = (
+            f"{requested!r} is served on an operator's override although the labelled probe "
+            f"shows it below {old.ref} on day one ({points(requested)})"
+        )
+        return ServingPlan(requested), "requested, on the operator's override", warning
+    return (
+        safe,
+        f"the labelled probe shows {requested!r} below {old.ref} on day one "
+        f"({points(requested)}): serving {safe!r}",
+        None,
+    )
+
+
 def step_gate(ctx: Context, job_id: int) -> None:
     """Measure, then serve the chosen plan (or fail the job on a measured downgrade)."""
     with ctx.session() as s:
@@ -118,10 +178,12 @@ def step_gate(ctx: Context, job_id: int) -> None:
     bridge = job_adapter(ctx, job_id, "bridge", v.new, v.old)
     old_old, new_old = proxy_bridge_check(bridge, x_old[cut:], x_new[cut:])
     bridge_ok = new_old >= old_old
-    plan, reason, warning = choose_plan(requested, bridge_ok, v.old, v.new, override)
     labelled = None
     if not v.old.external and not v.new.external:
-        labelled = _measure_probe(ctx, job_id, v.old, v.new, ids, x_old, x_new)
+        adapters = {"bridge": bridge, "mapper": job_adapter(ctx, job_id, "mapper", v.old, v.new)}
+        labelled = _measure_probe(ctx, job_id, v.old, v.new, ids, x_old, x_new, adapters)
+    measured = (labelled or {}).get("plans")
+    plan, reason, warning = choose_plan(requested, bridge_ok, v.old, v.new, override, measured)
     if labelled and labelled.get("downgrade"):
         fail(
             ctx,
@@ -196,10 +258,11 @@ def _measure_probe(
     ids: IdArray,
     x_old: FloatArray,
     x_new: FloatArray,
+    adapters: dict[str, Any],
 ) -> dict[str, Any] | None:
     with ctx.session() as s:
         job = job_row(s, job_id)
         probe, gallery_id, total = job.params.get("probe") or [], job.gallery_id, job.items_total
     if not probe or gallery_id is None:
         return None
-    return probe_measure(ctx, gallery_id, probe, ids, x_old, x_new, old, new, total)
+    return probe_measure(ctx, gallery_id, probe, ids, x_old, x_new, old, new, total, adapters)

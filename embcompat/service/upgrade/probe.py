@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from sqlalchemy import select
 
 from embcompat.adapters.metrics import hits_at_k, recall_at_k, search
@@ -42,8 +43,11 @@ def measure(
     old: Any,
     new: Any,
     n_gallery: int,
+    adapters: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """pair_ids: (m,) item ids whose vectors g_old (m, d_old) and g_new (m, d_new) are known."""
+    """pair_ids: (m,) item ids whose vectors g_old (m, d_old) and g_new (m, d_new) are
+    known. `adapters`: the job's fitted `bridge` (new→old queries) and `mapper` (old→new
+    items), measured as plans beside the cascade and the backfill (`plan_points`)."""
     wanted = sorted({r for q in probe for r in q.get("relevant", [])})
     with ctx.session() as s:
         by_ext = dict(
@@ -90,6 +94,14 @@ def measure(
     s_old = np.where(dup, np.nan, np.einsum("qcd,qd->qc", g_old[cand], q_old))
     s_new = np.where(dup, np.nan, np.einsum("qcd,qd->qc", g_new[cand], q_new))
     fusion = choose_merge(s_old, s_new, cand, relevant, k10)
+    day_one = {
+        "dual": ranked_old,  # the new space holds only the pairs: v1 answers
+        "cascade": fusion.pop("ranked"),
+    }
+    if adapters:
+        day_one["bridge"] = search(adapters["bridge"].transform(q_new), g_old, k10)[1]
+        day_one["mapped"] = search(q_new, adapters["mapper"].transform(g_old), k10)[1]
+    final = {"cascade": max(fusion["r10_cascade"], r_nn)}  # v1 kept at 100 % only if it helps
     return {
         **out,
         "k_scaled": k10,
@@ -104,7 +116,38 @@ def measure(
         "old_recall_at_k": {str(k): v for k, v in old_recall.items()},
         "cascade_k": cascade_k,
         "capped": old_recall[KS[-1]] < r_nn,
+        "plans": plan_points(day_one, final, hit_old, r_nn, relevant, k10),
     }
+
+
+def plan_points(
+    day_one: dict[str, IdArray],
+    final: dict[str, float],
+    hit_old: npt.NDArray[np.bool_],
+    r_new: float,
+    relevant: list[set[int]],
+    k: int,
+) -> dict[str, dict[str, Any]]:
+    """Each plan's upgrade curve by its two ends on the probe: R@k on day one (its
+    ranking `day_one[plan]`) and at 100 % (`final[plan]`, else v2 alone, `r_new`), its
+    lowest point, and whether it is no-regret: on day one it loses no more queries to v1
+    than it wins beyond two standard deviations of a sign test (the curve in between
+    moves from one end to the other as items are re-embedded)."""
+    out = {}
+    for plan, ranked in day_one.items():
+        first = recall_at_k(ranked, relevant, k)
+        hit = hits_at_k(ranked, relevant, k)
+        lost, won = int((hit_old & ~hit).sum()), int((hit & ~hit_old).sum())
+        last = final.get(plan, r_new)
+        out[plan] = {
+            "r10_day_one": first,
+            "r10_final": last,
+            "lowest": min(first, last),
+            "queries_lost": lost,
+            "queries_won": won,
+            "no_regret": not lost - won > 2 * np.sqrt(lost + won),
+        }
+    return out
 
 
 def choose_merge(
@@ -140,10 +183,12 @@ def choose_merge(
     weight = fit_weight(lambda w: recall(fuse_z(zo, zn, w), everyone))
     learned = held_learned > held_rrf
     fused = fuse_z(zo, zn, weight) if learned else rrf
+    order = np.argsort(-fused, axis=1, kind="stable")[:, :k]
     return {
         "merge": "learned" if learned else "rrf",
         "weight": weight,
         "cv_r10_learned": held_learned / len(cand),
         "cv_r10_rrf": held_rrf / len(cand),
         "r10_cascade": recall(fused, everyone) / len(cand),
+        "ranked": np.take_along_axis(cand, order, 1),
     }
