@@ -7,13 +7,24 @@ from typing import Annotated, Any
 from fastapi import APIRouter, BackgroundTasks, Path, Query, Request, status
 from fastapi.responses import JSONResponse
 
+from embcompat.adapters.select import CANDIDATES
 from embcompat.api.deps import Admin, Ctx, Read, audit, scrubbed
-from embcompat.api.schemas import GalleryIn, ItemIdsIn, ItemsIn, SearchIn, UpgradeIn, VersionIn
+from embcompat.api.schemas import (
+    AdapterFitIn,
+    GalleryIn,
+    ItemIdsIn,
+    ItemsIn,
+    ProbeIn,
+    SearchIn,
+    UpgradeIn,
+    VersionIn,
+)
 from embcompat.errors import InvalidInput, SearchTooLarge
 from embcompat.kinds import IndexKind
 from embcompat.registry import adapter_records, versions
 from embcompat.registry.audit import list_events
 from embcompat.service import galleries, search, upgrade
+from embcompat.service.adapters import fit_standalone
 from embcompat.service.upgrade.schedule import BackfillSchedule
 from embcompat.workers.app import dispatch_ingest, dispatch_upgrade
 
@@ -115,6 +126,19 @@ def publish(name: str, ctx: Ctx, index_kind: IndexKind | None = None) -> dict[st
     return galleries.publish(ctx, name, index_kind)
 
 
+@gals.put("/{name}/probe", dependencies=[Admin])
+def set_probe(name: str, body: ProbeIn, ctx: Ctx) -> dict[str, Any]:
+    """Store the gallery's labelled probe (replacing any): upgrades that give none and
+    registration reports measure with it."""
+    return galleries.set_probe(ctx, name, [q.model_dump() for q in body.queries])
+
+
+@gals.get("/{name}/probe", dependencies=[Admin])
+def probe_summary(name: str, ctx: Ctx) -> dict[str, Any]:
+    """Counts of the stored probe (labels are not served back)."""
+    return galleries.probe_summary(ctx, name)
+
+
 @gals.post("/{name}/verify", dependencies=[Admin])
 def verify_gallery(name: str, ctx: Ctx) -> dict[str, Any]:
     """Read every file of the gallery against its checksum: {space: problem}."""
@@ -194,6 +218,20 @@ def control(job_id: Id, action: str, ctx: Ctx, tasks: BackgroundTasks) -> dict[s
     if action == "resume":
         tasks.add_task(dispatch_upgrade, ctx, job_id)
     return scrubbed(rec.to_dict(), ctx.settings)
+
+
+@adapters.post("", status_code=status.HTTP_201_CREATED, dependencies=[Admin])
+def fit_adapter(body: AdapterFitIn, ctx: Ctx) -> dict[str, Any]:
+    """Fit and evaluate the adapters between two versions of a model without an upgrade
+    (the bridge, the mapper and, for a wider new space, the basis), on the pairs given
+    or sampled; each is logged to MLflow with its metrics and curve. Runs in the request
+    (encoding the pairs takes as long as the encoders need)."""
+    kinds = tuple(CANDIDATES) if body.kind == "auto" else (body.kind,)
+    vectors = (body.vectors.old, body.vectors.new) if body.vectors else None
+    return fit_standalone(
+        ctx, body.model, body.old_version, body.new_version, kinds=kinds,
+        gallery=body.gallery, texts=body.texts, vectors=vectors, sample=body.sample,
+    )  # fmt: skip
 
 
 @adapters.get("", dependencies=[Read])

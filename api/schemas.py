@@ -7,7 +7,7 @@ refusal is a 422 naming the field."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -137,6 +137,37 @@ class SearchIn(Body):
 class ProbeQuery(Body):
     text: Text = Field(min_length=1, max_length=10_000)
     relevant: list[Text] = Field(min_length=1, max_length=1000)
+
+
+class ProbeIn(Body):
+    queries: list[ProbeQuery] = Field(min_length=1, max_length=100_000)
+
+
+class PairVectors(Body):
+    old: list[Vector] = Field(min_length=1, max_length=100_000)
+    new: list[Vector] = Field(min_length=1, max_length=100_000)
+
+    @model_validator(mode="after")
+    def _shapes(self) -> PairVectors:
+        _rectangular(self.old, "vectors.old")
+        _rectangular(self.new, "vectors.new")
+        return self
+
+
+class AdapterFitIn(Body):
+    """Pairs from exactly one of `gallery` (a sample of its stored texts), `texts`
+    (encoded by both versions) or `vectors` (both versions', rows aligned)."""
+
+    model: str = Name
+    old_version: str = Name
+    new_version: str = Name
+    kind: Literal["auto", "procrustes", "affine", "lowrank", "residual_mlp"] = "auto"
+    gallery: str | None = Field(default=None, min_length=1, max_length=200)
+    texts: list[Annotated[Text, Field(min_length=1, max_length=10_000)]] | None = Field(
+        default=None, max_length=100_000
+    )
+    vectors: PairVectors | None = None
+    sample: StrictInt = Field(default=2000, ge=50, le=100_000)
 
 
 class ScheduleIn(Body):

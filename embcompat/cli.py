@@ -183,6 +183,33 @@ def models_promote(model: str, version: str, alias: str = "serving") -> None:
     console.print(f"{model}:{version} is now {alias!r} (aliases: {', '.join(rec['aliases'])})")
 
 
+@models_app.command("fit-adapter")
+def models_fit_adapter(
+    model: str,
+    old_version: str,
+    new_version: str,
+    gallery: Annotated[str | None, typer.Option(help="sample pairs from its stored texts")] = None,
+    texts: Annotated[Path | None, typer.Option(help="a file of texts, one per line")] = None,
+    kind: Annotated[
+        str, typer.Option(help="auto, procrustes, affine, lowrank, residual_mlp")
+    ] = "auto",
+    sample: int = 2000,
+) -> None:
+    """Fit and evaluate the adapters between two versions without an upgrade (logged to
+    MLflow with their metrics and curves)."""
+    lines = [t for t in texts.read_text().splitlines() if t.strip()] if texts else None
+    body = {"model": model, "old_version": old_version, "new_version": new_version,
+            "kind": kind, "gallery": gallery, "texts": lines, "sample": sample}  # fmt: skip
+    with console.status("encoding the pairs and fitting"):
+        out = _guard(lambda: _client().fit_adapter(body))
+    table = Table("adapter", "kind", "id", "metrics")
+    for name, a in out["adapters"].items():
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in a["metrics"].items())
+        table.add_row(name, a["kind"], str(a["id"]), shown)
+    console.print(f"{out['from']} -> {out['to']} on {out['pairs']} pairs")
+    console.print(table)
+
+
 @app.command("demo")
 def demo(
     queries: Annotated[int, typer.Option(help="labelled queries")] = 3000,
@@ -247,6 +274,27 @@ def gallery_publish(name: str, index: IndexKind | None = None) -> None:
     """Publish fresh index generations; `--index` switches the gallery's index kind."""
     out = _guard(lambda: _client().publish(name, str(index) if index else None))
     console.print(f"published {', '.join(f'{k}: generation {v}' for k, v in out.items())}")
+
+
+@gallery_app.command("probe")
+def gallery_probe(
+    name: str,
+    path: Annotated[
+        Path | None, typer.Argument(help="JSON lines {text, relevant: [item ids]}; none: show")
+    ] = None,
+) -> None:
+    """Store the gallery's labelled probe (the gate and registration reports measure
+    plans with it), or show what the stored one holds."""
+    client = _client()
+    if path is not None:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        out = _guard(lambda: client.set_probe(name, rows))
+    else:
+        out = _guard(lambda: client.probe(name))
+    console.print(
+        f"probe of {name!r}: {out['queries']} queries, {out['resolved']} of their "
+        f"{out['relevant']} relevant items in the gallery"
+    )
 
 
 @gallery_app.command("stats")

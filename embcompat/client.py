@@ -12,11 +12,13 @@ from typing import Any, Protocol, TypeVar
 
 import httpx
 
+from embcompat.adapters.select import CANDIDATES
 from embcompat.errors import EmbcompatError, ServiceUnavailable
 from embcompat.kinds import UpgradePlan
 from embcompat.registry import versions
 from embcompat.registry.audit import list_events, record_event
 from embcompat.service import galleries, search, upgrade
+from embcompat.service.adapters import fit_standalone
 from embcompat.service.context import Context
 
 Json = dict[str, Any]
@@ -36,6 +38,8 @@ class Client(Protocol):
     def publish(self, gallery: str, index_kind: str | None = None) -> Json: ...
     def gallery(self, gallery: str) -> Json: ...
     def verify(self, gallery: str) -> Json: ...
+    def set_probe(self, gallery: str, queries: list[Json]) -> Json: ...
+    def probe(self, gallery: str) -> Json: ...
     def repair(self, gallery: str) -> Json: ...
     def search(self, gallery: str, body: Json) -> Json: ...
     def plan_upgrade(self, gallery: str, body: Json) -> Json: ...
@@ -43,6 +47,7 @@ class Client(Protocol):
     def job(self, job_id: int) -> Json: ...
     def control(self, job_id: int, action: str) -> Json: ...
     def audit(self, after: int, limit: int, actor: str | None) -> list[Json]: ...
+    def fit_adapter(self, body: Json) -> Json: ...
 
 
 def _user() -> str:
@@ -147,6 +152,28 @@ class Local:
 
     def verify(self, gallery: str) -> Json:
         return {"gallery": gallery, "problems": galleries.verify(self.ctx, gallery)}
+
+    def set_probe(self, gallery: str, queries: list[Json]) -> Json:
+        return self._audited(
+            "set_probe", {"name": gallery}, lambda: galleries.set_probe(self.ctx, gallery, queries)
+        )
+
+    def probe(self, gallery: str) -> Json:
+        return galleries.probe_summary(self.ctx, gallery)
+
+    def fit_adapter(self, body: Json) -> Json:
+        vectors = body.get("vectors")
+        return self._audited(
+            "fit_adapter",
+            {k: body[k] for k in ("model", "old_version", "new_version")},
+            lambda: fit_standalone(
+                self.ctx, body["model"], body["old_version"], body["new_version"],
+                kinds=tuple(CANDIDATES) if body.get("kind", "auto") == "auto" else (body["kind"],),
+                gallery=body.get("gallery"), texts=body.get("texts"),
+                vectors=(vectors["old"], vectors["new"]) if vectors else None,
+                sample=body.get("sample", 2000),
+            ),
+        )  # fmt: skip
 
     def repair(self, gallery: str) -> Json:
         return self._audited(
@@ -276,6 +303,15 @@ class Remote:
 
     def verify(self, gallery: str) -> Json:
         return self._post(f"/galleries/{gallery}/verify")
+
+    def set_probe(self, gallery: str, queries: list[Json]) -> Json:
+        return self._call("PUT", f"/galleries/{gallery}/probe", json={"queries": queries})
+
+    def probe(self, gallery: str) -> Json:
+        return self._get(f"/galleries/{gallery}/probe")
+
+    def fit_adapter(self, body: Json) -> Json:
+        return self._post("/adapters", json={k: v for k, v in body.items() if v is not None})
 
     def repair(self, gallery: str) -> Json:
         return self._post(f"/galleries/{gallery}/repair")

@@ -116,6 +116,19 @@ class Gallery(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class GalleryProbe(Base):
+    """A labelled probe of a gallery: queries with their relevant item ids, [{"text",
+    "relevant"}], kept apart from the gallery row that every search reads."""
+
+    __tablename__ = "gallery_probes"
+
+    gallery_id: Mapped[int] = mapped_column(
+        ForeignKey("galleries.id", ondelete="CASCADE"), primary_key=True
+    )
+    queries: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
 class Item(Base):
     __tablename__ = "items"
     __table_args__ = (

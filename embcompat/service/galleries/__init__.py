@@ -20,6 +20,7 @@ from embcompat.service.galleries.layout import (
     space_store,
     version_record,
 )
+from embcompat.service.galleries.probes import get_probe, probe_summary, set_probe
 from embcompat.service.galleries.publish import publish, stats
 from embcompat.service.galleries.records import (
     GalleryRecord,
@@ -45,12 +46,15 @@ __all__ = [
     "gallery_lock",
     "get_gallery",
     "get_gallery_row",
+    "get_probe",
     "ingest",
     "list_galleries",
     "mapped_searcher",
     "mapped_store",
+    "probe_summary",
     "publish",
     "repair",
+    "set_probe",
     "space_searcher",
     "space_store",
     "stage",

@@ -14,7 +14,7 @@ import numpy as np
 from embcompat.adapters import BasisAdapter
 from embcompat.adapters.base import Adapter
 from embcompat.adapters.io import save_adapter
-from embcompat.adapters.select import select_adapter
+from embcompat.adapters.select import CANDIDATES, select_adapter
 from embcompat.arrays import FloatArray
 from embcompat.files import atomic_write
 from embcompat.index.curve import curve_summary, fit_calibration, plot_curves, proxy_curve
@@ -51,14 +51,19 @@ class Fitted:
 
 
 def fit_adapters(
-    x_old: FloatArray, x_new: FloatArray, old: ModelVersionRecord, new: ModelVersionRecord
+    x_old: FloatArray,
+    x_new: FloatArray,
+    old: ModelVersionRecord,
+    new: ModelVersionRecord,
+    bridge_kinds: tuple[str, ...] = tuple(CANDIDATES),
 ) -> tuple[list[Fitted], dict[str, Platt], dict[str, Any]]:
-    """Fit the query-side bridge and the gallery-side mapper (auto selection), the basis
-    (when the new space is at least as wide) and the score calibration; returns them with
-    the bridge's selection report."""
+    """Fit the query-side bridge (the best of `bridge_kinds`) and the gallery-side mapper
+    (auto selection), the basis (when the new space is at least as wide) and the score
+    calibration; returns them with the bridge's selection report."""
     bridge = select_adapter(
-        x_new, x_old, "query: new->old", fit_kwargs={"residual_mlp": {"max_steps": 200}}
-    )
+        x_new, x_old, "query: new->old", bridge_kinds,
+        fit_kwargs={"residual_mlp": {"max_steps": 200}},
+    )  # fmt: skip
     mapper = select_adapter(x_old, x_new, "gallery: old->new", kinds=("procrustes", "affine"))
     calibration = fit_calibration(x_old, x_new, bridge.adapter, mapper.adapter, n_queries=500)
     fitted = [
@@ -87,24 +92,26 @@ def curve_metrics(
     return {"curve_auc": summary["auc"], "curve_min_r10": summary["min_r10"]}
 
 
-def step_train(ctx: Context, job_id: int) -> None:
-    """Fit, measure, save and register the job's adapters; then the job is gated."""
-    with ctx.session() as s:
-        if job_row(s, job_id).state != JobState.TRAINING:
-            return
-    if serves_compatible(ctx, job_id):
-        _identity_basis(ctx, job_id)
-        return
-    v = job_versions(ctx, job_id)
-    ids, x_old, x_new = paired_vectors(ctx, job_id)
+def fit_and_log(
+    ctx: Context,
+    folder: Path,
+    x_old: FloatArray,
+    x_new: FloatArray,
+    old: ModelVersionRecord,
+    new: ModelVersionRecord,
+    pairs_hash: str,
+    bridge_kinds: tuple[str, ...] = tuple(CANDIDATES),
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Fit the adapters on FIT_SHARE of the pairs, measure each one's label-free curve on
+    the rest, save them (and the calibration) in `folder`, log each to MLflow with its
+    metrics and plot and add its row; returns {name: {id, kind, uri, metrics}} and the
+    bridge's selection report. An upgrade's training step and `POST /adapters` both."""
     cut = int(FIT_SHARE * len(x_old))
-    fitted, calibration, selection = fit_adapters(x_old[:cut], x_new[:cut], v.old, v.new)
-    folder = job_dir(ctx, job_id)
+    fitted, calibration, selection = fit_adapters(x_old[:cut], x_new[:cut], old, new, bridge_kinds)
     atomic_write(
         folder / "calibration.json",
         json.dumps({k: {"a": p.a, "b": p.b} for k, p in calibration.items()}).encode(),
     )
-    pairs_hash = hashlib.sha256(np.ascontiguousarray(ids).tobytes()).hexdigest()[:16]
     logged: dict[str, dict[str, Any]] = {}
     for f in fitted:
         save_adapter(f.adapter, folder / f.name, source=f.source.ref, target=f.target.ref)
@@ -116,10 +123,27 @@ def step_train(ctx: Context, job_id: int) -> None:
                 metrics, pairs_hash=pairs_hash, plots=(plot,),
             )  # fmt: skip
             logged[f.name] = {
+                "id": row.id,
                 "kind": f.adapter.kind,
                 "uri": row.mlflow_model_uri,
                 "metrics": metrics,
             }
+    return logged, selection
+
+
+def step_train(ctx: Context, job_id: int) -> None:
+    """Fit, measure, save and register the job's adapters; then the job is gated."""
+    with ctx.session() as s:
+        if job_row(s, job_id).state != JobState.TRAINING:
+            return
+    if serves_compatible(ctx, job_id):
+        _identity_basis(ctx, job_id)
+        return
+    v = job_versions(ctx, job_id)
+    ids, x_old, x_new = paired_vectors(ctx, job_id)
+    pairs_hash = hashlib.sha256(np.ascontiguousarray(ids).tobytes()).hexdigest()[:16]
+    logged, selection = fit_and_log(ctx, job_dir(ctx, job_id), x_old, x_new, v.old, v.new,
+                                    pairs_hash)  # fmt: skip
     with ctx.session(write=True) as s:
         job = job_row(s, job_id, lock=True)
         job.report = {

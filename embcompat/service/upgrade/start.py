@@ -16,7 +16,7 @@ from embcompat.registry import versions
 from embcompat.registry.jobs import active_upgrade, failed_upgrades
 from embcompat.registry.schema import Gallery, Item, Job, JobChunk, ModelVersion
 from embcompat.service.context import Context
-from embcompat.service.galleries import gallery_lock, get_gallery_row, version_record
+from embcompat.service.galleries import gallery_lock, get_gallery_row, get_probe, version_record
 from embcompat.service.upgrade.fitting import MIN_SAMPLE
 from embcompat.service.upgrade.jobs import drop_mapped_space
 from embcompat.service.upgrade.schedule import BackfillSchedule
@@ -138,11 +138,13 @@ def start_upgrade(
 ) -> JobRecord:
     """Create the job (state planned) and its chunk ledger; refuses before anything runs.
     With a `schedule`, the backfill runs only in its window and at its rate. A `probe`
-    (queries as {"text", "relevant": [item ids]}) lets the gate measure with labels.
+    (queries as {"text", "relevant": [item ids]}) lets the gate measure with labels;
+    without one, the gallery's stored probe (`galleries.set_probe`) is used.
     `override`: serve a requested bridge-type plan although nothing labelled shows it
     is no worse than the old model (recorded with a warning that searches carry)."""
     if pairs < 50 or chunk_size < 1:
         raise UpgradeRefused("an upgrade needs at least 50 pairs and chunk_size >= 1")
+    stored_probe = None if probe else get_probe(ctx, gallery)
     with gallery_lock(ctx, gallery), ctx.session(write=True) as s:
         g, source, target, count = _validate(s, gallery, model, to_version, plan)
         superseded = failed_upgrades(s, g.id)
@@ -163,7 +165,7 @@ def start_upgrade(
                 "pairs": min(pairs, count),
                 "chunk_size": chunk_size,
                 "schedule": schedule.to_dict() if schedule else {},
-                "probe": probe or [],
+                "probe": probe or stored_probe or [],
                 "override": override,
             },
             report={},
