@@ -23,10 +23,10 @@ from embcompat.errors import InvalidInput, SearchTooLarge
 from embcompat.kinds import IndexKind
 from embcompat.registry import adapter_records, versions
 from embcompat.registry.audit import list_events
-from embcompat.service import galleries, search, upgrade
+from embcompat.service import galleries, reports, search, upgrade
 from embcompat.service.adapters import fit_standalone
 from embcompat.service.upgrade.schedule import BackfillSchedule
-from embcompat.workers.app import dispatch_ingest, dispatch_upgrade
+from embcompat.workers.app import dispatch_ingest, dispatch_report, dispatch_upgrade
 
 Id = Annotated[int, Path(ge=1, le=2**31 - 1)]
 models = APIRouter(prefix="/models", tags=["models"])
@@ -37,7 +37,11 @@ audit_trail = APIRouter(prefix="/audit", tags=["audit"])
 
 
 @models.post("/{model}/versions", status_code=status.HTTP_201_CREATED, dependencies=[Admin])
-def register_version(model: str, body: VersionIn, ctx: Ctx) -> dict[str, Any]:
+def register_version(
+    model: str, body: VersionIn, ctx: Ctx, tasks: BackgroundTasks
+) -> dict[str, Any]:
+    """Register a version; if another version of the model serves a gallery, its upgrade
+    report is measured on the workers (GET .../report)."""
     with ctx.session() as s:
         rec = versions.register_version(
             s,
@@ -52,7 +56,17 @@ def register_version(model: str, body: VersionIn, ctx: Ctx) -> dict[str, Any]:
             models_dir=ctx.models_dir,
             policy=ctx.model_policy,
         )
-    return rec.to_dict()
+    report = reports.request_report(ctx, model, body.version)
+    if report:
+        tasks.add_task(dispatch_report, ctx, model, body.version)
+    return {**rec.to_dict(), "report": "pending" if report else None}
+
+
+@models.get("/{model}/versions/{version}/report", dependencies=[Read])
+def version_report(model: str, version: str, ctx: Ctx) -> dict[str, Any]:
+    """What upgrading each gallery of the model to this version would do (state pending
+    until the workers have measured it)."""
+    return scrubbed(reports.get_report(ctx, model, version), ctx.settings)
 
 
 @models.get("/versions", dependencies=[Read])
@@ -69,11 +83,16 @@ def show_version(model: str, version: str, ctx: Ctx) -> dict[str, Any]:
 
 
 @models.post("/{model}/versions/{version}/aliases/{alias}", dependencies=[Admin])
-def promote(model: str, version: str, alias: str, ctx: Ctx) -> dict[str, Any]:
+def promote(
+    model: str, version: str, alias: str, ctx: Ctx, tasks: BackgroundTasks
+) -> dict[str, Any]:
     if alias not in ("serving", "candidate"):
         raise InvalidInput(f"unknown alias {alias!r}", hint="serving or candidate", field="alias")
     with ctx.session() as s:
-        return versions.promote(s, ctx.registry, model, version, alias).to_dict()
+        rec = versions.promote(s, ctx.registry, model, version, alias).to_dict()
+    if alias == "candidate" and reports.request_report(ctx, model, version):
+        tasks.add_task(dispatch_report, ctx, model, version)  # a candidate gets its report
+    return rec
 
 
 @gals.post("", status_code=status.HTTP_201_CREATED, dependencies=[Admin])

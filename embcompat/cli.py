@@ -151,11 +151,14 @@ def models_register(
         raise typer.Exit(code=2)
     body = {"version": version, "dim": dim, "source": chosen[0], "metric": str(metric),
             "location": sources.get(chosen[0]), "parent": parent}  # fmt: skip
-    rec = _guard(lambda: _client().register_version(model, body))
+    with console.status("registering (and measuring its upgrade report, if a gallery is served)"):
+        rec = _guard(lambda: _client().register_version(model, body))
     console.print(
         f"registered {rec['model']}:{rec['version']} (MLflow {rec['mlflow_name']} "
         f"v{rec['mlflow_version']}, dim {rec['dim']})"
     )
+    if rec.get("report"):
+        console.print(f"upgrade report {rec['report']}: `embcompat report {model} {version}`")
 
 
 @models_app.command("list")
@@ -181,6 +184,26 @@ def models_promote(model: str, version: str, alias: str = "serving") -> None:
     """Point an alias (serving or candidate) at MODEL:VERSION."""
     rec = _guard(lambda: _client().promote(model, version, alias))
     console.print(f"{model}:{version} is now {alias!r} (aliases: {', '.join(rec['aliases'])})")
+
+
+@app.command("report")
+def report(model: str, version: str) -> None:
+    """What upgrading each gallery of MODEL to VERSION would do, measured when the
+    version was registered: plan, expected R@10, projected backfill time."""
+    out = _guard(lambda: _client().report(model, version))
+    console.print(f"report of {model}:{version}: {out['state']}")
+    if out.get("error"):
+        console.print(f"[red]{out['error']}[/red]")
+    table = Table("gallery", "plan", "R@10 v1", "day one", "at 100 %", "backfill", "why")
+    for name, g in (out.get("galleries") or {}).items():
+        r10 = g.get("expected_r10") or {}
+        cells = [r10.get(k) for k in ("r10_old_old", "r10_day_one", "r10_final")]
+        eta = g.get("projected_backfill_s")
+        table.add_row(
+            name, g.get("plan", "?"), *(f"{c:.3f}" if c is not None else "-" for c in cells),
+            f"{eta / 60:.1f} min" if eta is not None else "-", g.get("reason") or g.get("note", ""),
+        )  # fmt: skip
+    console.print(table)
 
 
 @models_app.command("fit-adapter")

@@ -17,7 +17,7 @@ from embcompat.errors import EmbcompatError, ServiceUnavailable
 from embcompat.kinds import UpgradePlan
 from embcompat.registry import versions
 from embcompat.registry.audit import list_events, record_event
-from embcompat.service import galleries, search, upgrade
+from embcompat.service import galleries, reports, search, upgrade
 from embcompat.service.adapters import fit_standalone
 from embcompat.service.context import Context
 
@@ -48,6 +48,7 @@ class Client(Protocol):
     def control(self, job_id: int, action: str) -> Json: ...
     def audit(self, after: int, limit: int, actor: str | None) -> list[Json]: ...
     def fit_adapter(self, body: Json) -> Json: ...
+    def report(self, model: str, version: str) -> Json: ...
 
 
 def _user() -> str:
@@ -95,7 +96,20 @@ class Local:
                     models_dir=self.ctx.models_dir, policy=self.ctx.model_policy,
                 ).to_dict()  # fmt: skip
 
-        return self._audited("register_version", {"model": model}, run)
+        rec = self._audited("register_version", {"model": model}, run)
+        return {**rec, "report": self._report_after(model, body["version"])}
+
+    def _report_after(self, model: str, version: str) -> str | None:
+        """As the API does: a version of a model that serves a gallery gets its report
+        (measured here and now on the embedded default, else on the workers)."""
+        from embcompat.workers.app import dispatch_report
+
+        if not reports.request_report(self.ctx, model, version):
+            return None
+        return dispatch_report(self.ctx, model, version)
+
+    def report(self, model: str, version: str) -> Json:
+        return reports.get_report(self.ctx, model, version)
 
     def list_versions(self, model: str | None) -> list[Json]:
         with self.ctx.session() as s:
@@ -111,7 +125,10 @@ class Local:
             with self.ctx.session() as s:
                 return versions.promote(s, self.ctx.registry, model, version, alias).to_dict()
 
-        return self._audited("promote", {"model": model, "version": version, "alias": alias}, run)
+        rec = self._audited("promote", {"model": model, "version": version, "alias": alias}, run)
+        if alias == "candidate":
+            self._report_after(model, version)
+        return rec
 
     def create_gallery(self, body: Json) -> Json:
         return self._audited(
@@ -274,6 +291,9 @@ class Remote:
 
     def register_version(self, model: str, body: Json) -> Json:
         return self._post(f"/models/{model}/versions", json=body)
+
+    def report(self, model: str, version: str) -> Json:
+        return self._get(f"/models/{model}/versions/{version}/report")
 
     def list_versions(self, model: str | None) -> list[Json]:
         params = {"model": model} if model else {}

@@ -100,6 +100,10 @@ class UnknownAdapter(NotFound):
     code = "unknown_adapter"
 
 
+class UnknownReport(NotFound):
+    code = "unknown_report"
+
+
 class UnknownGallery(NotFound):
     code = "unknown_gallery"
 

@@ -129,6 +129,23 @@ class GalleryProbe(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+class VersionReport(Base):
+    """What upgrading each gallery served by the model to this version would do, measured
+    when the version was registered (state pending, done or failed)."""
+
+    __tablename__ = "version_reports"
+
+    version_id: Mapped[int] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="CASCADE"), primary_key=True
+    )
+    state: Mapped[str] = mapped_column(String(16))
+    report: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+    requested_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
 class Item(Base):
     __tablename__ = "items"
     __table_args__ = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from embcompat.service import galleries, upgrade
+from embcompat.service import galleries, reports, upgrade
 from embcompat.service.context import Context
 from embcompat.settings import Settings
 
@@ -39,6 +39,15 @@ def dispatch_upgrade(ctx: Context, job_id: int) -> str:
     if ctx.settings.eager_tasks:
         return upgrade.run_in_process(ctx, job_id).state
     create_app(ctx.settings).send_task("workers.tasks.run_upgrade", args=[job_id])
+    return "queued"
+
+
+def dispatch_report(ctx: Context, model: str, version: str) -> str:
+    """Hand a version's registration report to the workers; with no broker, measure it
+    here (the API runs it after its answer)."""
+    if ctx.settings.eager_tasks:
+        return reports.run_report(ctx, model, version)
+    create_app(ctx.settings).send_task("workers.tasks.version_report", args=[model, version])
     return "queued"
 
 

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from embcompat.errors import EmbcompatError, ServiceUnavailable
 from embcompat.kinds import JobState
 from embcompat.registry.schema import Job
-from embcompat.service import galleries, upgrade
+from embcompat.service import galleries, reports, upgrade
 from embcompat.service.context import Context
 
 RETRY = {"autoretry_for": (ServiceUnavailable,), "retry_backoff": True, "max_retries": 5}
@@ -86,6 +86,12 @@ def ingest(self: ContextTask, gallery: str, batch: int = 1000) -> int:
         total += done
     galleries.publish(self.ctx, gallery)
     return total
+
+
+@shared_task(name="workers.tasks.version_report", base=ContextTask, bind=True, **RETRY)
+def version_report(self: ContextTask, model: str, version: str) -> str:
+    """Measure what upgrading each gallery of the model to this version would do."""
+    return reports.run_report(self.ctx, model, version)
 
 
 @shared_task(name="workers.tasks.reconcile", base=ContextTask, bind=True)

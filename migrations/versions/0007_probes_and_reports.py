@@ -1,4 +1,4 @@
-"""a labelled probe stored per gallery, for the gate and registration reports
+"""a labelled probe stored per gallery, and the upgrade report of each registered version
 
 Revision ID: 0007
 Revises: 0006
@@ -29,6 +29,23 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     )
 
+    op.create_table(
+        "version_reports",
+        sa.Column(
+            "version_id",
+            sa.Integer(),
+            sa.ForeignKey("model_versions.id", ondelete="CASCADE"),
+            primary_key=True,
+        ),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("report", sa.JSON(), nullable=False),
+        sa.Column("mlflow_run_id", sa.String(64), nullable=True),
+        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("requested_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+    )
+
 
 def downgrade() -> None:
+    op.drop_table("version_reports")
     op.drop_table("gallery_probes")
