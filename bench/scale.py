@@ -2,15 +2,16 @@
 each through the service and against bare FAISS or numpy on the same data, in one run.
 
 For each N: an external 128-d version `vec:v1` holds N synthetic clustered vectors,
-ingested through the service in batches of 10,000 with two metadata keys (`shard`: 10
-values, 10 % each; `tenant`: 1,000 values, 0.1 % each) and the item's number as its
-text. Measured:
+ingested through the service in batches of 10,000 with three metadata keys (`shard`: 10
+values, 10 % each; `tenant`: 1,000 values, 0.1 % each; `price`: 0-99) and the item's
+number as its text. Measured:
 - ingest items/s on SQLite, and on PostgreSQL with `--database-url` (a fresh database
   is created on that server and dropped after);
 - per index kind (flat, hnsw, ivfpq, binary): publish seconds, index bytes per vector,
   and per-query medians (single queries, k=10) of the service's search over bare FAISS
-  searching the same published index file: unfiltered, and filtered at 10 % and 0.1 %
-  against the same index searched with an `IDSelectorBatch` of the matching ids;
+  searching the same published index file: unfiltered, and filtered (10 %, 0.1 %, a
+  numeric range of 10 %, a negation of 90 %) against the same index searched with an
+  `IDSelectorBatch` of the matching ids;
 - a mapped upgrade to `vec:v2` (a pyfunc whose space is a rotation of v1's, encoding an
   item from its text), run step by step through the service: its time, the map step's
   vectors/s over a bare matrix product on the same batches, and per-query medians of the
@@ -116,7 +117,8 @@ def ingest(ctx: Context, n: int) -> float:
         part = range(b * BLOCK, min((b + 1) * BLOCK, n))
         items = [
             galleries.ItemIn(f"i{i}", text=str(i), vector=x[i - b * BLOCK].tolist(),
-                             metadata={"shard": i % 10, "tenant": f"t{i % 1000}"})
+                             metadata={"shard": i % 10, "tenant": f"t{i % 1000}",
+                                       "price": i % 100})
             for i in part
         ]  # fmt: skip
         t0 = time.perf_counter()
@@ -196,6 +198,8 @@ def kind_rows(
             ("search_ratio", None, None),
             ("filtered_ratio_10", {"shard": 3}, i % 10 == 3),
             ("filtered_ratio_01", {"tenant": "t7"}, i % 1000 == 7),
+            ("range_ratio_10", {"price": {"lt": 10}}, i % 100 < 10),
+            ("negation_ratio_90", {"shard": {"not": 3}}, i % 10 != 3),
         ):
             allow = None if mask is None else np.ascontiguousarray(np.sort(ids[mask]))
             svc(filters)(queries[:1])  # the filter's allow-set is built once per write

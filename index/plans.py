@@ -48,7 +48,6 @@ class MixedIndex:
     old: SpaceSearcher
     new: SpaceSearcher
     mapped: SpaceSearcher | None = None
-    exclude: IdArray | None = None  # items filtered out of this search, sorted
     pool: Executor | None = None  # searches the two spaces side by side when given
     allow: IdArray | None = None  # only these items (a filter's matches), sorted
 
@@ -63,11 +62,6 @@ class MixedIndex:
         n_old = max(len(self.old.store.snapshot()) - n_new, 0)  # upgraded ones are excluded
         total = max(n_new + n_old, 1)
         return n_old / total, n_new / total
-
-    def old_exclude(self) -> IdArray:
-        """The old side never returns upgraded items (served from the new space)."""
-        up = self.upgraded()
-        return up if self.exclude is None else np.union1d(up, self.exclude)
 
 
 @dataclass
@@ -142,7 +136,7 @@ def _merge_part(plan: Plan, path: str, scores: FloatArray) -> FloatArray:
 def _two_part(
     index: MixedIndex, plan: Plan, q_new: FloatArray, q_old: FloatArray | None, k: int
 ) -> Results:
-    upgraded = index.old_exclude()
+    upgraded = index.upgraded()  # served from the new space, never the old
     if plan.name == "bridge":
         old_side, q_side = index.old, plan.bridge.transform(q_new)  # type: ignore[union-attr]
     elif plan.name == "mapped":
@@ -157,7 +151,7 @@ def _two_part(
     b_old, b_new = index.budgets()
     (s_new, i_new), (s_old, i_old) = both(
         index.pool,
-        lambda: index.new.search(q_new, k, exclude=index.exclude, budget=b_new, allow=index.allow),
+        lambda: index.new.search(q_new, k, budget=b_new, allow=index.allow),
         lambda: old_side.search(q_side, k, exclude=upgraded, budget=b_old, allow=index.allow),
     )
     old_path = "old" if plan.name == "dual" else plan.name
@@ -229,8 +223,8 @@ def _cascade(
     b_old, b_new = index.budgets()
     (s_old, i_old), (_, i_new) = both(
         index.pool,
-        lambda: index.old.search(q_old, kk, exclude=index.exclude, budget=b_old, allow=index.allow),
-        lambda: index.new.search(q_new, kk, exclude=index.exclude, budget=b_new, allow=index.allow),
+        lambda: index.old.search(q_old, kk, budget=b_old, allow=index.allow),
+        lambda: index.new.search(q_new, kk, budget=b_new, allow=index.allow),
     )
     cand = np.concatenate([i_old, i_new], axis=1)  # (nq, 2K), may repeat ids
     old_vecs, old_found = index.old.store.get(cand.ravel())
