@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,6 +27,7 @@ from embcompat.errors import CorruptArtifact, EmbcompatError
 from embcompat.service import galleries, migrate
 from embcompat.service.context import Context
 from embcompat.settings import Settings, get_settings
+from embcompat.workers.app import dispatch_read_through
 
 PROBLEM = "application/problem+json"
 log = logging.getLogger("embcompat.api")
@@ -52,6 +54,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "upgrades and search. Bearer tokens with scopes `read` and `admin`.",
     )
     app.state.context = Context(settings)
+    if not settings.eager_tasks:  # an asynchronous read-through goes to the workers
+        app.state.context.read_through_queue = partial(dispatch_read_through, app.state.context)
     app.state.metrics = Metrics(app.state.context)
     routers = (routes.models, routes.gals, routes.adapters, routes.jobs, routes.audit_trail)
     for router in routers:

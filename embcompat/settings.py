@@ -107,6 +107,11 @@ class Settings(BaseSettings):
     encode_batch_size: int = Field(default=64, ge=1)
     max_batch_items: int = Field(default=10_000, ge=1)
     cascade_encode_budget: int = Field(default=16, ge=0, description="on-the-fly encodes/query")
+    cascade_read_through: Literal["sync", "async"] = Field(
+        default="sync",
+        description="sync: a search encodes its missing candidates before answering; async: "
+        "it answers with what is known and queues them for the workers",
+    )
     broker_visibility_timeout: int = Field(default=3600, ge=1, description="s before redelivery")
 
     @property

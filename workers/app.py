@@ -21,7 +21,12 @@ def create_app(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,  # long tasks: one at a time per process
         task_time_limit=3600,
         task_soft_time_limit=3300,
-        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout},
+        broker_transport_options={
+            "visibility_timeout": settings.broker_visibility_timeout,
+            "queue_order_strategy": "priority",  # Redis: 0 is served first
+            "priority_steps": list(range(10)),
+        },
+        task_default_priority=5,
         broker_connection_retry_on_startup=True,
         task_serializer="json",
         task_default_queue=settings.queue,
@@ -49,6 +54,13 @@ def dispatch_report(ctx: Context, model: str, version: str) -> str:
         return reports.run_report(ctx, model, version)
     create_app(ctx.settings).send_task("workers.tasks.version_report", args=[model, version])
     return "queued"
+
+
+def dispatch_read_through(ctx: Context, gallery: str, version_id: int, ids: list[int]) -> None:
+    """An asynchronous read-through's items, to the workers ahead of backfill chunks."""
+    create_app(ctx.settings).send_task(
+        "workers.tasks.read_through", args=[gallery, version_id, ids], priority=0
+    )
 
 
 def dispatch_ingest(ctx: Context, gallery: str) -> str:

@@ -11,6 +11,7 @@ import contextlib
 from functools import cached_property
 from typing import Any
 
+import numpy as np
 from celery import Task, shared_task
 from celery.signals import worker_process_init
 from sqlalchemy import select
@@ -92,6 +93,15 @@ def ingest(self: ContextTask, gallery: str, batch: int = 1000) -> int:
 def version_report(self: ContextTask, model: str, version: str) -> str:
     """Measure what upgrading each gallery of the model to this version would do."""
     return reports.run_report(self.ctx, model, version)
+
+
+@shared_task(name="workers.tasks.read_through", base=ContextTask, bind=True, **RETRY)
+def read_through(self: ContextTask, gallery: str, version_id: int, ids: list[int]) -> int:
+    """Encode and store the items a search touched (asynchronous read-through): the
+    next searches find them in the new space. Idempotent (stored ones are skipped)."""
+    with self.ctx.session() as s:
+        version = galleries.version_record(self.ctx, s, version_id)
+    return len(galleries.encode_and_store(self.ctx, gallery, version, np.array(ids, np.int64)))
 
 
 @shared_task(name="workers.tasks.reconcile", base=ContextTask, bind=True)

@@ -41,6 +41,10 @@ class Context:
         self.health = Health()
         self._cache: dict[tuple[str, Any], Any] = {}
         self._lock = threading.RLock()
+        # where an asynchronous read-through sends the items a search touched:
+        # (gallery, version id, ids); None: this context's background thread encodes them
+        # (the API sets the workers' queue when a broker is configured)
+        self.read_through_queue: Callable[[str, int, list[int]], None] | None = None
 
     @property
     def data_dir(self) -> Path:
@@ -138,8 +142,15 @@ class Context:
         with self._lock:
             self._cache[("encoder", version.encoder_uri)] = encoder
 
+    @cached_property
+    def background(self) -> ThreadPoolExecutor:
+        """Work after the answer (an asynchronous read-through's encodes), one at a time."""
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="embcompat-background")
+
     def close(self) -> None:
-        """Release the pool, the engine and every cached object."""
+        """Release the pools, the engine and every cached object."""
+        if "background" in self.__dict__:
+            self.background.shutdown(wait=True)  # a write in flight finishes first
         if "search_pool" in self.__dict__:
             self.search_pool.shutdown(wait=False)
         if "engine" in self.__dict__:
@@ -147,7 +158,7 @@ class Context:
         with self._lock:
             self._cache.clear()
         self.spaces = OpenSpaces()
-        for name in ("engine", "_sessions", "_write_sessions", "search_pool"):
+        for name in ("engine", "_sessions", "_write_sessions", "search_pool", "background"):
             self.__dict__.pop(name, None)
 
     def __enter__(self) -> Context:

@@ -8,6 +8,8 @@ path that produced it.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
@@ -35,6 +37,8 @@ from embcompat.service.galleries import (
     version_record,
 )
 from embcompat.service.upgrade.jobs import job_adapter, load_platt
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,6 +77,67 @@ class StoreReadThrough:
         store = space_searcher(self.ctx, self.gallery, self.version).store
         vecs, found = store.get(ids)
         return ids[found], vecs[found]
+
+
+class QueuedReadThrough:
+    """Asynchronous read-through: the candidates a search would encode are queued (the
+    workers' queue, or this context's background thread) and the search answers with
+    what is known now; later searches find them stored. Ids already queued by this
+    context and not yet stored are not queued again."""
+
+    def __init__(self, ctx: Context, gallery: str, version: ModelVersionRecord) -> None:
+        self.ctx, self.gallery, self.version = ctx, gallery, version
+
+    def encode(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        fresh = self._pending().claim(self.gallery, ids)
+        if fresh:
+            queue = self.ctx.read_through_queue or self._in_background
+            queue(self.gallery, self.version.id, fresh)
+        return ids[:0], np.zeros((0, self.version.dim), np.float32)
+
+    def _pending(self) -> _Pending:
+        return self.ctx.cached("read-through", "pending", _Pending)
+
+    def _in_background(self, gallery: str, version_id: int, ids: list[int]) -> None:
+        def run() -> None:
+            try:
+                encode_and_store(self.ctx, gallery, self.version, np.array(ids, np.int64))
+            except Exception:  # released below: the next search queues them again
+                log.exception("asynchronous read-through of %d items failed", len(ids))
+            finally:
+                self._pending().release(gallery, ids)
+
+        self.ctx.background.submit(run)
+
+
+class _Pending:
+    """Items queued by an asynchronous read-through and not yet stored, per gallery. A
+    claim lapses after PENDING_S (a lost worker task), so an item is queued again."""
+
+    def __init__(self) -> None:
+        self._since: dict[tuple[str, int], float] = {}
+        self._lock = threading.Lock()
+
+    def claim(self, gallery: str, ids: np.ndarray) -> list[int]:
+        """The ids not queued yet (or whose claim lapsed), now marked queued."""
+        now = time.monotonic()
+        with self._lock:
+            fresh = [
+                int(i) for i in ids
+                if now - self._since.get((gallery, int(i)), -PENDING_S) >= PENDING_S
+            ]  # fmt: skip
+            self._since.update(((gallery, i), now) for i in fresh)
+            if len(self._since) > 100_000:  # drop lapsed claims now and then
+                self._since = {k: t for k, t in self._since.items() if now - t < PENDING_S}
+        return fresh
+
+    def release(self, gallery: str, ids: list[int]) -> None:
+        with self._lock:
+            for i in ids:
+                self._since.pop((gallery, i), None)
+
+
+PENDING_S = 60.0
 
 
 def _queries(
@@ -146,7 +211,10 @@ def search(
         allow=allowed,
     )
     cascade = mixed_plan == ServingPlan.CASCADE
-    writer = StoreReadThrough(ctx, gallery, target) if read_through and cascade else None
+    writer: StoreReadThrough | QueuedReadThrough | None = None
+    if read_through and cascade:
+        asynchronous = ctx.settings.cascade_read_through == "async"
+        writer = (QueuedReadThrough if asynchronous else StoreReadThrough)(ctx, gallery, target)
     res = plan_search(index, plan, q_new, q_old, k, writer)
 
     def describe(r: int, c: int) -> tuple[str, str, float | None, float | None, bool]:
