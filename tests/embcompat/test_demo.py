@@ -37,7 +37,5 @@ def test_demo_interrupted_then_resumed_finishes_without_regret(text_ctx: Context
     assert summary["no_step_below_old_old"], summary["curve"]
     assert len(summary["curve_backfill_only"]) == len(summary["curve"])
     assert len(summary["encodes_per_query"]) == len(summary["curve"])
-    served = dict(summary["curve"])
-    assert all(served[f] >= alone - 1e-9 for f, alone in summary["curve_backfill_only"])
     assert summary["curve"][-1][1] == summary["r10_new_new"] == summary["r10_new_new_exact"]
     assert (text_ctx.data_dir / "demo" / "upgrade_curve.png").stat().st_size > 10_000
