@@ -64,8 +64,8 @@ class PQRerankIndex:
         allow: IdArray | None = None,
     ) -> tuple[FloatArray, IdArray]:
         """Top k of the live, not excluded (and, given `allow`, allowed) items by exact
-        score among the candidates; the candidate depth grows fourfold for rows left
-        short until they fill or every item was a candidate."""
+        score among the candidates; the candidate depth and the lists probed grow
+        fourfold for rows left short until they fill or every item was a candidate."""
         params = faiss.SearchParametersIVF(nprobe=self.index.nprobe)  # type: ignore[call-arg]
         if allow is not None:
             params.sel = selector = faiss.IDSelectorBatch(np.ascontiguousarray(allow, np.int64))
@@ -82,8 +82,8 @@ class PQRerankIndex:
             cand = np.where(bad, -1, cand)
             s, i = self._rerank(q[rows], cand, k)
             out_s[rows, : s.shape[1]], out_i[rows, : i.shape[1]] = s, i
-            if depth >= self.ntotal or params.nprobe >= self.index.nlist:
-                break
+            if depth >= self.ntotal and params.nprobe >= self.index.nlist:
+                break  # every item was a candidate
             rows = rows[(i >= 0).sum(1) < k]
             depth = min(depth * 4, self.ntotal)
             params.nprobe = min(params.nprobe * 4, self.index.nlist)

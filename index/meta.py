@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,21 @@ RANGES = {"lt", "lte", "gt", "gte"}
 OPERATORS = RANGES | {"not"}
 MAX_VALUES = 1000
 _EMPTY = np.zeros(0, np.int64)
+
+
+MAX_EXACT = 2**53  # integers beyond this have no exact float: two would compare equal
+
+
+def number_problem(value: Any) -> str | None:
+    """Why a metadata or filter number cannot be compared exactly (NaN sorts above every
+    bound, 2**53 + 1 equals 2**53 as a float, 10**400 has no float), or None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, int) and abs(value) > MAX_EXACT:
+        return f"the integer {value if abs(value) < 10**30 else 'given'} is beyond ±2**53"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value} is not a finite number"
+    return None
 
 
 def typed(value: Any) -> tuple[str, Any]:
@@ -189,6 +205,9 @@ def check_values(key: str, value: Any) -> list[MetaValue]:
         raise InvalidInput(
             f"filter {key!r} lists {len(values)} values, at most {MAX_VALUES}", field="filters"
         )
+    for v in values:
+        if problem := number_problem(v):
+            raise InvalidInput(f"filter {key!r}: {problem}", field="filters")
     if not values or not all(isinstance(v, MetaValue) for v in values):  # type: ignore[arg-type]
         raise InvalidInput(
             f"filter {key!r} needs a string, number or bool, a non-empty list of them, "
@@ -215,6 +234,8 @@ def parse_operators(key: str, condition: dict[str, Any]) -> dict[str, Any]:
             ops["not"] = check_values(key, bound)
         elif isinstance(bound, bool) or not isinstance(bound, int | float) or bound != bound:
             raise InvalidInput(f"filter {key!r}: {op!r} needs a number", field="filters")
+        elif problem := number_problem(bound):
+            raise InvalidInput(f"filter {key!r}: {op!r}: {problem}", field="filters")
         else:
             ops[op] = float(bound)
     if key == "id" and RANGES & ops.keys():
@@ -222,9 +243,9 @@ def parse_operators(key: str, condition: dict[str, Any]) -> dict[str, Any]:
     return ops
 
 
-def to_bytes(index: MetaIndex, stamp: tuple[int, int]) -> bytes:
-    """The index as one `.npz` (no pickles), with the (gallery id, items version) it is
-    current for."""
+def to_bytes(index: MetaIndex, stamp: tuple[int, ...]) -> bytes:
+    """The index as one `.npz` (no pickles), with the stamp (ints: which gallery, which
+    version of its items) it is current for."""
     keys = sorted(index.keys)
     arrays: dict[str, np.ndarray] = {"ids": index.ids, "stamp": np.asarray(stamp, np.int64)}
     for n, key in enumerate(keys):
@@ -239,16 +260,48 @@ def to_bytes(index: MetaIndex, stamp: tuple[int, int]) -> bytes:
     return buf.getvalue()
 
 
-def from_bytes(data: bytes) -> tuple[MetaIndex, tuple[int, int]]:
-    """`to_bytes` read back; on a damaged file ValueError, KeyError, EOFError or
-    zipfile.BadZipFile."""
-    with np.load(io.BytesIO(data), allow_pickle=False) as f:
-        header = json.loads(bytes(f["header"]).decode())
-        keys = {
-            key: _Postings(f[f"k{n}_codes"], f[f"k{n}_owners"], f[f"k{n}_numbers"],
-                           f[f"k{n}_nids"])
-            for n, key in enumerate(header["keys"])
-        }  # fmt: skip
-        codes = {(kind, value): int(code) for kind, value, code in header["codes"]}
-        stamp = tuple(int(x) for x in f["stamp"])
-        return MetaIndex(f["ids"], keys, codes), (stamp[0], stamp[1])
+def from_bytes(data: bytes) -> tuple[MetaIndex, tuple[int, ...]]:
+    """`to_bytes` read back, every array checked for the shape, type and order the
+    index relies on (a file that parses but lies would answer filters wrongly); any
+    damage raises ValueError."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as f:
+            header = json.loads(bytes(f["header"]).decode())
+            ids, stamp = _ints(f["ids"]), _ints(f["stamp"])
+            keys = {}
+            for n, key in enumerate(header["keys"]):
+                numbers = np.asarray(f[f"k{n}_numbers"], np.float64)
+                p = _Postings(_ints(f[f"k{n}_codes"]), _ints(f[f"k{n}_owners"]), numbers,
+                              _ints(f[f"k{n}_nids"]))  # fmt: skip
+                _check_postings(p, ids)
+                keys[str(key)] = p
+            codes = {(str(kind), value): int(code) for kind, value, code in header["codes"]}
+    except ValueError:
+        raise
+    except Exception as exc:  # BadZipFile, KeyError, EOFError, TypeError, ...
+        raise ValueError(f"{type(exc).__name__}: {exc}") from exc
+    if not len(stamp) or len(ids) and (np.diff(ids) <= 0).any():
+        raise ValueError("stamp or ids malformed")
+    if sorted(codes.values()) != list(range(len(codes))):
+        raise ValueError("value codes are not 0..n-1")
+    return MetaIndex(ids, keys, codes), tuple(int(x) for x in stamp)
+
+
+def _ints(a: np.ndarray) -> IdArray:
+    if a.ndim != 1 or a.dtype.kind not in "iu":
+        raise ValueError(f"an array of {a.dtype} {a.shape} where 1-d integers belong")
+    return a.astype(np.int64, copy=False)
+
+
+def _check_postings(p: _Postings, ids: IdArray) -> None:
+    """Parallel arrays, sorted by (code, id) and by value, of ids the index holds."""
+    if len(p.codes) != len(p.owners) or len(p.numbers) != len(p.number_ids) or p.numbers.ndim != 1:
+        raise ValueError("postings of unequal lengths")
+    if len(p.codes) > 1:
+        step = np.diff(p.codes)
+        if (step < 0).any() or ((step == 0) & (np.diff(p.owners) <= 0)).any():
+            raise ValueError("postings out of order")
+    if len(p.numbers) > 1 and (np.diff(p.numbers) < 0).any() or not np.isfinite(p.numbers).all():
+        raise ValueError("numbers out of order")
+    if not (member(ids, p.owners).all() and member(ids, p.number_ids).all()):
+        raise ValueError("postings name ids the index does not hold")

@@ -114,7 +114,9 @@ class SpaceStore:
             self.root.mkdir(parents=True, exist_ok=True)
         self._cache: tuple[tuple[int, ...], Snapshot] | None = None
         self._dim: int | None = None
-        self._verified: set[str] = set()  # shards checked against their checksums
+        # shards checked against their checksums, by name and checksums: a repaired
+        # space reuses names for new files, which are checked again
+        self._verified: set[tuple[str, ...]] = set()
         manifest = self._read_manifest()
         if manifest is None:
             if dim is None:
@@ -166,9 +168,9 @@ class SpaceStore:
 
     def _shard(self, m: dict[str, Any], name: str) -> Shard:
         """One shard of manifest `m`, verified against its checksums the first time."""
-        verify = name not in self._verified
+        verify = _identity(m, name) not in self._verified
         shard = read_shard(self.root, name, m["dim"], m.get("sha256"), verify, self.where)
-        self._verified.add(name)
+        self._verified.add(_identity(m, name))
         return shard
 
     def intact_shards(self) -> list[Shard]:
@@ -317,8 +319,8 @@ class SpaceStore:
         seq = m["seq"] + 1
         shard = f"shard-{seq:08d}"
         sums = write_shard(self.root, shard, ids, vecs, src)
-        self._verified.add(shard)  # written and checksummed just now
         m = {**m, "seq": seq, "shards": [*m["shards"], shard], "sha256": {**_sums(m), **sums}}
+        self._verified.add(_identity(m, shard))  # written and checksummed just now
         if clash is not None:
             m = self._without(m, clash, seq, keep=shard)
         merged = self._compacted(m, seq)
@@ -354,7 +356,7 @@ class SpaceStore:
             old = self._shard(m, shard)
             hit = np.isin(old.ids, ids)
             if (~hit).any():
-                name = f"{shard}.c{seq:08d}"
+                name = f"{shard.split('.')[0]}.c{seq:08d}"  # one suffix, however often rewritten
                 sums.update(
                     write_shard(
                         self.root, name, old.ids[~hit], old.vectors[~hit], old.sources[~hit]
@@ -390,7 +392,7 @@ class SpaceStore:
             np.concatenate([p.vectors for p in parts]),
             np.concatenate([p.sources for p in parts]),
         )
-        self._verified.add(name)
+        self._verified.add((name, *(sums.get(f, "") for f in shard_files(name))))
         shards = [*m["shards"][:first], name]
         runs = {**(m.get("written") or {}), name: _runs(written)}
         return {**m, "shards": shards, "sha256": _live_sums({**_sums(m), **sums}, shards),
@@ -411,6 +413,12 @@ class SpaceStore:
                 f.unlink()
                 removed += 1
         return removed
+
+
+def _identity(m: dict[str, Any], name: str) -> tuple[str, ...]:
+    """A shard as its name and the checksums the manifest lists for its files."""
+    sums = _sums(m)
+    return (name, *(sums.get(f, "") for f in shard_files(name)))
 
 
 def _written(shard: str) -> int:

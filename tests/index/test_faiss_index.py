@@ -161,3 +161,18 @@ def test_ivfpq_keeps_codes_in_memory_and_reranks_with_the_stored_floats(
     store.add([99_999], x[:1])
     _, ids = searcher.search(x[:1], 3)
     assert ids[0, 0] == 99_999 and 0 not in ids
+
+
+def test_ivfpq_fills_k_when_most_of_the_index_is_excluded(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(12_000, 16)).astype(np.float32)
+    store = SpaceStore(tmp_path / "s", 16)
+    store.add(np.arange(12_000), x)
+    gens = IndexGenerations(tmp_path / "idx", "ivfpq", "l2")
+    gens.publish(store)
+    excluded = np.sort(rng.permutation(12_000)[:11_400])  # 600 left
+    scores, ids = SpaceSearcher(store, gens).search(x[:3], 100, exclude=excluded)
+    assert ((ids >= 0).sum(1) == 100).all() and not np.isin(ids, excluded).any()
+    kept = np.setdiff1d(np.arange(12_000), excluded)
+    truth = kept[np.argsort(((x[kept][None] - x[:3, None]) ** 2).sum(-1), axis=1)[:, :10]]
+    assert np.mean([len(set(a[:10]) & set(b)) / 10 for a, b in zip(ids, truth, strict=True)]) >= 0.9

@@ -195,3 +195,18 @@ StoreMachine.TestCase.settings = settings(
     deadline=None,
 )
 test_store_snapshots_stay_true = StoreMachine.TestCase
+
+
+def test_a_shard_rewritten_again_and_again_keeps_a_short_name(tmp_path: Path) -> None:
+    store = SpaceStore(tmp_path / "s", 2)
+    store.add(np.arange(100), _vecs(100, d=2))  # one shard
+    for n in range(40):  # each delete rewrites it
+        store.delete([n])
+    (name,) = store._manifest()["shards"]
+    assert len(name) <= len("shard-00000001.c00000041")
+    store.add([50], _vecs(1, d=2, seed=9), replace=True)
+    assert len(store) == 60
+    assert store.garbage_collect() > 0  # the 40 files sets no manifest names any more
+    assert {f.name for f in (tmp_path / "s").glob("shard-*")} == {
+        f"{s}{x}" for s in store._manifest()["shards"] for x in (".npy", ".ids.npy", ".src.npy")
+    }

@@ -4,15 +4,18 @@ filter matches exactly what a scan of the items' metadata says."""
 
 from __future__ import annotations
 
+import io
 import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from embcompat.errors import InvalidInput
 from embcompat.index.meta import MetaIndex, typed
 from embcompat.service import galleries, search
 from embcompat.service.context import Context
@@ -154,3 +157,53 @@ def test_the_index_agrees_with_the_reference_on_random_filters() -> None:
         return np.array(sorted({int(n[1:]) for n in names if n[1:].isdigit()}), np.int64)
 
     check()
+
+
+def test_numbers_that_cannot_compare_exactly_are_refused(tmp_path: Path) -> None:
+    """NaN would sort above every bound, 2**53 + 1 would equal 2**53, 10**400 has no
+    float: refused in metadata and in filters, naming the key."""
+    with make_context(tmp_path / "data") as ctx:
+        vector_gallery(ctx, "g", 2)
+        galleries.ingest(
+            ctx, "g", [galleries.ItemIn("a", vector=[1.0, 0.0], metadata={"n": 2**53})]
+        )
+        for bad in (float("nan"), float("inf"), 2**53 + 1, 10**400):
+            with pytest.raises(InvalidInput, match="'n'"):
+                galleries.ingest(
+                    ctx, "g", [galleries.ItemIn("b", vector=[0.0, 1.0], metadata={"n": bad})]
+                )
+            for condition in (bad, {"gt": bad}, {"not": bad}):
+                with pytest.raises(InvalidInput, match="'n'"):
+                    search.search(ctx, "g", vectors=[[1.0, 0.0]], k=2, filters={"n": condition})
+        hits = search.search(ctx, "g", vectors=[[1.0, 0.0]], k=2, filters={"n": 2**53}).hits
+        assert [h.item for h in hits[0]] == ["a"]
+
+
+def test_a_saved_index_that_parses_but_lies_is_rebuilt(tmp_path: Path) -> None:
+    """The file is derived data: arrays out of order, of unequal lengths or of the wrong
+    type make a new process rebuild from the items instead of answering from it."""
+    with make_context(tmp_path / "data") as ctx:
+        vector_gallery(ctx, "g", 2)
+        galleries.ingest(ctx, "g", [galleries.ItemIn(f"i{n}", vector=[1.0, n],
+                         metadata={"color": "red" if n % 2 else "blue", "size": n})
+                         for n in range(8)])  # fmt: skip
+        want = {"color": "red"}
+        expected = sorted(h.item for h in search.search(
+            ctx, "g", vectors=[[1.0, 0.0]], k=8, filters=want).hits[0])  # fmt: skip
+        path = index_file(ctx, "g")
+        good = dict(np.load(io.BytesIO(path.read_bytes())))
+        lies = [
+            {"k0_owners": good["k0_owners"][::-1]},
+            {"k0_owners": good["k0_owners"][:-1]},
+            {"k1_nids": np.zeros(0, np.int64)},
+            {"ids": good["ids"].astype(str)},
+            {"k0_owners": good["k0_owners"][:, None]},
+            {"stamp": np.zeros(0, np.int64)},
+        ]
+        for lie in lies:
+            buf = io.BytesIO()
+            np.savez(buf, **{**good, **lie})
+            path.write_bytes(buf.getvalue())
+            with Context(ctx.settings) as fresh:
+                got = search.search(fresh, "g", vectors=[[1.0, 0.0]], k=8, filters=want).hits[0]
+                assert sorted(h.item for h in got) == expected, list(lie)

@@ -7,7 +7,6 @@ the key `id` matches item ids."""
 from __future__ import annotations
 
 import logging
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from sqlalchemy import select
 from embcompat.arrays import IdArray
 from embcompat.errors import InvalidInput
 from embcompat.files import atomic_write
-from embcompat.index.meta import MetaIndex, MetaValue, from_bytes, to_bytes
+from embcompat.index.meta import MetaIndex, MetaValue, from_bytes, number_problem, to_bytes
 from embcompat.registry.schema import Item, ItemDeletion
 from embcompat.service.context import Context
 from embcompat.service.galleries.layout import gallery_dir, get_gallery_row
@@ -42,6 +41,8 @@ def check_metadata(item_id: str, meta: Any) -> None:
                 f"not {type(value).__name__}",
                 field="metadata",
             )
+        if problem := number_problem(value):
+            raise InvalidInput(f"item {item_id!r}: metadata {key!r}: {problem}", field="metadata")
 
 
 def allowed_by(ctx: Context, gallery: str, filters: Filters | None) -> IdArray | None:
@@ -81,12 +82,14 @@ def meta_index(ctx: Context, gallery: str) -> MetaIndex:
     changes at once, cost a pass over the gallery's items."""
     with ctx.session() as s:
         g = get_gallery_row(s, gallery)
-        stamp = (g.id, g.items_version)  # read before the rows: they are never older
+        # the gallery (its id and creation time: a re-created gallery can reuse the id)
+        # and its write counter, read before the rows: they are never older than it
+        stamp = (g.id, int(g.created_at.timestamp() * 1e6), g.items_version)
 
         def catch_up(kept: tuple[Any, tuple[MetaIndex, int]] | None) -> tuple[MetaIndex, int]:
             base = (kept[1][0], kept[0], kept[1][1]) if kept else _saved(ctx, gallery)
-            if base is not None and base[1][0] == g.id and base[1][1] <= g.items_version:
-                index, (_, since), saved = base
+            if base is not None and base[1][:2] == stamp[:2] and base[1][2] <= g.items_version:
+                index, (_, _, since), saved = base
                 rows = s.execute(
                     select(Item.id, Item.meta).where(Item.gallery_id == g.id, Item.meta_seq > since)
                 ).all()
@@ -109,22 +112,22 @@ def meta_index(ctx: Context, gallery: str) -> MetaIndex:
         return ctx.current("meta", gallery, stamp, catch_up)[0]
 
 
-def _saved(ctx: Context, gallery: str) -> tuple[MetaIndex, tuple[int, int], int] | None:
+def _saved(ctx: Context, gallery: str) -> tuple[MetaIndex, tuple[int, ...], int] | None:
     """The index file beside the gallery, if it reads back whole."""
     try:
         index, stamp = from_bytes(index_file(ctx, gallery).read_bytes())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError) as exc:
         # derived data: rebuilt from the items
         log.warning("gallery %r: metadata index file unreadable (%s), rebuilding", gallery, exc)
         return None
-    return index, stamp, stamp[1]
+    return index, stamp, stamp[-1]
 
 
-def _save(ctx: Context, gallery: str, index: MetaIndex, stamp: tuple[int, int]) -> int:
+def _save(ctx: Context, gallery: str, index: MetaIndex, stamp: tuple[int, ...]) -> int:
     atomic_write(index_file(ctx, gallery), to_bytes(index, stamp))
-    return stamp[1]
+    return stamp[-1]
 
 
 def forget_meta_index(ctx: Context, gallery: str) -> None:

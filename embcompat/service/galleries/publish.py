@@ -30,7 +30,8 @@ from embcompat.service.galleries.layout import (
 def publish(ctx: Context, gallery: str, index_kind: str | None = None) -> dict[str, int]:
     """Build and publish a new index generation for every version space of the gallery
     (a mapped space is searched from the store until its job finishes). Every shard is
-    verified against its checksum first: a damaged space is refused, never indexed.
+    verified against its checksum first: a damaged space is refused, never indexed, and
+    the shard files no manifest names any more are removed.
     `index_kind` switches the gallery to another kind first (a gallery that outgrew RAM
     moves to `ivfpq`); searches keep the old generation until the new one is published."""
     out = {}
@@ -54,6 +55,7 @@ def publish(ctx: Context, gallery: str, index_kind: str | None = None) -> dict[s
         gens = searcher.generations
         searcher.store.verify()
         out[space.name] = gens.publish(searcher.store)
+        searcher.store.garbage_collect()  # shard files compaction and deletes left behind
         ctx.health.clear(gallery, space.name)  # whatever was damaged, this one is sound
         if gens.fitted_binarizer is not None:
             _register_binarizer(ctx, gens, rec, searcher.store.snapshot().vectors)

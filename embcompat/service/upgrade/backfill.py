@@ -108,9 +108,11 @@ def map_chunks(ctx: Context, job_id: int, seqs: list[int]) -> int:
     ids = ids[~target.snapshot().positions(ids)[1]]  # mapped by an earlier, stopped run
     if len(ids) == 0:
         return 0
+    read_from, _ = old.sources(ids)
     mapped = mapper.transform(old.get(ids)[0])
-    with gallery_lock(ctx, v.gallery):  # an item deleted meanwhile is not mapped
+    with gallery_lock(ctx, v.gallery):  # an item deleted or updated meanwhile is not mapped
         sources, still = old.sources(ids)
+        still &= sources == read_from
         return len(target.add_missing(ids[still], mapped[still], sources[still]))
 
 
