@@ -1,8 +1,8 @@
 """Galleries of millions on one machine: ingest, publish, search and a mapped upgrade,
 each through the service and against bare FAISS or numpy on the same data, in one run.
 
-For each N: an external 128-d version `vec:v1` holds N synthetic clustered vectors,
-ingested through the service in batches of 10,000 with three metadata keys (`shard`: 10
+For each N: an external 128-d version `vec:v1` (`--dim`) holds N synthetic clustered
+vectors, ingested through the service in batches of 10,000 with three metadata keys (`shard`: 10
 values, 10 % each; `tenant`: 1,000 values, 0.1 % each; `price`: 0-99) and the item's
 number as its text. Measured:
 - ingest items/s on SQLite, and on PostgreSQL with `--database-url` (a fresh database
@@ -12,14 +12,15 @@ number as its text. Measured:
   searching the same published index file: unfiltered, and filtered (10 %, 0.1 %, a
   numeric range of 10 %, a negation of 90 %) against the same index searched with an
   `IDSelectorBatch` of the matching ids;
-- a mapped upgrade to `vec:v2` (a pyfunc whose space is a rotation of v1's, encoding an
-  item from its text), run step by step through the service: its time, the map step's
-  vectors/s over a bare matrix product on the same batches, and per-query medians of the
-  mixed mid-upgrade search over bare FAISS on the same vectors in v2's space.
+- a mapped upgrade to `vec:v2` (a pyfunc whose space is v1's turned into `--new-dim`
+  dimensions, encoding an item from its text), run step by step through the service:
+  its time, the map step's vectors/s over a bare matrix product on the same batches, and
+  per-query medians of the mixed mid-upgrade search over bare FAISS on the same vectors
+  in v2's space.
 
     python bench/scale.py --n 100000 1000000 [--kinds flat ivfpq] [--queries 50]
         [--database-url postgresql+psycopg2://postgres@127.0.0.1:5432/postgres]
-        [--json PATH]
+        [--dim 128 --new-dim 128] [--skip-upgrade] [--json PATH]
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from embcompat.service.context import Context
 from embcompat.service.galleries.layout import gallery_dir, space_name
 from embcompat.settings import Settings
 
-DIM = 128
+DIM, NEW_DIM = 128, 128  # v1's and v2's widths (--dim, --new-dim)
 BLOCK = 10_000  # vectors are generated (and ingested) in blocks of this many
 KINDS = ("flat", "hnsw", "ivfpq", "binary")
 
@@ -64,7 +65,9 @@ def block(b: int) -> np.ndarray:
 
 
 def rotation() -> np.ndarray:
-    return np.linalg.qr(np.random.default_rng(5).standard_normal((DIM, DIM)))[0].astype(np.float32)
+    """(DIM, NEW_DIM) with orthonormal rows: v1's space turned into v2's."""
+    q = np.linalg.qr(np.random.default_rng(5).standard_normal((NEW_DIM, DIM)))[0]
+    return q.T.astype(np.float32)
 
 
 class RotatedEncoder(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defined]
@@ -192,8 +195,8 @@ def kind_rows(
         bare = _bare(path, ctx, space_name(v1.id))
         svc = lambda f: lambda q: search.search(ctx, "g", vectors=q, k=10, filters=f)  # noqa: E731
         svc(None)(queries[:1])  # load the generation
-        row = {"n": n, "index": kind, "db": "sqlite", "publish_s": publish_s,
-               "bytes_per_vector": path.stat().st_size / n}  # fmt: skip
+        row = {"n": n, "dims": f"{DIM}->{NEW_DIM}", "index": kind, "db": "sqlite",
+               "publish_s": publish_s, "bytes_per_vector": path.stat().st_size / n}  # fmt: skip
         for key, filters, mask in (
             ("search_ratio", None, None),
             ("filtered_ratio_10", {"shard": 3}, i % 10 == 3),
@@ -222,7 +225,7 @@ def mapped_upgrade(ctx: Context, n: int, queries: np.ndarray) -> dict[str, float
         )
     with ctx.session() as s:
         versions.register_version(
-            s, ctx.registry, model="vec", version="v2", dim=DIM, source="mlflow",
+            s, ctx.registry, model="vec", version="v2", dim=NEW_DIM, source="mlflow",
             location=info.model_uri, parent="v1", models_dir=ctx.models_dir,
             policy=ctx.model_policy, logged_here=True,
         )  # fmt: skip
@@ -245,7 +248,7 @@ def mapped_upgrade(ctx: Context, n: int, queries: np.ndarray) -> dict[str, float
         raise RuntimeError(f"the upgrade stopped in {state.state} ({state.error})")
 
     # bare product on the same batches: the vectors in memory, one matrix product each
-    w = np.random.default_rng(0).standard_normal((DIM, DIM)).astype(np.float32)
+    w = np.random.default_rng(0).standard_normal((DIM, NEW_DIM)).astype(np.float32)
     x = np.concatenate([block(b) for b in range((n + BLOCK - 1) // BLOCK)])[:n]
     t1 = time.perf_counter()
     per = max(len(b) for b in batches) * 10_000
@@ -253,7 +256,7 @@ def mapped_upgrade(ctx: Context, n: int, queries: np.ndarray) -> dict[str, float
         x[start : start + per] @ w
     bare_s = time.perf_counter() - t1
 
-    bare = faiss.IndexFlatIP(DIM)
+    bare = faiss.IndexFlatIP(NEW_DIM)
     bare.add(x @ rotation())
     q2 = queries @ rotation()
     search.search(ctx, "g", vectors=q2[:1], k=10)
@@ -271,8 +274,12 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--database-url", help="a PostgreSQL server's admin URL, for ingest")
     parser.add_argument("--skip-upgrade", action="store_true")
+    parser.add_argument("--dim", type=int, default=DIM, help="v1's width")
+    parser.add_argument("--new-dim", type=int, default=NEW_DIM, help="v2's width (>= --dim)")
     parser.add_argument("--json", help="write the rows")
     args = parser.parse_args()
+    global DIM, NEW_DIM
+    DIM, NEW_DIM = args.dim, max(args.new_dim, args.dim)
     queries = block(10**6)[: args.queries]  # drawn like the gallery, never in it
     rows: list[dict[str, Any]] = []
     for n in args.n:
