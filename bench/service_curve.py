@@ -44,15 +44,25 @@ CHUNK = 1200
 BATCH = 8
 
 
+_CACHED: dict[str, CachedTextEncoder] = {}  # built once, installed in every copy's context
+
+
+def _settings(root: Path, **settings: Any) -> Settings:
+    """Copies of the data dir keep MLflow artifact paths of the first: trusted too."""
+    return Settings(data_dir=root, model_roots=[root.parent], **settings)
+
+
 def _context(root: Path, e: Any, **settings: Any) -> tuple[Context, dict[str, Any]]:
     """A context on `root` whose encoders answer from the cached embeddings."""
-    ctx = Context(Settings(data_dir=root, **settings))
+    ctx = Context(_settings(root, **settings))
     migrate.upgrade(ctx.settings.resolved_database_url)
     recs = register_text_pair(ctx, MODELS)
     texts = e.task.gallery + e.task.queries
     for version, g, q in (("v1", e.g_old, e.q_old), ("v2", e.g_new, e.q_new)):
-        real = ctx.encoder(recs[version])
-        ctx.install_encoder(recs[version], CachedTextEncoder(real, texts, np.vstack([g, q])))
+        if version not in _CACHED:
+            real = ctx.encoder(recs[version])
+            _CACHED[version] = CachedTextEncoder(real, texts, np.vstack([g, q]))
+        ctx.install_encoder(recs[version], _CACHED[version])
     return ctx, recs
 
 
@@ -178,7 +188,7 @@ def budget_table(e: Any, evalq: np.ndarray, day_one: Path, root: Path, budgets: 
             ctx.close()
             shutil.rmtree(snap)
             shutil.copytree(day_one, snap)
-            live = Context(Settings(data_dir=snap, **settings))  # real encoders
+            live = Context(_settings(snap, **settings))  # real encoders
             live.encoder(recs["v2"]).encode(["warm up"])
             times = []
             for i in evalq[:latency_queries]:
