@@ -107,10 +107,15 @@ def read_through(self: ContextTask, gallery: str, version_id: int, ids: list[int
 @shared_task(name="workers.tasks.reconcile", base=ContextTask, bind=True)
 def reconcile(self: ContextTask) -> int:
     """Beat, every minute: dispatch the chunks due now for every backfilling job (their
-    schedule's window and rate, and chunks whose worker was lost)."""
+    schedule's window and rate, and chunks whose worker was lost), and the reports of
+    versions a workflow marked `candidate` in MLflow directly."""
     with self.ctx.session() as s:
         jobs = list(s.scalars(select(Job.id).where(Job.state == JobState.BACKFILLING)))
     sent = 0
+    for model, version in reports.candidates_without_report(self.ctx):
+        if reports.request_report(self.ctx, model, version):
+            version_report.delay(model, version)
+            sent += 1
     for job_id in jobs:
         for seq in upgrade.chunks_due(self.ctx, job_id):
             backfill_chunk.delay(job_id, seq)

@@ -22,7 +22,7 @@ import numpy as np
 from sqlalchemy import func, select
 
 from embcompat.errors import EmbcompatError, UnknownReport
-from embcompat.kinds import UpgradePlan
+from embcompat.kinds import Alias, UpgradePlan
 from embcompat.registry import versions
 from embcompat.registry.records import ModelVersionRecord
 from embcompat.registry.schema import EmbeddingModel, Gallery, Item, ModelVersion, VersionReport
@@ -55,6 +55,35 @@ def request_report(ctx: Context, model: str, version: str) -> bool:
             report.state, report.error, report.finished_at = "pending", None, None
             report.requested_at = datetime.now(UTC)
         return True
+
+
+def candidates_without_report(ctx: Context) -> list[tuple[str, str]]:
+    """(model, version) of each version that carries MLflow's `candidate` alias (set by a
+    registration workflow straight in MLflow, not through this service) and has no
+    report yet, among the models serving a gallery: the beat asks for their reports."""
+    with ctx.session() as s:
+        rows = s.execute(
+            select(EmbeddingModel.name, ModelVersion.mlflow_name)
+            .join(ModelVersion, ModelVersion.model_id == EmbeddingModel.id)
+            .join(Gallery, Gallery.serving_version_id == ModelVersion.id)
+            .distinct()
+        ).all()
+    out = []
+    for model, mlflow_name in rows:
+        if not mlflow_name:
+            continue
+        number = ctx.registry.alias_version(mlflow_name, Alias.CANDIDATE)
+        if number is None:
+            continue
+        with ctx.session() as s:
+            row = s.scalars(
+                select(ModelVersion).where(
+                    ModelVersion.mlflow_name == mlflow_name, ModelVersion.mlflow_version == number
+                )
+            ).first()
+            if row is not None and s.get(VersionReport, row.id) is None:
+                out.append((model, row.version))
+    return out
 
 
 def get_report(ctx: Context, model: str, version: str) -> dict[str, Any]:

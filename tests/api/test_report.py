@@ -12,10 +12,13 @@ from fastapi.testclient import TestClient
 from mlflow.tracking import MlflowClient
 
 from embcompat.api.app import create_app
-from embcompat.service import migrate
+from embcompat.registry import versions
+from embcompat.service import galleries, migrate, reports
+from embcompat.service.context import Context
 from embcompat.settings import Settings
 from tests.api.conftest import ADMIN, READ, TOKENS
 from tests.conftest import wordnet_items
+from tests.service.hash_models import register_hash_pair
 
 
 def test_registration_report_probe_and_standalone_adapters_over_http(tmp_path: Path) -> None:
@@ -85,3 +88,20 @@ def test_registration_report_probe_and_standalone_adapters_over_http(tmp_path: P
     assert both.status_code == 422 and "exactly one" in both.json()["detail"]
     actions = {e["action"] for e in client.get("/audit", headers=ADMIN).json()}
     assert {"set_probe", "fit_adapter", "register_version"} <= actions
+
+
+def test_a_candidate_alias_set_in_mlflow_is_found_for_its_report(tmp_path: Path) -> None:
+    """A registration workflow that marks a version `candidate` in MLflow itself, not
+    through the API, still gets its report: the beat finds it once, then not again."""
+    with Context(Settings(data_dir=tmp_path / "data")) as ctx:
+        migrate.upgrade(ctx.settings.resolved_database_url)
+        register_hash_pair(ctx)
+        assert reports.candidates_without_report(ctx) == []  # no gallery served yet
+        galleries.create_gallery(ctx, "g", "hash", "v1")
+        assert reports.candidates_without_report(ctx) == []  # no candidate alias yet
+        with ctx.session() as s:
+            v2 = versions.get_version(s, ctx.registry, "hash", "v2")
+        ctx.registry.set_alias(v2.mlflow_name, "candidate", v2.mlflow_version)
+        assert reports.candidates_without_report(ctx) == [("hash", "v2")]
+        assert reports.request_report(ctx, "hash", "v2")
+        assert reports.candidates_without_report(ctx) == []
