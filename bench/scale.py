@@ -268,6 +268,7 @@ def mapped_upgrade(ctx: Context, n: int, queries: np.ndarray) -> dict[str, float
 
 
 def main() -> None:
+    global DIM, NEW_DIM  # the widths every helper generates and maps with
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[100_000])
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
@@ -278,7 +279,6 @@ def main() -> None:
     parser.add_argument("--new-dim", type=int, default=NEW_DIM, help="v2's width (>= --dim)")
     parser.add_argument("--json", help="write the rows")
     args = parser.parse_args()
-    global DIM, NEW_DIM
     DIM, NEW_DIM = args.dim, max(args.new_dim, args.dim)
     queries = block(10**6)[: args.queries]  # drawn like the gallery, never in it
     rows: list[dict[str, Any]] = []
