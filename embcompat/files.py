@@ -35,7 +35,7 @@ def atomic_write_npy(path: Path, arr: np.ndarray) -> str:
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(arr))
     header = buf.getvalue()
-    body = memoryview(arr.reshape(-1).view(np.uint8))
+    body = memoryview(arr.reshape(-1).view(np.uint8).data)
     atomic_write(path, header, body)
     digest = hashlib.sha256(header)
     digest.update(body)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import faiss
 import numpy as np
@@ -184,6 +184,7 @@ class IndexGenerations:
                 self.kind == IndexKind.IVFPQ and len(snap) < MIN_PQ
             ):
                 built = IndexKind.FLAT  # too few vectors to fit codes yet
+            index: faiss.Index
             if built == IndexKind.IVFPQ:
                 metric = faiss.METRIC_INNER_PRODUCT if self.metric == "ip" else faiss.METRIC_L2
                 index = build_ivfpq(snap, metric)
@@ -253,7 +254,8 @@ class IndexGenerations:
                 if meta["kind"] == IndexKind.IVFPQ:
                     if store is None:
                         raise CorruptArtifact(f"{self.label}: an IVF-PQ generation needs its store")
-                    index = PQRerankIndex(index, store)
+                    ivfpq = cast(faiss.IndexIVFPQ, faiss.downcast_index(index))
+                    index = PQRerankIndex(ivfpq, store)
         except CorruptArtifact:
             raise
         except (OSError, ValueError, RuntimeError, KeyError) as exc:

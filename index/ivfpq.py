@@ -9,6 +9,8 @@ so publishing never holds the whole gallery's floats in memory.
 
 from __future__ import annotations
 
+from typing import Any
+
 import faiss
 import numpy as np
 
@@ -66,7 +68,7 @@ class PQRerankIndex:
         """Top k of the live, not excluded (and, given `allow`, allowed) items by exact
         score among the candidates; the candidate depth and the lists probed grow
         fourfold for rows left short until they fill or every item was a candidate."""
-        params = faiss.SearchParametersIVF(nprobe=self.index.nprobe)  # type: ignore[call-arg]
+        params: Any = faiss.SearchParametersIVF(nprobe=self.index.nprobe)  # type: ignore[call-arg]
         if allow is not None:
             params.sel = selector = faiss.IDSelectorBatch(np.ascontiguousarray(allow, np.int64))
             params.keepalive = selector  # the C++ object must outlive the search

@@ -256,7 +256,7 @@ def to_bytes(index: MetaIndex, stamp: tuple[int, ...]) -> bytes:
     header = {"keys": keys, "codes": [[kind, value, code] for (kind, value), code in codes]}
     arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
     return buf.getvalue()
 
 

@@ -88,5 +88,6 @@ def _gallery_texts(ctx: Context, gallery: str, sample: int) -> list[str]:
         texts: list[str] = []
         for start in range(0, len(chosen), 10_000):
             part = chosen[start : start + 10_000]
-            texts += [t for (t,) in s.execute(select(Item.payload).where(Item.id.in_(part)))]
+            rows = s.execute(select(Item.payload).where(Item.id.in_(part)))
+            texts += [t for (t,) in rows if t]
     return texts

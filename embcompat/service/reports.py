@@ -189,7 +189,7 @@ def _gallery(
     labelled = None
     if probe:
         with ctx.session() as s:
-            g_id = s.scalar(select(Gallery.id).where(Gallery.name == gallery))
+            g_id = s.scalars(select(Gallery.id).where(Gallery.name == gallery)).one()
         labelled = probe_measure(ctx, g_id, probe, ids, x_old, x_new, old, new, total, adapters)
     measured = (labelled or {}).get("plans")
     plan, reason, _ = choose_plan(UpgradePlan.AUTO, new_old >= old_old, old, new, measured=measured)
