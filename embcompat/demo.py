@@ -101,11 +101,12 @@ def _recall(
         serving_new = rec.serving_version == "v2"
         job = upgrade.latest_job(ctx, GALLERY)
         mixed = job is not None and job.state in SERVING_STATES
+        new_side = mixed or serving_new
         res = service_search.search(
             ctx,
             GALLERY,
-            vectors=q_new[sl] if (mixed or serving_new) else q_old[sl],
-            old_vectors=q_old[sl] if mixed else None,
+            vectors=q_new[sl] if new_side else q_old[sl],
+            old_vectors=q_old[sl] if new_side else None,  # a kept cascade fuses both
             read_through=read_through,
             k=10,
         )
@@ -158,7 +159,7 @@ def run_demo(
         items = [
             galleries.ItemIn(i, t) for i, t in zip(task.gallery_ids, task.gallery, strict=True)
         ]
-        with _progress() as bar:
+        with _progress(console) as bar:
             t = bar.add_task("ingest", total=len(items))
             for start in range(0, len(items), 1000):
                 galleries.ingest(ctx, GALLERY, items[start : start + 1000])
@@ -209,14 +210,14 @@ def run_demo(
 
     console.rule(f"4. serve v2 at once ({job.plan}) and backfill")
     # served: every labelled query through the service's search as users send them,
-    # read-through on (candidates missing a v2 vector are encoded and stored on the
-    # way); backfill only: the same queries with read-through off, what the backfill
-    # alone has moved so far
+    # read-through on (candidates missing a v2 vector are encoded and stored on the way:
+    # this traffic moves items to v2 too, so the next mark comes sooner); backfill only:
+    # the same queries with read-through off, first, what the backfill alone has moved
     curve: list[tuple[float, float]] = []
     backfill_only: list[tuple[float, float]] = []
     encodes: list[float] = []
     marks = {"next": 0.0, "chunks": 0}
-    with _progress() as bar:
+    with _progress(console) as bar:
         t = bar.add_task("backfill", total=job.items_total, completed=job.items_done)
 
         def measure(rec: upgrade.JobRecord) -> None:
@@ -256,9 +257,14 @@ def run_demo(
     return {**summary, "r10_new_new_exact": r_nn}
 
 
-def _progress() -> Progress:
+def _progress(console: Console) -> Progress:
+    """Progress bars on the demo's console (what it prints is one record)."""
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
     )
 
 

@@ -81,10 +81,13 @@ def test_the_override_serves_it_and_says_so_on_every_search(ctx: Context, reques
     assert job.to_dict()["report"]["gate"]["warning"] == gate["warning"]
 
 
-def _points(day_one: float, final: float, lost: int = 0, won: int = 0) -> dict[str, object]:
+def _points(
+    day_one: float, final: float, lost: int = 0, won: int = 0, queries: int = 500
+) -> dict[str, object]:
     regret = lost - won > 2 * (lost + won) ** 0.5
     return {"r10_day_one": day_one, "r10_final": final, "lowest": min(day_one, final),
-            "queries_lost": lost, "queries_won": won, "no_regret": not regret}  # fmt: skip
+            "queries_lost": lost, "queries_won": won, "no_regret": not regret,
+            "queries": queries}  # fmt: skip
 
 
 def test_with_labels_the_highest_lowest_point_among_no_regret_plans_is_served(
@@ -110,15 +113,21 @@ def test_with_labels_the_highest_lowest_point_among_no_regret_plans_is_served(
     nothing = {p: _points(0.5, 0.5, lost=30, won=0) for p in ("cascade", "bridge")}
     plan, reason, _ = gate.choose_plan("auto", False, v1, v2, measured=nothing)
     assert plan == "cascade" and "no plan is no-regret" in reason
+    few = {**measured, "mapped": _points(0.9, 0.9, won=1, queries=20)}  # 1 won, 0 lost
+    plan, _, _ = gate.choose_plan("auto", False, v1, v2, measured=few)
+    assert plan == "cascade"  # too few probe queries to trust an adapter on labels
+    plan, reason, _ = gate.choose_plan("mapped", False, v1, v2, measured=few)
+    assert plan == "cascade" and "without labels" in reason
 
 
 def test_a_probe_measures_every_plan_through_an_upgrade(ctx: Context) -> None:
     """hash:v2 is an exact rotation of hash:v1: with labels, the bridge is shown to be no
     worse than v1, so it is served as requested without an override."""
+    texts = [f"w{n % 7} w{n % 11} w{n % 13} u{n}" for n in range(150)]
     galleries.create_gallery(ctx, "g", "hash", "v1")
-    galleries.ingest(ctx, "g", [galleries.ItemIn(f"i{n}", t) for n, t in enumerate(TEXTS)])
-    probe = [{"text": t, "relevant": [f"i{n}"]} for n, t in enumerate(TEXTS)]
-    job = upgrade.start_upgrade(ctx, "g", "hash", "v2", "bridge", pairs=60, probe=probe)
+    galleries.ingest(ctx, "g", [galleries.ItemIn(f"i{n}", t) for n, t in enumerate(texts)])
+    probe = [{"text": t, "relevant": [f"i{n}"]} for n, t in enumerate(texts)]
+    job = upgrade.start_upgrade(ctx, "g", "hash", "v2", "bridge", pairs=150, probe=probe)
     rec = upgrade.run_in_process(ctx, job.id, stop_after=0)
     measured = rec.report["gate"]["probe"]["plans"]
     assert set(measured) == {"dual", "cascade", "bridge", "mapped"}

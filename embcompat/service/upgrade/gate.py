@@ -44,6 +44,11 @@ def proxy_bridge_check(bridge: Any, h_old: FloatArray, h_new: FloatArray) -> tup
 
 
 BRIDGE_TYPES = {ServingPlan.BRIDGE, ServingPlan.MAPPED, ServingPlan.BASIS}
+# A plan that answers old items through an adapter is judged on labels only when this
+# many probe queries were measured: on a handful, "1 won, 0 lost" passes a sign test and
+# proves nothing (a 240-item demo gallery picked `mapped` that way, then served 0.80
+# against v1's 0.93).
+MIN_BRIDGE_QUERIES = 100
 
 
 def choose_plan(
@@ -70,7 +75,7 @@ def choose_plan(
     both_encoders = not old.external and not new.external
     safe = ServingPlan.CASCADE if both_encoders else ServingPlan.DUAL
     if measured:
-        return _choose_measured(requested, measured, safe, override, old)
+        return _choose_measured(requested, measured, safe, override, old, new)
     warning = None
     if requested == UpgradePlan.AUTO:
         plan, reason = (
@@ -112,6 +117,7 @@ def _choose_measured(
     safe: ServingPlan,
     override: bool,
     old: ModelVersionRecord,
+    new: ModelVersionRecord,
 ) -> tuple[ServingPlan, str, str | None]:
     def points(plan: str) -> str:
         m = measured[plan]
@@ -121,6 +127,10 @@ def _choose_measured(
             f"{old.ref}"
         )
 
+    measured = {
+        p: m for p, m in measured.items()
+        if p not in BRIDGE_TYPES or m.get("queries", 0) >= MIN_BRIDGE_QUERIES
+    }  # fmt: skip
     if requested == UpgradePlan.AUTO:
         fine = [p for p, m in measured.items() if m["no_regret"]]
         if not fine:
@@ -135,7 +145,7 @@ def _choose_measured(
     if requested == UpgradePlan.BACKFILL:
         return ServingPlan.DUAL, "requested backfill: the old part searched as before", None
     if requested not in measured:
-        return choose_plan(requested, False, old, old, override)  # not measured: unlabelled
+        return choose_plan(requested, False, old, new, override)  # not measured: unlabelled
     if measured[requested]["no_regret"]:
         return (
             ServingPlan(requested),

@@ -146,6 +146,7 @@ def plan_points(
             "queries_lost": lost,
             "queries_won": won,
             "no_regret": not lost - won > 2 * np.sqrt(lost + won),
+            "queries": len(relevant),
         }
     return out
 
