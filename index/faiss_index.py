@@ -254,8 +254,7 @@ class IndexGenerations:
                 if meta["kind"] == IndexKind.IVFPQ:
                     if store is None:
                         raise CorruptArtifact(f"{self.label}: an IVF-PQ generation needs its store")
-                    ivfpq = cast(faiss.IndexIVFPQ, faiss.downcast_index(index))
-                    index = PQRerankIndex(ivfpq, store)
+                    index = PQRerankIndex(cast(faiss.IndexIVFPQ, index), store)
         except CorruptArtifact:
             raise
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
