@@ -81,6 +81,9 @@ class Local:
         except EmbcompatError as exc:
             status = exc.http_status
             raise
+        except Exception:
+            status = 500
+            raise
         finally:
             with self.ctx.session() as s:
                 record_event(

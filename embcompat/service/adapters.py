@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
+from embcompat.adapters.select import CANDIDATES
 from embcompat.arrays import FloatArray, check_vectors
 from embcompat.errors import InvalidInput, UpgradeRefused
 from embcompat.registry import versions
@@ -39,6 +40,15 @@ def fit_standalone(
     new space is at least as wide, the basis on pairs from exactly one source: `texts`
     (encoded by both versions), `vectors` (old, new: rows aligned) or `sample` items of
     `gallery` with stored text. Returns each adapter's id, MLflow URI and metrics."""
+    unknown = [k for k in kinds if k not in CANDIDATES]
+    if not kinds or unknown:
+        raise InvalidInput(
+            f"unknown adapter kind {unknown[0] if unknown else ''!r}",
+            hint=f"auto or one of {', '.join(CANDIDATES)}",
+            field="kind",
+        )
+    if not MIN_SAMPLE <= sample <= MAX_PAIRS:
+        raise InvalidInput(f"sample must be {MIN_SAMPLE} to {MAX_PAIRS}", field="sample")
     with ctx.session() as s:
         old = versions.get_version(s, ctx.registry, model, old_version)
         new = versions.get_version(s, ctx.registry, model, new_version)

@@ -172,8 +172,9 @@ def _gallery(
     rates = {}
     encoded = {}
     for side, v in (("old", old), ("new", new)):
+        encoder = ctx.encoder(v)  # loaded before the clock starts: the rate is encoding's
         t0 = time.perf_counter()
-        encoded[side] = ctx.encoder(v).encode(texts, ctx.settings.encode_batch_size)
+        encoded[side] = encoder.encode(texts, ctx.settings.encode_batch_size)
         rates[side] = len(texts) / max(time.perf_counter() - t0, 1e-9)
     x_old, x_new = encoded["old"], encoded["new"]
     cut = int(FIT_SHARE * len(x_old))
@@ -193,6 +194,13 @@ def _gallery(
         labelled = probe_measure(ctx, g_id, probe, ids, x_old, x_new, old, new, total, adapters)
     measured = (labelled or {}).get("plans")
     plan, reason, _ = choose_plan(UpgradePlan.AUTO, new_old >= old_old, old, new, measured=measured)
+    if labelled and labelled.get("downgrade"):  # what the gate would do: refuse it
+        why = (
+            f"a downgrade on the stored probe: M(new,new) {labelled['r10_new_new']:.3f} < "
+            f"M(old,old) {labelled['r10_old_old']:.3f}; the gate would refuse the upgrade"
+        )
+        return {**out, "sample": len(texts), "items": total, "labelled": labelled,
+                "plan": None, "expected_r10": None, "reason": why}  # fmt: skip
     expected = None
     if labelled and measured and str(plan) in measured:
         point = measured[str(plan)]

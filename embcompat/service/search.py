@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from embcompat.arrays import check_vectors
-from embcompat.errors import InvalidInput
+from embcompat.errors import InvalidInput, ServiceUnavailable
 from embcompat.index.plans import PATHS, MixedIndex, Plan
 from embcompat.index.plans import search as plan_search
 from embcompat.kinds import SERVING_STATES, Merge, ServingPlan
@@ -92,7 +92,12 @@ class QueuedReadThrough:
         fresh = self._pending().claim(self.gallery, ids)
         if fresh:
             queue = self.ctx.read_through_queue or self._in_background
-            queue(self.gallery, self.version.id, fresh)
+            try:
+                queue(self.gallery, self.version.id, fresh)
+            except Exception as exc:  # the next search queues them again
+                self._pending().release(self.gallery, fresh)
+                log.warning("asynchronous read-through not queued: %r", exc)
+                raise ServiceUnavailable("the read-through queue is unavailable") from None
         return ids[:0], np.zeros((0, self.version.dim), np.float32)
 
     def _pending(self) -> _Pending:

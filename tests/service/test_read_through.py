@@ -38,3 +38,27 @@ def test_asynchronous_read_through_answers_at_once_and_stores_what_it_touched(
         again = search.search(ctx, "g", texts=[TEXTS[55]], k=5)
         assert again.encodes == 0 and again.hits[0][0].item == "i55"
         assert all(h.score_new is not None for h in again.hits[0])
+
+
+def test_a_queue_that_fails_loses_nothing(hash_dir: Path, tmp_path: Path) -> None:
+    """The broker down: the search still answers, with a warning that names no host, and
+    the items it touched are queued by the next search once the queue works again."""
+    shutil.copytree(hash_dir, tmp_path / "data")
+    settings = Settings(data_dir=tmp_path / "data", cascade_read_through="async")
+    with Context(settings) as ctx:
+        galleries.create_gallery(ctx, "g", "hash", "v1")
+        galleries.ingest(ctx, "g", [galleries.ItemIn(f"i{n}", t) for n, t in enumerate(TEXTS)])
+        job = upgrade.start_upgrade(ctx, "g", "hash", "v2", "auto", pairs=50)
+        upgrade.run_in_process(ctx, job.id, stop_after=0)
+
+        def down(gallery: str, version_id: int, ids: list[int]) -> None:
+            raise ConnectionError("redis://secret-host:6379 refused")
+
+        queued: list[int] = []
+        ctx.read_through_queue = down
+        res = search.search(ctx, "g", texts=[TEXTS[55]], k=5)
+        assert len(res.hits[0]) == 5 and res.warnings
+        assert all("secret-host" not in w for w in res.warnings)
+        ctx.read_through_queue = lambda gallery, version_id, ids: queued.extend(ids)
+        search.search(ctx, "g", texts=[TEXTS[55]], k=5)
+        assert queued, "the touched items were queued again"

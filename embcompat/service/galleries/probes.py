@@ -22,7 +22,7 @@ def set_probe(ctx: Context, gallery: str, queries: list[dict[str, Any]]) -> dict
     if not queries or len(queries) > MAX_QUERIES:
         raise InvalidInput(f"a probe needs 1 to {MAX_QUERIES} queries", field="queries")
     for n, q in enumerate(queries):
-        if not (isinstance(q.get("text"), str) and q["text"]) or not (
+        if not isinstance(q, dict) or not (isinstance(q.get("text"), str) and q["text"]) or not (
             isinstance(q.get("relevant"), list) and q["relevant"]
             and all(isinstance(r, str) for r in q["relevant"])
         ):  # fmt: skip

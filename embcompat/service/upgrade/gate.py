@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
-
 from embcompat.adapters.metrics import neighbour_recall, search
 from embcompat.arrays import FloatArray, IdArray
 from embcompat.kinds import AdapterStatus, JobState, ServingPlan, UpgradePlan
@@ -75,7 +73,7 @@ def choose_plan(
     both_encoders = not old.external and not new.external
     safe = ServingPlan.CASCADE if both_encoders else ServingPlan.DUAL
     if measured:
-        return _choose_measured(requested, measured, safe, override, old, new)
+        return _choose_measured(requested, measured, safe, override, old, new, bridge_ok)
     warning = None
     if requested == UpgradePlan.AUTO:
         plan, reason = (
@@ -118,6 +116,7 @@ def _choose_measured(
     override: bool,
     old: ModelVersionRecord,
     new: ModelVersionRecord,
+    bridge_ok: bool,
 ) -> tuple[ServingPlan, str, str | None]:
     def points(plan: str) -> str:
         m = measured[plan]
@@ -145,7 +144,7 @@ def _choose_measured(
     if requested == UpgradePlan.BACKFILL:
         return ServingPlan.DUAL, "requested backfill: the old part searched as before", None
     if requested not in measured:
-        return choose_plan(requested, False, old, new, override)  # not measured: unlabelled
+        return choose_plan(requested, bridge_ok, old, new, override)  # unlabelled
     if measured[requested]["no_regret"]:
         return (
             ServingPlan(requested),
@@ -223,27 +222,17 @@ def step_gate(ctx: Context, job_id: int) -> None:
         **({"probe": labelled} if labelled else {}),
         **({"override": True, "warning": warning} if warning else {}),
     }
-    _record_bridge_verdict(ctx, v.old, v.new, bridge_ok, gate)
+    _record_bridge_verdict(ctx, job_id, bridge_ok, gate)
     serve(ctx, job_id, plan, gate)
 
 
-def _record_bridge_verdict(
-    ctx: Context,
-    old: ModelVersionRecord,
-    new: ModelVersionRecord,
-    accepted: bool,
-    gate: dict[str, Any],
-) -> None:
+def _record_bridge_verdict(ctx: Context, job_id: int, accepted: bool, gate: dict[str, Any]) -> None:
+    """The verdict on the job's own bridge (its row id is in the job's report), never on
+    another adapter between the same versions (`POST /adapters` fits those too)."""
     with ctx.session(write=True) as s:
-        adapter = s.scalars(
-            select(AdapterRow)
-            .where(
-                AdapterRow.from_version_id == new.id,
-                AdapterRow.to_version_id == old.id,
-                AdapterRow.direction == "query: new->old",
-            )
-            .order_by(AdapterRow.id.desc())
-        ).first()
+        report = job_row(s, job_id).report or {}
+        bridge_id = (report.get("adapters") or {}).get("bridge", {}).get("id")
+        adapter = s.get(AdapterRow, bridge_id) if bridge_id is not None else None
         if adapter is not None:
             adapter.status = AdapterStatus.ACCEPTED if accepted else AdapterStatus.REFUSED
             adapter.metrics = {**adapter.metrics, **gate}
