@@ -57,7 +57,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if not settings.eager_tasks:  # an asynchronous read-through goes to the workers
         app.state.context.read_through_queue = partial(dispatch_read_through, app.state.context)
     app.state.metrics = Metrics(app.state.context)
-    routers = (routes.models, routes.gals, routes.adapters, routes.jobs, routes.audit_trail)
+    routers = (
+        routes.models,
+        routes.gals,
+        routes.adapters,
+        routes.jobs,
+        routes.audit_trail,
+        routes.trainings,
+    )
     for router in routers:
         app.include_router(router)
 

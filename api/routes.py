@@ -16,6 +16,7 @@ from embcompat.api.schemas import (
     ItemsIn,
     ProbeIn,
     SearchIn,
+    TrainingIn,
     UpgradeIn,
     VersionIn,
 )
@@ -23,10 +24,15 @@ from embcompat.errors import InvalidInput, SearchTooLarge
 from embcompat.kinds import IndexKind
 from embcompat.registry import adapter_records, versions
 from embcompat.registry.audit import list_events
-from embcompat.service import galleries, reports, search, upgrade
+from embcompat.service import galleries, reports, search, training, upgrade
 from embcompat.service.adapters import fit_standalone
 from embcompat.service.upgrade.schedule import BackfillSchedule
-from embcompat.workers.app import dispatch_ingest, dispatch_report, dispatch_upgrade
+from embcompat.workers.app import (
+    dispatch_ingest,
+    dispatch_report,
+    dispatch_training,
+    dispatch_upgrade,
+)
 
 Id = Annotated[int, Path(ge=1, le=2**31 - 1)]
 models = APIRouter(prefix="/models", tags=["models"])
@@ -34,6 +40,7 @@ gals = APIRouter(prefix="/galleries", tags=["galleries"])
 adapters = APIRouter(prefix="/adapters", tags=["adapters"])
 jobs = APIRouter(prefix="/upgrades", tags=["upgrades"])
 audit_trail = APIRouter(prefix="/audit", tags=["audit"])
+trainings = APIRouter(prefix="/training", tags=["training"])
 
 
 @models.post("/{model}/versions", status_code=status.HTTP_201_CREATED, dependencies=[Admin])
@@ -277,3 +284,25 @@ def list_audit(
     """Admin actions, oldest first: who (the token's name), what, when, how it ended."""
     with ctx.session() as s:
         return list_events(s, after, limit, actor)
+
+
+@trainings.post("", status_code=status.HTTP_202_ACCEPTED, dependencies=[Admin])
+def train_compatible(
+    body: TrainingIn, ctx: Ctx, tasks: BackgroundTasks, request: Request
+) -> dict[str, Any]:
+    """Fine-tune a version compatible with `old` on the workers and register it; poll
+    GET /training/{id} for its progress and the version it registered."""
+    run_id = training.request_training(
+        ctx, old=body.old, version=body.version, base=body.base,
+        pairs=[(q, d) for q, d in body.pairs] if body.pairs is not None else None,
+        gallery=body.gallery, method=body.method, extra_dims=body.extra_dims,
+        epochs=body.epochs, batch_size=body.batch_size, seed=body.seed,
+    )  # fmt: skip
+    audit(request, run=run_id)
+    tasks.add_task(dispatch_training, ctx, run_id)
+    return training.get_training(ctx, run_id)
+
+
+@trainings.get("/{run_id}", dependencies=[Read])
+def training_run(run_id: Id, ctx: Ctx) -> dict[str, Any]:
+    return training.get_training(ctx, run_id)

@@ -170,6 +170,31 @@ class AdapterFitIn(Body):
     sample: StrictInt = Field(default=2000, ge=50, le=100_000)
 
 
+class TrainingIn(Body):
+    """A compatible training run: the new `version` of `old`'s model, fine-tuned from
+    `base` on exactly one of `pairs` ([query text, relevant item text]) or `gallery`
+    (its stored labelled probe and stored item texts)."""
+
+    old: str = Field(min_length=3, max_length=401, pattern=r"^[^:]+:[^:]+$")
+    version: str = Name
+    base: str = Field(default="all-MiniLM-L6-v2", min_length=1, max_length=401)
+    pairs: (
+        list[
+            Annotated[
+                list[Annotated[Text, Field(min_length=1, max_length=10_000)]],
+                Field(min_length=2, max_length=2),
+            ]
+        ]
+        | None
+    ) = Field(default=None, max_length=500_000)
+    gallery: str | None = Field(default=None, min_length=1, max_length=200)
+    method: Literal["bct", "bt2", "oca"] = "bt2"
+    extra_dims: StrictInt = Field(default=0, ge=0, le=4096)
+    epochs: StrictInt = Field(default=1, ge=1, le=100)
+    batch_size: StrictInt = Field(default=64, ge=2, le=4096)
+    seed: StrictInt = Field(default=0, ge=0, le=2**31 - 1)
+
+
 class ScheduleIn(Body):
     max_items_per_hour: StrictInt | None = Field(default=None, ge=1, le=10**9)
     window_start_hour: StrictInt | None = Field(default=None, ge=0, le=23)

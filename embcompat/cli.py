@@ -233,6 +233,92 @@ def models_fit_adapter(
     console.print(table)
 
 
+@app.command("train-compatible")
+def train_compatible(
+    old: Annotated[
+        str, typer.Argument(help="MODEL:VERSION the new version must stay compatible with")
+    ],
+    version: Annotated[str, typer.Argument(help="the new version, registered under OLD's model")],
+    base: Annotated[
+        str, typer.Option(help="shipped sentence-transformer or MODEL:VERSION")
+    ] = "all-MiniLM-L6-v2",
+    pairs: Annotated[
+        Path | None, typer.Option(help="TSV or JSON lines of (query, relevant item text)")
+    ] = None,
+    gallery: Annotated[
+        str | None, typer.Option(help="train on its labelled probe and stored texts")
+    ] = None,
+    method: Annotated[str, typer.Option(help="bct, bt2 or oca")] = "bt2",
+    extra_dims: Annotated[int, typer.Option(help="free dimensions beyond OLD's")] = 0,
+    epochs: int = 1,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> None:
+    """Fine-tune a sentence-transformer whose queries search OLD's stored vectors (no
+    re-embedding), register it as VERSION with parent OLD, and report the run. Upgrading
+    a gallery served by OLD to it serves `basis` from the first query."""
+    body: dict[str, Any] = {
+        "old": old, "version": version, "base": base, "gallery": gallery, "method": method,
+        "extra_dims": extra_dims, "epochs": epochs, "batch_size": batch_size, "seed": seed,
+        "pairs": _read_pairs(pairs) if pairs else None,
+    }  # fmt: skip
+    client = _client()
+    out = _guard(lambda: client.train_compatible(body))
+    if out["state"] not in ("done", "failed"):
+        out = _watch_training(client, out["id"])
+    if out["state"] != "done":
+        console.print(f"[red]training run {out['id']} {out['state']}[/red]: {out.get('error')}")
+        raise typer.Exit(code=1)
+    result = out["result"]
+    took, n = result.get("train_s", 0), result.get("pairs", "?")
+    console.print(
+        f"registered {result['registered']} ({result['dim']}-d) in {took:.0f}s on {n} pairs"
+    )
+    for epoch in result.get("heldout") or []:
+        new_old = epoch.get("eval_heldout_new_old_r10", 0)
+        new_new = epoch.get("eval_heldout_new_new_r10", 0)
+        console.print(
+            f"  epoch {epoch.get('epoch', 0):.0f}: held-out R@10 new/old {new_old:.3f}, "
+            f"new/new {new_new:.3f}"
+        )
+
+
+def _read_pairs(path: Path) -> list[list[str]]:
+    """Tab-separated (query, item text) lines, or JSON lines of two-string lists or
+    {"query", "text"} objects; the line number names a bad one."""
+    rows: list[list[str]] = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            if line.lstrip().startswith(("[", "{")):
+                value = json.loads(line)
+                row = [value["query"], value["text"]] if isinstance(value, dict) else value
+            else:
+                row = line.split("\t")
+        except (ValueError, KeyError) as exc:
+            raise typer.BadParameter(f"{path}:{n}: not a pair ({type(exc).__name__})") from exc
+        if not (isinstance(row, list) and len(row) == 2 and all(isinstance(t, str) for t in row)):
+            raise typer.BadParameter(f"{path}:{n}: expected a query and an item text")
+        rows.append(row)
+    return rows
+
+
+def _watch_training(client: Client, run_id: int, interval: float = 2.0) -> dict[str, Any]:
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+    ) as bar:
+        task = bar.add_task(f"training run {run_id}", total=None)
+        while True:
+            out = _guard(lambda: client.training(run_id))
+            steps = out["progress"]
+            bar.update(task, completed=steps["steps_done"], total=steps["steps_total"] or None,
+                       description=f"training run {run_id} {out['state']}")  # fmt: skip
+            if out["state"] in ("done", "failed"):
+                return out
+            time.sleep(interval)
+
+
 @app.command("demo")
 def demo(
     queries: Annotated[int, typer.Option(help="labelled queries")] = 3000,

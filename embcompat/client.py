@@ -17,7 +17,7 @@ from embcompat.errors import EmbcompatError, ServiceUnavailable
 from embcompat.kinds import UpgradePlan
 from embcompat.registry import versions
 from embcompat.registry.audit import list_events, record_event
-from embcompat.service import galleries, reports, search, upgrade
+from embcompat.service import galleries, reports, search, training, upgrade
 from embcompat.service.adapters import fit_standalone
 from embcompat.service.context import Context
 
@@ -49,6 +49,8 @@ class Client(Protocol):
     def audit(self, after: int, limit: int, actor: str | None) -> list[Json]: ...
     def fit_adapter(self, body: Json) -> Json: ...
     def report(self, model: str, version: str) -> Json: ...
+    def train_compatible(self, body: Json) -> Json: ...
+    def training(self, run_id: int) -> Json: ...
 
 
 def _user() -> str:
@@ -113,6 +115,23 @@ class Local:
 
     def report(self, model: str, version: str) -> Json:
         return reports.get_report(self.ctx, model, version)
+
+    def train_compatible(self, body: Json) -> Json:
+        """Train here, with the trainer's progress bar, as the worker task would."""
+        from embcompat.workers.app import report_registered
+
+        def run() -> Json:
+            run_id = training.request_training(self.ctx, **body)
+            out = training.run_training(self.ctx, run_id, progress=True)
+            report_registered(self.ctx, out)
+            return out
+
+        return self._audited(
+            "train_compatible", {"old": body["old"], "version": body["version"]}, run
+        )
+
+    def training(self, run_id: int) -> Json:
+        return training.get_training(self.ctx, run_id)
 
     def list_versions(self, model: str | None) -> list[Json]:
         with self.ctx.session() as s:
@@ -297,6 +316,12 @@ class Remote:
 
     def report(self, model: str, version: str) -> Json:
         return self._get(f"/models/{model}/versions/{version}/report")
+
+    def train_compatible(self, body: Json) -> Json:
+        return self._post("/training", json={k: v for k, v in body.items() if v is not None})
+
+    def training(self, run_id: int) -> Json:
+        return self._get(f"/training/{run_id}")
 
     def list_versions(self, model: str | None) -> list[Json]:
         params = {"model": model} if model else {}

@@ -107,6 +107,21 @@ def wordnet_task(
     )
 
 
+def wordnet_pairs(exclude: Sequence[str], n_pairs: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(example sentence, synset document) training pairs from synsets outside `exclude`
+    (an evaluation gallery's synset ids), so no evaluation document is trained on; up
+    to `n_pairs`, every example of a drawn synset kept (several queries per document)."""
+    taken = set(exclude)
+    synsets = [s for s in load_wordnet() if s.examples and s.definition and s.id not in taken]
+    order = np.random.default_rng(seed).permutation(len(synsets))
+    pairs: list[tuple[str, str]] = []
+    for i in order:
+        pairs.extend((e, synsets[i].document) for e in synsets[i].examples)
+        if len(pairs) >= n_pairs:
+            break
+    return pairs[:n_pairs]
+
+
 def cached_encode(
     name: str,
     texts: Sequence[str],

@@ -104,6 +104,10 @@ class UnknownReport(NotFound):
     code = "unknown_report"
 
 
+class UnknownTrainingRun(NotFound):
+    code = "unknown_training_run"
+
+
 class UnknownGallery(NotFound):
     code = "unknown_gallery"
 

@@ -146,6 +146,29 @@ class VersionReport(Base):
     finished_at: Mapped[datetime | None]
 
 
+
+class TrainingRun(Base):
+    """A compatible training run (`embcompat train-compatible`): its request, progress
+    (steps done of total), and the version it registered (state pending, running, done
+    or failed). The training pairs live in a file under the data dir, not here."""
+
+    __tablename__ = "training_runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    old_version_id: Mapped[int] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="CASCADE")
+    )
+    version: Mapped[str] = mapped_column(String(200))  # to register under old's model
+    state: Mapped[str] = mapped_column(String(16))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    steps_done: Mapped[int] = mapped_column(Integer, default=0)
+    steps_total: Mapped[int] = mapped_column(Integer, default=0)
+    result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
 class Item(Base):
     __tablename__ = "items"
     __table_args__ = (

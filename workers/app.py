@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
-from embcompat.service import galleries, reports, upgrade
+from embcompat.service import galleries, reports, training, upgrade
 from embcompat.service.context import Context
 from embcompat.settings import Settings
 
@@ -54,6 +56,26 @@ def dispatch_report(ctx: Context, model: str, version: str) -> str:
         return reports.run_report(ctx, model, version)
     create_app(ctx.settings).send_task("workers.tasks.version_report", args=[model, version])
     return "queued"
+
+
+def dispatch_training(ctx: Context, run_id: int) -> str:
+    """Hand a compatible training run to the workers; with no broker, train here (the
+    API runs it after its answer), then ask for the new version's report."""
+    if ctx.settings.eager_tasks:
+        out = training.run_training(ctx, run_id)
+        report_registered(ctx, out)
+        return str(out["state"])
+    create_app(ctx.settings).send_task("workers.tasks.train_compatible", args=[run_id])
+    return "queued"
+
+
+def report_registered(ctx: Context, run: dict[str, Any]) -> None:
+    """Registering a version yields its upgrade report: a trained one too."""
+    ref = (run.get("result") or {}).get("registered")
+    if run.get("state") == "done" and ref:
+        model, _, version = ref.partition(":")
+        if reports.request_report(ctx, model, version):
+            dispatch_report(ctx, model, version)
 
 
 def dispatch_read_through(ctx: Context, gallery: str, version_id: int, ids: list[int]) -> None:

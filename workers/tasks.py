@@ -19,7 +19,7 @@ from sqlalchemy import select
 from embcompat.errors import EmbcompatError, ServiceUnavailable
 from embcompat.kinds import JobState
 from embcompat.registry.schema import Job
-from embcompat.service import galleries, reports, upgrade
+from embcompat.service import galleries, reports, training, upgrade
 from embcompat.service.context import Context
 
 RETRY = {"autoretry_for": (ServiceUnavailable,), "retry_backoff": True, "max_retries": 5}
@@ -93,6 +93,17 @@ def ingest(self: ContextTask, gallery: str, batch: int = 1000) -> int:
 def version_report(self: ContextTask, model: str, version: str) -> str:
     """Measure what upgrading each gallery of the model to this version would do."""
     return reports.run_report(self.ctx, model, version)
+
+
+@shared_task(name="workers.tasks.train_compatible", base=ContextTask, bind=True, **RETRY)
+def train_compatible(self: ContextTask, run_id: int) -> str:
+    """Fine-tune a compatible version and register it (a redelivered run resumes from
+    its last epoch checkpoint; a done one returns), then ask for its upgrade report."""
+    from embcompat.workers.app import report_registered
+
+    out = training.run_training(self.ctx, run_id)
+    report_registered(self.ctx, out)
+    return str(out["state"])
 
 
 @shared_task(name="workers.tasks.read_through", base=ContextTask, bind=True, **RETRY)
