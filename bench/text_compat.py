@@ -21,6 +21,7 @@ new/old zero-pads v1's gallery vectors into the new space (the `basis` plan).
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -38,18 +39,19 @@ from embcompat.training.text import (
     pad,
     pairs_from_texts,
     recall_at_10,
+    save_model,
     train_compatible,
 )
 
 # (row name, method, extra dims, loss weights overriding the method's)
 COMBINATIONS: list[tuple[str, str, int, dict[str, float]]] = [
-    ("bct-e0", "bct", 0, {}),
-    ("bct+contrast-e0", "bct", 0, {"contrast": 1.0}),
+    ("bt2-e128", "bt2", 128, {}),  # first: the chain's v2
     ("bt2-e0", "bt2", 0, {}),
-    ("bt2-e128", "bt2", 128, {}),
     ("bt2-e384", "bt2", 384, {}),
-    ("bt2-no-align-e128", "bt2", 128, {"align": 0.0}),
+    ("bct-e0", "bct", 0, {}),
     ("oca-e128", "oca", 128, {}),
+    ("bt2-no-align-e128", "bt2", 128, {"align": 0.0}),
+    ("bct+contrast-e0", "bct", 0, {"contrast": 1.0}),
 ]
 CHAIN_V2 = "bt2-e128"
 COLUMNS = ["method", "step", "extra_dims", "dim", "r10_old_old", "r10_new_new",
@@ -75,6 +77,10 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="compatible rows to run (default: all)")
     ap.add_argument("--no-chain", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--ledger", type=Path, default=Path("bench/results/text_compat.rows.jsonl"),
+        help="rows already measured with the same settings are read back, not retrained",
+    )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     models = get_settings().resolved_data_dir / "models"
@@ -129,39 +135,78 @@ def main() -> None:
             batch_size=args.batch_size, progress=False,
         )  # fmt: skip
 
-    ind = train_compatible(base, pairs, config("independent", 0, {}))
-    q, g, _ = encode(ind.model)
-    independent = row("independent", "v1->v2", q, g, train_s=ind.train_s)
-    chain_v2: Any = None
-    for name, method, extra, weights in COMBINATIONS:
-        if args.only and name not in args.only:
-            continue
+    settings = {"pairs": args.pairs, "epochs": args.epochs, "batch_size": args.batch_size,
+                "queries": args.queries, "gallery": args.gallery}  # fmt: skip
+    done = _read_ledger(args.ledger, settings)
+
+    def trained_row(
+        name: str, method: str, extra: int, weights: dict[str, float]
+    ) -> dict[str, Any]:
+        if name in done:
+            rows.append(done[name])
+            print_table([done[name]], COLUMNS)
+            return done[name]
         res = train_compatible(base, pairs, config(method, extra, weights))
         q, g, _ = encode(res.model)
-        row(name, "v1->v2", q, g, extra_dims=extra, train_s=res.train_s,
-            weights=res.weights)  # fmt: skip
-        if name == CHAIN_V2:
-            chain_v2 = (res.model, q, g)
-    for r in rows:
-        r["new_new_ratio"] = r["r10_new_new"] / independent["r10_new_new"]
+        out = row(name, "v1->v2", q, g, extra_dims=extra, train_s=res.train_s,
+                  weights=res.weights)  # fmt: skip
+        if name == CHAIN_V2:  # kept for the chain (and a rerun of it)
+            save_model(res.model, chain_dir)
+            np.save(chain_dir / "queries.npy", q)
+            np.save(chain_dir / "gallery.npy", g)
+        _append_ledger(args.ledger, settings, out)
+        return out
 
-    if chain_v2 is not None and not args.no_chain:
-        v2, v2_q, v2_g = chain_v2
+    chain_dir = args.ledger.parent / ("text_compat-v2-" + "-".join(map(str, settings.values())))
+
+    def chain_row(chain_dir: Path) -> None:
+        if "chain" in done:
+            rows.append(done["chain"])
+            return
+        v2 = SentenceTransformer(str(chain_dir), device="cpu")
+        v2_q, v2_g = np.load(chain_dir / "queries.npy"), np.load(chain_dir / "gallery.npy")
         q3, d3, of3 = pairs_from_texts(v3_rows)
         old3 = v2.encode(d3, batch_size=128, convert_to_numpy=True)  # v2's stored vectors
         res = train_compatible(v2, TextPairs(q3, d3, of3, old3), config("bt2", 128, {}))
         q, g, _ = encode(res.model)
-        v3 = row(f"chain {CHAIN_V2}", "v1->v2->v3", q, g, extra_dims=128, train_s=res.train_s)
+        v3 = row("chain", "v1->v2->v3", q, g, extra_dims=128, train_s=res.train_s)
         v3["r10_new_old_v2"] = recall_at_10(q, pad(v2_g, q.shape[1]), rel)
         v3["r10_v2_old_old"] = recall_at_10(v2_q, v2_g, rel)
         v3["new_new_ratio"] = v3["r10_new_new"] / independent["r10_new_new"]
         print(f"v3 on v2's gallery: new/old {v3['r10_new_old_v2']:.3f} vs v2 new/new "
               f"{v3['r10_v2_old_old']:.3f}")  # fmt: skip
+        _append_ledger(args.ledger, settings, {**v3, "method": "chain"})
 
+    independent = trained_row("independent", "independent", 0, {})
+    for name, method, extra, weights in COMBINATIONS:
+        if not args.only or name in args.only:
+            trained_row(name, method, extra, weights)
+        if name == CHAIN_V2 and not args.no_chain and (chain_dir / "gallery.npy").exists():
+            chain_row(chain_dir)
+
+    for r in rows:
+        r["new_new_ratio"] = r["r10_new_new"] / independent["r10_new_new"]
     print()
     print_table(rows, COLUMNS)
     if args.json:
         write_json(args.json, rows)
+
+
+def _read_ledger(path: Path, settings: dict[str, int]) -> dict[str, dict[str, Any]]:
+    if not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        if entry["settings"] == settings:
+            out[entry["row"]["method"]] = entry["row"]
+    return out
+
+
+def _append_ledger(path: Path, settings: dict[str, int], row: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(json.dumps({"settings": settings, "row": row}) + "\n")
 
 
 if __name__ == "__main__":

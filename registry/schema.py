@@ -146,7 +146,6 @@ class VersionReport(Base):
     finished_at: Mapped[datetime | None]
 
 
-
 class TrainingRun(Base):
     """A compatible training run (`embcompat train-compatible`): its request, progress
     (steps done of total), and the version it registered (state pending, running, done
@@ -155,9 +154,7 @@ class TrainingRun(Base):
     __tablename__ = "training_runs"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    old_version_id: Mapped[int] = mapped_column(
-        ForeignKey("model_versions.id", ondelete="CASCADE")
-    )
+    old_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
     version: Mapped[str] = mapped_column(String(200))  # to register under old's model
     state: Mapped[str] = mapped_column(String(16))
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -418,7 +418,7 @@ def train_compatible(
         train_dataset=dataset(train_pairs),
         loss=loss,
         evaluator=_evaluator(val, train_pairs, compatible, config.batch_size),
-        optimizers=(optimizer, None),
+        optimizers=(optimizer, None),  # type: ignore[arg-type]  # None: the trainer builds the schedule
         callbacks=hooks,
     )
     resume = _last_checkpoint(out_dir)

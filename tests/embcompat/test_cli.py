@@ -79,3 +79,17 @@ def test_remote_errors_never_show_credentials_of_the_url(runner: CliRunner) -> N
     out = runner.invoke(app, ["--url", url, "--token", "tok-abcdef-123", "models", "list"])
     assert out.exit_code == 2 and "cannot reach" in out.output
     assert "hunter2" not in out.output and "tok-abcdef" not in out.output
+
+
+def test_train_compatible_names_the_bad_pairs_line_and_the_missing_version(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    runner.invoke(app, ["db", "upgrade"])
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("a query\tits item\n\nno tab on this line\n")
+    out = runner.invoke(app, ["train-compatible", "text:v1", "v2", "--pairs", str(pairs)])
+    assert out.exit_code == 2 and "pairs.tsv:3" in out.output, out.output
+    rows = [json.dumps({"query": f"query {i}", "text": f"item {i}"}) for i in range(200)]
+    pairs.write_text("\n".join(rows))
+    out = runner.invoke(app, ["train-compatible", "text:v1", "v2", "--pairs", str(pairs)])
+    assert out.exit_code == 2 and "has no version 'v1'" in out.output, out.output
