@@ -23,6 +23,7 @@ resume from the last checkpoint, and keep the epoch with the best held-out score
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -184,6 +185,7 @@ class TextTrainResult:
     history: list[dict[str, float]]
     best_score: float
     train_s: float
+    resumed_from: str | None = None  # the checkpoint a stopped run went on from
 
     @property
     def dim(self) -> int:
@@ -443,12 +445,22 @@ def train_compatible(
         history=history,
         best_score=best,
         train_s=train_s,
+        resumed_from=resume.name if resume else None,
     )
 
 
 def _last_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint: the trainer writes its state file after the
+    weights and optimiser, so a folder without a readable one was cut off mid-write
+    (a killed worker) and the one before it is resumed instead."""
     found = [p for p in out_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+    for path in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        return path
+    return None
 
 
 def save_model(model: Any, path: Path) -> None:

@@ -205,6 +205,7 @@ def _train_and_register(
         "pairs": len(pairs.queries),
         "documents": len(pairs.documents),
         "heldout": res.history,
+        "resumed_from": res.resumed_from,
     }
 
 

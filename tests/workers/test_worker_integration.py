@@ -174,3 +174,67 @@ def test_worker_killed_mid_backfill_job_still_finishes_exactly_once(
     assert galleries.get_gallery(ctx, "docs").serving_version == "v2"
     done = upgrade.get_job(ctx, job.id)
     assert done.items_done == done.items_total == 320 and done.progress == 1.0
+
+
+def test_a_training_run_killed_mid_way_resumes_on_another_worker(
+    text_pair_dir: Path, tmp_path: Path
+) -> None:
+    """`train_compatible` on a real worker, SIGKILLed once its first epoch is
+    checkpointed: the redelivered task resumes from that checkpoint on a new worker and
+    registers the version exactly once."""
+    import shutil
+
+    from embcompat.datasets import wordnet_pairs
+    from embcompat.service import training
+    from embcompat.workers.app import dispatch_training
+
+    data = tmp_path / "data"
+    shutil.copytree(text_pair_dir, data)
+    queue = f"embcompat-test-{uuid.uuid4().hex[:8]}"
+    ctx = Context(Settings(data_dir=data, broker_url=REDIS_URL, result_backend=REDIS_URL,
+                           queue=queue, broker_visibility_timeout=5))  # fmt: skip
+    env = {
+        **os.environ, "EMBCOMPAT_DATA_DIR": str(data), "EMBCOMPAT_BROKER_URL": REDIS_URL,
+        "EMBCOMPAT_RESULT_BACKEND": REDIS_URL, "EMBCOMPAT_QUEUE": queue,
+        "EMBCOMPAT_BROKER_VISIBILITY_TIMEOUT": "5", "HF_HUB_OFFLINE": "1",
+    }  # fmt: skip
+    run_id = training.request_training(
+        ctx, old="text:v1", version="v1c", pairs=wordnet_pairs([], 128, seed=3),
+        method="bct", epochs=2, batch_size=16,
+    )  # fmt: skip
+    checkpoints = data / "training" / str(run_id) / "checkpoints"
+
+    def complete_checkpoint() -> bool:
+        return any((p / "trainer_state.json").exists() for p in checkpoints.glob("checkpoint-*"))
+
+    log = tmp_path / "worker.log"
+    first = _worker(env, log)
+    second = None
+    try:
+        dispatch_training(ctx, run_id)
+        _wait(complete_checkpoint, 600, "the first epoch's checkpoint")
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+        killed_at = max(
+            (p for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").exists()),
+            key=lambda p: int(p.name.split("-")[1]),
+        ).name
+        assert training.get_training(ctx, run_id)["state"] == "running"
+        second = _worker(env, log)
+        _wait(lambda: training.get_training(ctx, run_id)["state"] in ("done", "failed"), 900,
+              "the resumed run")  # fmt: skip
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+    run = training.get_training(ctx, run_id)
+    assert run["state"] == "done", (run, log.read_text()[-3000:])
+    assert run["result"]["resumed_from"] == killed_at, run["result"]
+    epochs = [h["epoch"] for h in run["result"]["heldout"]]
+    assert epochs[0] == 1.0 and len(epochs) >= 2  # the first epoch's evaluation survived
+    with ctx.session() as s:
+        assert [v.version for v in versions.list_versions(s, ctx.registry, "text")].count(
+            "v1c"
+        ) == 1
+    ctx.close()
