@@ -83,6 +83,12 @@ def request_training(
             "method 'independent' trains no compatibility: register such a model directly",
             field="method",
         )
+    if not versions.NAME.fullmatch(version):
+        raise InvalidInput(
+            f"version name {version!r} is not allowed",
+            hint="letters, digits, '.', '_' and '-', starting with a letter or digit",
+            field="version",
+        )
     if (pairs is None) == (gallery is None):
         raise InvalidInput("give training pairs or a gallery (its labelled probe), not both")
     if pairs is not None:

@@ -199,6 +199,8 @@ def test_requests_are_checked_before_anything_is_stored(text_ctx: Context) -> No
     rows = [("a query here", f"doc {i}") for i in range(200)]
     with pytest.raises(InvalidInput, match="not both"):
         training.request_training(ctx, old="text:v1", version="x", pairs=rows, gallery="g")
+    with pytest.raises(InvalidInput, match="version name '../x' is not allowed"):
+        training.request_training(ctx, old="text:v1", version="../x", pairs=rows)
     with pytest.raises(InvalidInput, match="MODEL:VERSION"):
         training.request_training(ctx, old="text", version="x", pairs=rows)
     with pytest.raises(DuplicateVersion):
