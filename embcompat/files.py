@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -28,17 +29,32 @@ def atomic_write(path: Path, *parts: bytes | memoryview) -> None:
         raise
 
 
+HASH_BESIDE = 1 << 20  # bodies at least this large are hashed while they are written
+
+
 def atomic_write_npy(path: Path, arr: np.ndarray) -> str:
     """Write `arr` as `.npy` (the bytes np.save writes) from the array's own buffer, with
-    no copy of it in memory; returns the file's sha256."""
+    no copy of it in memory; returns the file's sha256, of the same buffer.
+
+    A large body is hashed on a second thread while this one writes and fsyncs it (both
+    release the GIL): a map step writes as many bytes as it computes, and hashing after
+    the write would add its whole time to the step's."""
     arr = np.ascontiguousarray(arr)
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(arr))
     header = buf.getvalue()
     body = memoryview(arr.reshape(-1).view(np.uint8).data)
-    atomic_write(path, header, body)
     digest = hashlib.sha256(header)
-    digest.update(body)
+    if body.nbytes < HASH_BESIDE:
+        atomic_write(path, header, body)
+        digest.update(body)
+        return digest.hexdigest()
+    hashing = threading.Thread(target=digest.update, args=(body,), name="sha256")
+    hashing.start()
+    try:
+        atomic_write(path, header, body)
+    finally:
+        hashing.join()
     return digest.hexdigest()
 
 

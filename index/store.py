@@ -65,14 +65,22 @@ class Snapshot:
 
     def rows(self, rows: IdArray) -> FloatArray:
         """The vectors of `rows` (n,) → (n, dim), read shard by shard in ascending row
-        order (sequential page reads from the memory-mapped files)."""
+        order (sequential page reads from the memory-mapped files). Consecutive rows in
+        a shard (a map chunk's, usually) are one slice copy instead of a gather."""
         rows = np.asarray(rows, np.int64)
         out = np.empty((len(rows), self.dim), np.float32)
-        shard = np.searchsorted(self.starts, rows, side="right") - 1
-        for k in np.unique(shard):
-            sel = np.flatnonzero(shard == k)
-            sel = sel[np.argsort(rows[sel], kind="stable")]
-            out[sel] = self.shards[k][rows[sel] - self.starts[k]]
+        order = None if (rows[1:] >= rows[:-1]).all() else np.argsort(rows, kind="stable")
+        asc = rows if order is None else rows[order]
+        cut = np.searchsorted(asc, self.starts)  # each shard's segment of `asc`
+        for k in np.flatnonzero(np.diff(cut)):
+            a, b = cut[k], cut[k + 1]
+            r = asc[a:b] - self.starts[k]
+            run = (np.diff(r) == 1).all()
+            part = self.shards[k][r[0] : r[-1] + 1] if run else self.shards[k][r]
+            if order is None:
+                out[a:b] = part
+            else:
+                out[order[a:b]] = part
         return out
 
     @functools.cached_property
@@ -282,9 +290,12 @@ class SpaceStore:
         ids, vecs, src = self._checked(ids, vectors, sources)
         with self._locked():
             fresh = ~self._held(ids)
-            if fresh.any():
-                self._append_locked(ids[fresh], vecs[fresh], src[fresh], clash=None)
-        return ids[fresh]
+            if not fresh.any():
+                return ids[:0]
+            if not fresh.all():  # the usual case, all fresh, copies no vectors
+                ids, vecs, src = ids[fresh], vecs[fresh], src[fresh]
+            self._append_locked(ids, vecs, src, clash=None)
+        return ids
 
     def add(self, ids: Any, vectors: Any, sources: Any = None, *, replace: bool = False) -> int:
         """Append vectors for new ids; `replace=True` overwrites ids already present.

@@ -142,6 +142,20 @@ def test_appends_rewrite_each_row_a_logarithmic_number_of_times(tmp_path: Path) 
     np.testing.assert_array_equal(store.get(np.arange(20_000))[0], x)
 
 
+def test_rows_reads_runs_gathers_and_any_order_across_shards(tmp_path: Path) -> None:
+    store = SpaceStore(tmp_path / "s", 4)
+    x = _vecs(60, d=4)
+    for a, b in ((0, 7), (7, 30), (30, 31), (31, 60)):
+        store.add(np.arange(a, b), x[a:b])
+    snap = store.snapshot()
+    every = np.concatenate([np.asarray(s) for s in snap.shards])
+    cases = [np.arange(60), np.arange(5, 40), np.arange(40)[::-1], np.array([3, 3, 4]),
+             np.array([0, 2, 4]), np.array([30]), np.zeros(0, np.int64),
+             np.random.default_rng(0).integers(0, 60, 100)]  # fmt: skip
+    for rows in cases:
+        np.testing.assert_array_equal(snap.rows(rows), every[rows])
+
+
 class StoreMachine(RuleBasedStateMachine):
     """The snapshot a writer keeps up to date by extending it must equal what a fresh
     reader builds from the files, whatever mix of writes came before."""

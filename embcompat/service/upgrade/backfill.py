@@ -100,7 +100,8 @@ def map_chunks(ctx: Context, job_id: int, seqs: list[int]) -> int:
     mapper = job_adapter(ctx, job_id, "mapper", v.old, v.new)
     old = space_store(ctx, v.gallery, v.old)
     target = mapped_store(ctx, v.gallery, v.old, v.new, job_id)
-    held = old.snapshot().sorted_ids
+    snap = old.snapshot()  # ids, fingerprints and vectors all read from this one
+    held = snap.sorted_ids
     ids = np.concatenate(
         [np.zeros(0, np.int64)]
         + [held[np.searchsorted(held, a) : np.searchsorted(held, b)] for a, b in ranges]
@@ -108,12 +109,15 @@ def map_chunks(ctx: Context, job_id: int, seqs: list[int]) -> int:
     ids = ids[~target.snapshot().positions(ids)[1]]  # mapped by an earlier, stopped run
     if len(ids) == 0:
         return 0
-    read_from, _ = old.sources(ids)
-    mapped = mapper.transform(old.get(ids)[0])
+    rows = snap.positions(ids)[0]  # all found: the ids come from the snapshot
+    read_from = snap.sources[rows]
+    mapped = mapper.transform(snap.rows(rows))
     with gallery_lock(ctx, v.gallery):  # an item deleted or updated meanwhile is not mapped
         sources, still = old.sources(ids)
         still &= sources == read_from
-        return len(target.add_missing(ids[still], mapped[still], sources[still]))
+        if not still.all():  # rare: a batch's vectors are not copied for nothing
+            ids, mapped, sources = ids[still], mapped[still], sources[still]
+        return len(target.add_missing(ids, mapped, sources))
 
 
 def publish_mapped(ctx: Context, job_id: int) -> int:
