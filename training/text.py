@@ -23,6 +23,8 @@ resume from the last checkpoint, and keep the epoch with the best held-out score
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -40,6 +42,7 @@ import torch
 from torch import nn
 
 from embcompat.errors import InvalidInput
+from embcompat.files import atomic_write
 
 TEXT_METHODS = ("independent", "bct", "bt2", "oca")
 LOSS_TERMS = ("new", "influence", "contrast", "align")
@@ -52,6 +55,8 @@ TEXT_WEIGHTS: dict[str, dict[str, float]] = {
 }
 SCALE = 20.0  # cosine logits' inverse temperature, as MultipleNegativesRankingLoss
 INIT_SAMPLE = 2000  # documents encoded by v2 to initialise the head
+SCORE_BLOCK = 2**24  # query × document scores held at once by the held-out R@10
+SIGNATURE = "signature.json"  # in a checkpoint folder: the inputs its checkpoints are of
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -98,7 +103,7 @@ class TextPairs:
 
 
 def pairs_from_texts(
-    rows: Sequence[tuple[str, str]], old_vectors: FloatArray | None = None
+    rows: Sequence[tuple[str, str]],
 ) -> tuple[list[str], list[str], npt.NDArray[np.int64]]:
     """(query, document) rows → queries, unique documents, and each query's document row.
     Empty texts are refused by row number."""
@@ -124,6 +129,9 @@ def pairs_from_texts(
 
 @dataclass
 class TextTrainConfig:
+    """How a compatible model is trained; `check()` refuses a bad setting by name before
+    any model is loaded, so a request fails at once rather than on a worker."""
+
     method: str = "bt2"
     extra_dims: int = 0
     weights: dict[str, float] = field(default_factory=dict)  # overrides TEXT_WEIGHTS
@@ -177,6 +185,8 @@ class TextTrainConfig:
 
 @dataclass
 class TextTrainResult:
+    """The trained model and what the run measured (held-out R@10 per epoch)."""
+
     model: Any  # SentenceTransformer
     method: str
     d_old: int
@@ -211,10 +221,16 @@ class CompatibleLoss(nn.Module):
         q, d = (self.model(f)["sentence_embedding"] for f in sentence_features)
         q, d = nn.functional.normalize(q, dim=1), nn.functional.normalize(d, dim=1)
         target = torch.arange(len(q), device=q.device)
+        # the same document twice in a batch (several queries per document) is one
+        # class: its other copies are not negatives of the query
+        duplicate = (labels[:, None] == labels[None, :]) & ~torch.eye(
+            len(q), dtype=torch.bool, device=q.device
+        )
         w, d_old = self.weights, self.old_docs.shape[1]
         loss = q.sum() * 0.0
         if w.get("new"):
-            loss = loss + w["new"] * nn.functional.cross_entropy(SCALE * q @ d.T, target)
+            logits = (SCALE * q @ d.T).masked_fill(duplicate, -1e4)
+            loss = loss + w["new"] * nn.functional.cross_entropy(logits, target)
         if w.get("influence") or w.get("contrast") or w.get("align"):
             head_q = nn.functional.normalize(q[:, :d_old], dim=1)
             old = self.old_docs[labels]
@@ -222,11 +238,7 @@ class CompatibleLoss(nn.Module):
                 logits = SCALE * head_q @ self.old_docs.T
                 loss = loss + w["influence"] * nn.functional.cross_entropy(logits, labels)
             if w.get("contrast"):
-                # in-batch: the same document twice in a batch is one class
-                same = labels[:, None] == labels[None, :]
-                logits = (SCALE * head_q @ old.T).masked_fill(
-                    same & ~torch.eye(len(q), dtype=torch.bool), -1e4
-                )
+                logits = (SCALE * head_q @ old.T).masked_fill(duplicate, -1e4)
                 loss = loss + w["contrast"] * nn.functional.cross_entropy(logits, target)
             if w.get("align"):
                 cos = nn.functional.cosine_similarity(d[:, :d_old], old, dim=1)
@@ -285,16 +297,24 @@ def _copy(model: Any) -> Any:
 def recall_at_10(
     queries: FloatArray, gallery: FloatArray, relevant: npt.NDArray[np.int64]
 ) -> float:
-    """Share of queries whose relevant gallery row is among their 10 best by cosine."""
+    """Share of queries whose relevant gallery row is among their 10 best by cosine.
+    queries: (n, d), gallery: (m, d) float32, relevant: (n,) gallery rows. Scored a
+    block of queries at a time: the whole (n, m) matrix of a large pair set (50k
+    held-out queries against 500k documents) would not fit in memory."""
     q = queries / np.linalg.norm(queries, axis=1, keepdims=True).clip(1e-12)
     g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True).clip(1e-12)
-    scores = q @ g.T
-    own = scores[np.arange(len(q)), relevant]
-    return float(((scores > own[:, None]).sum(1) < 10).mean()) if len(q) else 0.0
+    block = max(1, SCORE_BLOCK // max(len(g), 1))
+    hits = 0
+    for start in range(0, len(q), block):
+        scores = q[start : start + block] @ g.T
+        own = scores[np.arange(len(scores)), relevant[start : start + block]]
+        hits += int(((scores > own[:, None]).sum(1) < 10).sum())
+    return hits / len(q) if len(q) else 0.0
 
 
 def pad(vectors: FloatArray, dim: int) -> FloatArray:
-    """Old vectors in the new space: zero-padded (the `basis` plan's view)."""
+    """Old vectors in the new space: zero-padded (the `basis` plan's view).
+    vectors: (n, d_old) → (n, dim) float32."""
     out = np.zeros((len(vectors), dim), np.float32)
     out[:, : vectors.shape[1]] = vectors
     return out
@@ -354,6 +374,17 @@ def train_compatible(
         )
     torch.manual_seed(config.seed)
     train_pairs, val = pairs.split(config.val_fraction, config.seed)
+    # held out by document: when a few documents carry most queries, the split can leave
+    # no held-out query (early stopping would keep epoch 1 blindly) or less than one
+    # batch to train on (no step at all: the untrained head would be registered)
+    if not val.queries or len(train_pairs.queries) < config.batch_size:
+        raise InvalidInput(
+            f"holding out {config.val_fraction:.0%} of the {len(pairs.documents)} distinct "
+            f"documents leaves {len(train_pairs.queries)} training and {len(val.queries)} "
+            f"held-out pairs: too few for batches of {config.batch_size}",
+            hint="give pairs over more distinct documents, or a smaller batch_size",
+            field="pairs",
+        )
     model = (
         compatible_model(base, train_pairs, config.extra_dims, orthogonal, config.seed)
         if compatible
@@ -423,7 +454,7 @@ def train_compatible(
         optimizers=(optimizer, None),  # type: ignore[arg-type]  # None: the trainer builds the schedule
         callbacks=hooks,
     )
-    resume = _last_checkpoint(out_dir)
+    resume = _resume_point(out_dir, _signature(pairs, config))
     started = time.perf_counter()
     logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -447,6 +478,39 @@ def train_compatible(
         train_s=train_s,
         resumed_from=resume.name if resume else None,
     )
+
+
+def _signature(pairs: TextPairs, config: TextTrainConfig) -> str:
+    """sha256 of what a checkpoint's weights depend on: the settings (not where they
+    are written, nor whether a bar is shown), the pairs' texts and the shape of v1's
+    vectors. Not their values: a resumed run encodes them again, maybe on another
+    host, where they can differ in the last bits and must not throw the run away."""
+    digest = hashlib.sha256()
+    settings = dataclasses.asdict(config)
+    for ignored in ("checkpoint_dir", "progress"):
+        settings.pop(ignored)
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    digest.update(json.dumps([pairs.queries, pairs.documents, pairs.old_docs.shape]).encode())
+    digest.update(np.ascontiguousarray(pairs.doc_of, np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def _resume_point(out_dir: Path, signature: str) -> Path | None:
+    """The checkpoint to resume from, if `out_dir`'s checkpoints were written for these
+    inputs. Checkpoints stamped with other inputs (a gallery's probe or items edited
+    between a crash and the resume, or a run id reused after the database was restored)
+    are removed and the run starts over: resuming them would register weights trained
+    on other pairs as if trained on these."""
+    stamp = out_dir / SIGNATURE
+    try:
+        found = json.loads(stamp.read_text()).get("inputs")
+    except (OSError, ValueError, AttributeError):
+        found = None
+    if found != signature:
+        for stale in out_dir.glob("checkpoint-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        atomic_write(stamp, json.dumps({"inputs": signature}).encode())
+    return _last_checkpoint(out_dir)
 
 
 def _last_checkpoint(out_dir: Path) -> Path | None:

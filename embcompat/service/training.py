@@ -15,6 +15,8 @@ so a run that stopped (a worker lost, a restart) resumes where it was.
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +25,13 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from embcompat.errors import DuplicateVersion, EncoderError, InvalidInput, UnknownTrainingRun
+from embcompat.errors import (
+    DuplicateVersion,
+    EmbcompatError,
+    EncoderError,
+    InvalidInput,
+    UnknownTrainingRun,
+)
 from embcompat.files import atomic_write
 from embcompat.kinds import SourceKind
 from embcompat.registry import versions
@@ -44,6 +52,9 @@ from embcompat.training.text import (
 MAX_PAIRS = 500_000
 BASES = (MINILM_L6, MPNET)  # shipped sentence-transformers a v2 can start from
 TRAIN_PARAMS = ("method", "extra_dims", "epochs", "batch_size", "seed")
+SQL_CHUNK = 10_000  # ids per IN (...): the databases cap a statement's parameters
+
+log = logging.getLogger(__name__)
 
 
 def _split_ref(ref: str, field: str) -> tuple[str, str]:
@@ -101,8 +112,6 @@ def request_training(
                 field="pairs",
             )
     model, old_version = _split_ref(old, "old")
-    if base not in BASES:
-        _split_ref(base, "base")
     if gallery is not None:
         g = get_gallery(ctx, gallery)
         if (g.model, g.serving_version) != (model, old_version):
@@ -110,16 +119,27 @@ def request_training(
                 f"gallery {gallery!r} is served by {g.model}:{g.serving_version}, not {old}",
                 field="gallery",
             )
-        if not get_probe(ctx, gallery):
+        probe = get_probe(ctx, gallery)
+        if not probe:
             raise InvalidInput(
                 f"gallery {gallery!r} stores no labelled probe",
                 hint="PUT /galleries/{name}/probe, or give training pairs",
                 field="gallery",
             )
+        n_pairs = sum(len(q.get("relevant", [])) for q in probe)  # an upper bound
+        if n_pairs < 2 * batch_size:
+            raise InvalidInput(
+                f"gallery {gallery!r}'s probe holds {n_pairs} (query, relevant item) pairs, "
+                f"too few for batches of {batch_size}",
+                field="gallery",
+            )
+    blob = json.dumps(pairs).encode() if pairs is not None else None
     with ctx.session(write=True) as s:
         old_row = versions.get_version_row(s, model, old_version)
         if any(v.version == version for v in old_row.model.versions):
             raise DuplicateVersion(f"model {model!r} already has a version {version!r}")
+        if base not in BASES:  # refused now, not after the run has waited for a worker
+            versions.get_version_row(s, *_split_ref(base, "base"))
         run = TrainingRun(
             old_version_id=old_row.id,
             version=version,
@@ -134,8 +154,8 @@ def request_training(
         s.add(run)
         s.flush()
         run_id = run.id
-    if pairs is not None:
-        atomic_write(_run_dir(ctx, run_id) / "pairs.json", json.dumps(pairs).encode())
+        if blob is not None:  # before the commit: no run is ever left without its pairs
+            atomic_write(_run_dir(ctx, run_id) / "pairs.json", blob)
     return run_id
 
 
@@ -146,22 +166,37 @@ def run_training(ctx: Context, run_id: int, progress: bool = False) -> dict[str,
         run = _row(s, run_id)
         if run.state == "done":
             return _as_dict(run)
-        run.state, run.error = "running", None
+        run.state, run.error, run.finished_at = "running", None, None
         old = version_record(ctx, s, run.old_version_id)
         params = dict(run.params)
         target = run.version
     try:
         result = _train_and_register(ctx, run_id, old, target, params, progress)
     except Exception as exc:
+        log.exception("training run %d failed", run_id)
         with ctx.session(write=True) as s:
             run = _row(s, run_id)
-            run.state, run.finished_at = "failed", datetime.now(UTC)
-            run.error = str(exc) or type(exc).__name__
+            if run.state != "done":  # a redelivered copy of the run finished it meanwhile
+                run.state, run.finished_at = "failed", datetime.now(UTC)
+                run.error = _error_text(exc)
         raise
     with ctx.session(write=True) as s:
         run = _row(s, run_id)
         run.state, run.result, run.finished_at = "done", result, datetime.now(UTC)
-        return _as_dict(run)
+        out = _as_dict(run)
+    # epoch checkpoints hold the model and its optimiser state, several times the
+    # model's size; the registered version is in MLflow now and nothing resumes a done run
+    shutil.rmtree(_run_dir(ctx, run_id) / "checkpoints", ignore_errors=True)
+    return out
+
+
+def _error_text(exc: Exception) -> str:
+    """What a run's readers see: our errors' own messages, written for them; for any
+    other error only its type, since its text may name server paths or SQL (the full
+    error is in the worker's log)."""
+    if isinstance(exc, EmbcompatError):
+        return f"{exc.code}: {exc.message}"
+    return f"internal_error: {type(exc).__name__} (see the worker's log)"
 
 
 def _train_and_register(
@@ -198,12 +233,20 @@ def _train_and_register(
         "training_run": str(run_id),
         "trained_pairs": str(len(pairs.queries)),
     }
-    with ctx.session(write=True) as s:
-        rec = versions.register_version(
-            s, ctx.registry, model=old.model, version=target, dim=res.dim,
-            source=SourceKind.DIR, location=str(folder), parent=old.version,
-            models_dir=ctx.models_dir, policy=ctx.model_policy, tags=tags,
-        )  # fmt: skip
+    try:
+        with ctx.session(write=True) as s:
+            rec = versions.register_version(
+                s, ctx.registry, model=old.model, version=target, dim=res.dim,
+                source=SourceKind.DIR, location=str(folder), parent=old.version,
+                models_dir=ctx.models_dir, policy=ctx.model_policy, tags=tags,
+            )  # fmt: skip
+    except DuplicateVersion:
+        # a redelivered copy of this run (the broker's visibility timeout) registered
+        # it first: the run is done, not failed; any other owner's version is refused
+        existing = _registered_by(ctx, old.model, target, run_id)
+        if existing is None:
+            raise
+        return existing
     return {
         "registered": rec.ref,
         "dim": res.dim,
@@ -240,16 +283,14 @@ def _gallery_pairs(ctx: Context, gallery: str, old: ModelVersionRecord) -> TextP
     probe = get_probe(ctx, gallery) or []
     wanted = sorted({str(r) for q in probe for r in q.get("relevant", [])})
     g = get_gallery(ctx, gallery)
+    found: dict[str, tuple[int, str]] = {}
     with ctx.session() as s:
-        found = {
-            ext: (item_id, text)
-            for ext, item_id, text in s.execute(
-                select(Item.external_id, Item.id, Item.payload).where(
-                    Item.gallery_id == g.id, Item.external_id.in_(wanted)
-                )
-            ).all()
-            if text
-        }
+        for start in range(0, len(wanted), SQL_CHUNK):
+            part = wanted[start : start + SQL_CHUNK]
+            query = select(Item.external_id, Item.id, Item.payload).where(
+                Item.gallery_id == g.id, Item.external_id.in_(part)
+            )
+            found.update({ext: (i, text) for ext, i, text in s.execute(query) if text})
     rows = [(q["text"], str(r)) for q in probe for r in q.get("relevant", []) if str(r) in found]
     if not rows:
         raise InvalidInput(
@@ -328,5 +369,6 @@ def _as_dict(run: TrainingRun) -> dict[str, Any]:
 
 
 def get_training(ctx: Context, run_id: int) -> dict[str, Any]:
+    """The run as a plain record: state, progress, result, error (never the ORM row)."""
     with ctx.session() as s:
         return _as_dict(_row(s, run_id))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from embcompat.datasets import wordnet_pairs
-from embcompat.errors import DuplicateVersion, InvalidInput
+from embcompat.errors import DuplicateVersion, InvalidInput, UnknownVersion
 from embcompat.registry import versions
 from embcompat.registry.shipped import MINILM_L6, shipped_model_path
 from embcompat.service import galleries, training, upgrade
@@ -212,4 +212,113 @@ def test_requests_are_checked_before_anything_is_stored(text_ctx: Context) -> No
         training.request_training(ctx, old="text:v1", version="x", gallery="noprobe")
     with pytest.raises(InvalidInput, match="served by text:v1, not text:v2"):
         training.request_training(ctx, old="text:v2", version="x", gallery="noprobe")
+    galleries.set_probe(ctx, "noprobe", [{"text": "q", "relevant": ["a", "b"]}] * 60)
+    with pytest.raises(InvalidInput, match="probe holds 120 .* too few for batches of 64"):
+        training.request_training(ctx, old="text:v1", version="x", gallery="noprobe")
+    with pytest.raises(UnknownVersion, match="no version 'v9'"):
+        training.request_training(ctx, old="text:v1", version="x", pairs=rows, base="text:v9")
     assert not (ctx.data_dir / "training").exists()
+
+
+def test_new_loss_treats_a_repeated_document_as_its_own_class() -> None:
+    """Several queries of one document in a batch: the in-batch term must not push a
+    query away from the other copies of its own document."""
+    old = np.eye(4, dtype=np.float32)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {"sentence_embedding": torch.eye(4)[features["ids"]]}
+
+    labels = torch.tensor([0, 0, 1, 2])  # queries 0 and 1 share document 0
+    features = [{"ids": labels}, {"ids": labels}]
+    for term in ("new", "contrast"):
+        assert CompatibleLoss(Fixed(), old, {term: 1.0})(features, labels).item() < 1e-3, term
+
+
+def test_held_out_recall_is_scored_in_blocks_as_brute_force(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from embcompat.training import text
+
+    rng = np.random.default_rng(0)
+    q, g = rng.standard_normal((50, 8)), rng.standard_normal((200, 8))
+    relevant = rng.integers(0, 200, 50)
+    scores = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (
+        g / np.linalg.norm(g, axis=1, keepdims=True)
+    ).T
+    rank = (scores > scores[np.arange(50), relevant][:, None]).sum(1)
+    monkeypatch.setattr(text, "SCORE_BLOCK", 7 * 200)  # 7 queries a block
+    assert text.recall_at_10(q, g, relevant) == pytest.approx(float((rank < 10).mean()))
+
+
+def test_a_split_that_leaves_no_batch_or_no_held_out_pair_is_refused() -> None:
+    """Pairs whose documents repeat: one document with most queries, held out, would
+    leave nothing to train on; refused before any model is touched."""
+    rows = [(f"query {i}", "the one document") for i in range(120)]
+    rows += [(f"other {i}", f"doc {i}") for i in range(9)]
+    q, d, of = pairs_from_texts(rows)
+    pairs = TextPairs(q, d, of, np.ones((len(d), 4), np.float32))
+    train, val = pairs.split(0.1, seed=8)
+    assert len(train.queries) == 9 and len(val.queries) == 120  # seed 8 holds it out
+    with pytest.raises(InvalidInput, match="9 training and 120 held-out pairs"):
+        train_compatible(None, pairs, TextTrainConfig(batch_size=64, seed=8, progress=False))
+    two = TextPairs(q[:128], ["a", "b"], np.arange(128) % 2, np.ones((2, 4), np.float32))
+    with pytest.raises(InvalidInput, match="of the 2 distinct documents leaves 128 training"):
+        train_compatible(None, two, TextTrainConfig(batch_size=64, progress=False))
+
+
+def test_checkpoints_of_other_inputs_are_never_resumed(tmp_path: Path) -> None:
+    """A checkpoint folder left by a run over other pairs (a run id reused after a
+    database restore, a probe edited before the resume) is cleared, not resumed."""
+    from embcompat.training.text import _resume_point
+
+    def checkpoint(step: int) -> None:
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+
+    checkpoint(8)  # written before checkpoints were stamped: not known to be ours
+    assert _resume_point(tmp_path, "a") is None and not (tmp_path / "checkpoint-8").exists()
+    checkpoint(16)
+    assert _resume_point(tmp_path, "a") == tmp_path / "checkpoint-16"
+    assert _resume_point(tmp_path, "b") is None and not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_a_failed_run_reports_no_server_path(text_ctx: Context) -> None:
+    """A run whose error is not ours shows its type only: its text names server paths."""
+    ctx = text_ctx
+    rows = [(f"query {i}", f"doc {i}") for i in range(200)]
+    run_id = training.request_training(ctx, old="text:v1", version="x", pairs=rows)
+    (ctx.data_dir / "training" / str(run_id) / "pairs.json").unlink()
+    with pytest.raises(FileNotFoundError):
+        training.run_training(ctx, run_id)
+    run = training.get_training(ctx, run_id)
+    assert run["state"] == "failed" and run["finished_at"] is not None
+    assert run["error"].startswith("internal_error: FileNotFoundError")
+    assert str(ctx.data_dir) not in run["error"]
+
+
+def test_a_run_whose_pairs_cannot_be_written_is_not_recorded(text_ctx: Context) -> None:
+    from embcompat.registry.schema import TrainingRun
+
+    ctx = text_ctx
+    (ctx.data_dir / "training").write_text("a file where the runs' folder should be")
+    rows = [(f"query {i}", f"doc {i}") for i in range(200)]
+    with pytest.raises(OSError):
+        training.request_training(ctx, old="text:v1", version="x", pairs=rows)
+    with ctx.session() as s:
+        assert s.query(TrainingRun).count() == 0
+
+
+def test_a_probe_over_more_items_than_a_statement_takes_is_read_in_parts(
+    text_ctx: Context,
+) -> None:
+    """SQLite takes 250,000 parameters a statement (PostgreSQL 65,535): a probe naming
+    more items is read in parts, and fails for what it is (no item with text), not as
+    an unreachable database (which is retried)."""
+    ctx = text_ctx
+    galleries.create_gallery(ctx, "big", "text", "v1")
+    galleries.set_probe(ctx, "big", [{"text": "q", "relevant": [f"i{n}" for n in range(260_000)]}])
+    run_id = training.request_training(ctx, old="text:v1", version="x", gallery="big")
+    with pytest.raises(InvalidInput, match="has a relevant item with stored text"):
+        training.run_training(ctx, run_id)
+    assert training.get_training(ctx, run_id)["error"].startswith("invalid_input: no probe")
