@@ -45,13 +45,13 @@ from embcompat.training.text import (
 
 # (row name, method, extra dims, loss weights overriding the method's)
 COMBINATIONS: list[tuple[str, str, int, dict[str, float]]] = [
-    ("bt2-e128", "bt2", 128, {}),  # first: the chain's v2
     ("bt2-e0", "bt2", 0, {}),
+    ("bt2-e128", "bt2", 128, {}),  # the chain's v2
     ("bt2-e384", "bt2", 384, {}),
+    ("bt2-new2-e0", "bt2", 0, {"new": 2.0}),
     ("bct-e0", "bct", 0, {}),
     ("oca-e128", "oca", 128, {}),
     ("bt2-no-align-e128", "bt2", 128, {"align": 0.0}),
-    ("bct+contrast-e0", "bct", 0, {"contrast": 1.0}),
 ]
 CHAIN_V2 = "bt2-e128"
 COLUMNS = ["method", "step", "extra_dims", "dim", "r10_old_old", "r10_new_new",

@@ -55,6 +55,7 @@ TEXT_WEIGHTS: dict[str, dict[str, float]] = {
 }
 SCALE = 20.0  # cosine logits' inverse temperature, as MultipleNegativesRankingLoss
 INIT_SAMPLE = 2000  # documents encoded by v2 to initialise the head
+HELDOUT_DISTRACTORS = 5000  # training documents beside the held-out ones, per evaluation
 SCORE_BLOCK = 2**24  # query × document scores held at once by the held-out R@10
 SIGNATURE = "signature.json"  # in a checkpoint folder: the inputs its checkpoints are of
 
@@ -322,12 +323,16 @@ def pad(vectors: FloatArray, dim: int) -> FloatArray:
 
 def _evaluator(val: TextPairs, distractors: TextPairs, compatible: bool, batch_size: int) -> Any:
     """Held-out R@10: v2 queries against v1's vectors (new/old) and v2's (new/new) of the
-    validation documents plus training documents as distractors; the score is their
-    mean for a compatible model, new/new alone for an independent one."""
+    validation documents plus up to HELDOUT_DISTRACTORS training documents (a fixed
+    sample: every epoch encodes them, and a large pair set must not make that cost more
+    than the epoch); the score is their mean for a compatible model, new/new alone for
+    an independent one."""
     from sentence_transformers.evaluation import SentenceEvaluator
 
-    docs = val.documents + distractors.documents
-    old = np.concatenate([val.old_docs, distractors.old_docs])
+    n = len(distractors.documents)
+    pick = np.sort(np.random.default_rng(0).permutation(n)[:HELDOUT_DISTRACTORS])
+    docs = val.documents + [distractors.documents[i] for i in pick]
+    old = np.concatenate([val.old_docs, distractors.old_docs[pick]])
 
     class HeldOut(SentenceEvaluator):  # type: ignore[misc]
         def __init__(self) -> None:
