@@ -316,6 +316,9 @@ def _watch_training(client: Client, run_id: int, interval: float = 2.0) -> dict[
                        description=f"training run {run_id} {out['state']}")  # fmt: skip
             if out["state"] in ("done", "failed"):
                 return out
+            if out.get("lapsed"):  # nobody holds it: the beat re-sends it, if one runs
+                console.print(f"training run {run_id}: no sign of life for a whole lease")
+                return out
             time.sleep(interval)
 
 

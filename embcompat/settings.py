@@ -113,6 +113,9 @@ class Settings(BaseSettings):
         "it answers with what is known and queues them for the workers",
     )
     broker_visibility_timeout: int = Field(default=3600, ge=1, description="s before redelivery")
+    training_lease_s: int = Field(
+        default=900, ge=5, description="s of silence after which a training run is taken over"
+    )
 
     @property
     def resolved_data_dir(self) -> Path:

@@ -24,6 +24,7 @@ from embcompat.service.context import Context
 
 RETRY = {"autoretry_for": (ServiceUnavailable,), "retry_backoff": True, "max_retries": 5}
 JOB_TASKS = ("workers.tasks.run_upgrade", "workers.tasks.backfill_chunk")
+TRAIN_TIME_LIMIT_S = 48 * 3600
 
 
 class ContextTask(Task):  # type: ignore[misc]
@@ -95,13 +96,23 @@ def version_report(self: ContextTask, model: str, version: str) -> str:
     return reports.run_report(self.ctx, model, version)
 
 
-@shared_task(name="workers.tasks.train_compatible", base=ContextTask, bind=True, **RETRY)
+# Training runs for hours: no app-wide time limit. A copy redelivered while the first
+# still trains finds the run's lease held and returns; the beat re-sends lapsed runs.
+@shared_task(
+    name="workers.tasks.train_compatible", base=ContextTask, bind=True,
+    time_limit=TRAIN_TIME_LIMIT_S, soft_time_limit=TRAIN_TIME_LIMIT_S - 300, **RETRY,
+)  # fmt: skip
 def train_compatible(self: ContextTask, run_id: int) -> str:
     """Fine-tune a compatible version and register it (a redelivered run resumes from
-    its last epoch checkpoint; a done one returns), then ask for its upgrade report."""
+    its last epoch checkpoint; a done one returns), then ask for its upgrade report. A
+    run another live worker holds is looked at again a third of a lease later: done by
+    then, or taken over if that worker died."""
     from embcompat.workers.app import report_registered
 
     out = training.run_training(self.ctx, run_id)
+    if out["state"] == "running":
+        lease = self.ctx.settings.training_lease_s
+        raise self.retry(countdown=max(5, lease // 3), max_retries=None)
     report_registered(self.ctx, out)
     return str(out["state"])
 
@@ -118,11 +129,15 @@ def read_through(self: ContextTask, gallery: str, version_id: int, ids: list[int
 @shared_task(name="workers.tasks.reconcile", base=ContextTask, bind=True)
 def reconcile(self: ContextTask) -> int:
     """Beat, every minute: dispatch the chunks due now for every backfilling job (their
-    schedule's window and rate, and chunks whose worker was lost), and the reports of
-    versions a workflow marked `candidate` in MLflow directly."""
+    schedule's window and rate, and chunks whose worker was lost), the reports of
+    versions a workflow marked `candidate` in MLflow directly, and training runs whose
+    lease lapsed (a lost dispatch, a killed worker)."""
     with self.ctx.session() as s:
         jobs = list(s.scalars(select(Job.id).where(Job.state == JobState.BACKFILLING)))
     sent = 0
+    for run_id in training.lapsed_runs(self.ctx):
+        train_compatible.delay(run_id)
+        sent += 1
     for model, version in reports.candidates_without_report(self.ctx):
         if reports.request_report(self.ctx, model, version):
             version_report.delay(model, version)

@@ -18,7 +18,7 @@ import json
 import logging
 import shutil
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from embcompat.errors import (
 from embcompat.files import atomic_write
 from embcompat.kinds import SourceKind
 from embcompat.registry import versions
+from embcompat.registry.db import row_lock
 from embcompat.registry.encoders import SentenceTransformerEncoder
 from embcompat.registry.records import ModelVersionRecord
 from embcompat.registry.schema import Item, ModelVersion, TrainingRun
@@ -50,6 +51,7 @@ from embcompat.training.text import (
 )
 
 MAX_PAIRS = 500_000
+ENCODE_BATCH = 10_000  # v1 documents encoded between two heartbeats
 BASES = (MINILM_L6, MPNET)  # shipped sentence-transformers a v2 can start from
 TRAIN_PARAMS = ("method", "extra_dims", "epochs", "batch_size", "seed")
 SQL_CHUNK = 10_000  # ids per IN (...): the databases cap a statement's parameters
@@ -161,12 +163,17 @@ def request_training(
 
 def run_training(ctx: Context, run_id: int, progress: bool = False) -> dict[str, Any]:
     """Train, save and register (idempotent: a done run returns its result; a stopped
-    one resumes from its last checkpoint). Returns the run as `get_training` does."""
+    one resumes from its last checkpoint; one another live process holds is left to it
+    and returned as `running`). Returns the run as `get_training` does."""
+    lease = ctx.settings.training_lease_s
     with ctx.session(write=True) as s:
-        run = _row(s, run_id)
-        if run.state == "done":
-            return _as_dict(run)
+        run = s.scalars(row_lock(select(TrainingRun).where(TrainingRun.id == run_id), s)).first()
+        if run is None:
+            raise UnknownTrainingRun(f"no training run {run_id}")
+        if run.state == "done" or (run.state == "running" and not _lapsed(run, lease)):
+            return _as_dict(run, lease)  # done, or held by a live process (a redelivered task)
         run.state, run.error, run.finished_at = "running", None, None
+        run.heartbeat_at = datetime.now(UTC)
         old = version_record(ctx, s, run.old_version_id)
         params = dict(run.params)
         target = run.version
@@ -183,11 +190,46 @@ def run_training(ctx: Context, run_id: int, progress: bool = False) -> dict[str,
     with ctx.session(write=True) as s:
         run = _row(s, run_id)
         run.state, run.result, run.finished_at = "done", result, datetime.now(UTC)
-        out = _as_dict(run)
+        out = _as_dict(run, ctx.settings.training_lease_s)
     # epoch checkpoints hold the model and its optimiser state, several times the
     # model's size; the registered version is in MLflow now and nothing resumes a done run
     shutil.rmtree(_run_dir(ctx, run_id) / "checkpoints", ignore_errors=True)
     return out
+
+
+def _lapsed(run: TrainingRun, lease_s: int, now: datetime | None = None) -> bool:
+    """No sign of life for `lease_s`: the process holding the run is gone."""
+    beat = run.heartbeat_at or run.created_at
+    if beat.tzinfo is None:  # SQLite hands datetimes back naive (they are UTC)
+        beat = beat.replace(tzinfo=UTC)
+    return (now or datetime.now(UTC)) - beat > timedelta(seconds=lease_s)
+
+
+def heartbeat(ctx: Context, run_id: int, steps: tuple[int, int] | None = None) -> None:
+    """Renew the run's lease (and record steps done of total): long phases call it, so
+    the beat never hands a live run to a second worker."""
+    with ctx.session(write=True) as s:
+        run = _row(s, run_id)
+        run.heartbeat_at = datetime.now(UTC)
+        if steps is not None:
+            run.steps_done, run.steps_total = steps
+
+
+def lapsed_runs(ctx: Context) -> list[int]:
+    """Runs to hand to the workers again: pending or running with no sign of life for the
+    lease (a lost dispatch, a killed worker, a task the broker gave up on). Their lease
+    is renewed here, so a run is re-sent at most once per lease."""
+    with ctx.session(write=True) as s:
+        runs = s.scalars(
+            row_lock(select(TrainingRun).where(TrainingRun.state.in_(("pending", "running"))), s)
+        ).all()
+        now = datetime.now(UTC)
+        out = []
+        for run in runs:
+            if _lapsed(run, ctx.settings.training_lease_s, now):
+                run.heartbeat_at = now
+                out.append(run.id)
+        return out
 
 
 def _error_text(exc: Exception) -> str:
@@ -273,8 +315,13 @@ def _file_pairs(ctx: Context, run_id: int, old: ModelVersionRecord) -> TextPairs
     rows = json.loads((_run_dir(ctx, run_id) / "pairs.json").read_text())
     queries, documents, doc_of = pairs_from_texts([tuple(r) for r in rows])
     encoder = ctx.encoder(old)  # EncoderError for an external v1: send a gallery instead
-    old_docs = np.asarray(encoder.encode(documents), np.float32)
-    return TextPairs(queries, documents, doc_of, old_docs)
+    parts = []
+    for start in range(0, len(documents), ENCODE_BATCH):  # minutes for large sets: keep the lease
+        parts.append(
+            np.asarray(encoder.encode(documents[start : start + ENCODE_BATCH]), np.float32)
+        )
+        heartbeat(ctx, run_id)
+    return TextPairs(queries, documents, doc_of, np.concatenate(parts))
 
 
 def _gallery_pairs(ctx: Context, gallery: str, old: ModelVersionRecord) -> TextPairs:
@@ -328,21 +375,20 @@ def _base_model(ctx: Context, base: str) -> Any:
 
 
 def _progress(ctx: Context, run_id: int) -> Any:
-    """A trainer callback that writes steps done of total to the run, at most every 2 s."""
+    """A trainer callback that writes steps done of total to the run, at most every 2 s,
+    renewing its lease."""
     from transformers import TrainerCallback
 
     last = [0.0]
-
-    def write(done: int, total: int) -> None:
-        with ctx.session(write=True) as s:
-            run = _row(s, run_id)
-            run.steps_done, run.steps_total = done, total
 
     class Progress(TrainerCallback):  # type: ignore[misc]
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if time.monotonic() - last[0] >= 2 or state.global_step == state.max_steps:
                 last[0] = time.monotonic()
-                write(int(state.global_step), int(state.max_steps))
+                heartbeat(ctx, run_id, (int(state.global_step), int(state.max_steps)))
+
+        def on_evaluate(self, *args: Any, **kwargs: Any) -> None:
+            heartbeat(ctx, run_id)
 
     return Progress()
 
@@ -354,7 +400,7 @@ def _row(s: Any, run_id: int) -> TrainingRun:
     return run
 
 
-def _as_dict(run: TrainingRun) -> dict[str, Any]:
+def _as_dict(run: TrainingRun, lease_s: int) -> dict[str, Any]:
     return {
         "id": run.id,
         "state": run.state,
@@ -364,6 +410,8 @@ def _as_dict(run: TrainingRun) -> dict[str, Any]:
         "result": run.result,
         "error": run.error,
         "created_at": run.created_at.isoformat(),
+        "heartbeat_at": run.heartbeat_at.isoformat() if run.heartbeat_at else None,
+        "lapsed": run.state in ("pending", "running") and _lapsed(run, lease_s),
         "finished_at": run.finished_at.isoformat() if run.finished_at else None,
     }
 
@@ -371,4 +419,4 @@ def _as_dict(run: TrainingRun) -> dict[str, Any]:
 def get_training(ctx: Context, run_id: int) -> dict[str, Any]:
     """The run as a plain record: state, progress, result, error (never the ORM row)."""
     with ctx.session() as s:
-        return _as_dict(_row(s, run_id))
+        return _as_dict(_row(s, run_id), ctx.settings.training_lease_s)

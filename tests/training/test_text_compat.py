@@ -322,3 +322,33 @@ def test_a_probe_over_more_items_than_a_statement_takes_is_read_in_parts(
     with pytest.raises(InvalidInput, match="has a relevant item with stored text"):
         training.run_training(ctx, run_id)
     assert training.get_training(ctx, run_id)["error"].startswith("invalid_input: no probe")
+
+
+def test_a_run_held_by_a_live_process_is_left_to_it_until_its_lease_lapses(
+    text_ctx: Context,
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from embcompat.registry.schema import TrainingRun
+
+    ctx = text_ctx
+    lease = ctx.settings.training_lease_s
+    run_id = training.request_training(
+        ctx, old="text:v1", version="v1x", pairs=wordnet_pairs([], 200, seed=2)
+    )
+    assert training.lapsed_runs(ctx) == []  # just requested: its dispatch is on its way
+
+    def beat(ago_s: float) -> None:
+        with ctx.session(write=True) as s:
+            run = s.get(TrainingRun, run_id)
+            assert run is not None
+            run.state, run.heartbeat_at = "running", datetime.now(UTC) - timedelta(seconds=ago_s)
+
+    beat(1)
+    held = training.run_training(ctx, run_id)  # a redelivered copy: returns at once
+    assert held["state"] == "running" and held["lapsed"] is False
+    assert training.lapsed_runs(ctx) == []
+    beat(lease + 1)
+    assert training.get_training(ctx, run_id)["lapsed"] is True
+    assert training.lapsed_runs(ctx) == [run_id]
+    assert training.lapsed_runs(ctx) == []  # re-sent at most once per lease

@@ -180,8 +180,9 @@ def test_a_training_run_killed_mid_way_resumes_on_another_worker(
     text_pair_dir: Path, tmp_path: Path
 ) -> None:
     """`train_compatible` on a real worker, SIGKILLed once its first epoch is
-    checkpointed: the redelivered task resumes from that checkpoint on a new worker and
-    registers the version exactly once."""
+    checkpointed: the redelivered task finds the run's lease still held, looks again
+    once it lapsed, resumes from that checkpoint on a new worker and registers the
+    version exactly once."""
     import shutil
 
     from embcompat.datasets import wordnet_pairs
@@ -192,11 +193,13 @@ def test_a_training_run_killed_mid_way_resumes_on_another_worker(
     shutil.copytree(text_pair_dir, data)
     queue = f"embcompat-test-{uuid.uuid4().hex[:8]}"
     ctx = Context(Settings(data_dir=data, broker_url=REDIS_URL, result_backend=REDIS_URL,
-                           queue=queue, broker_visibility_timeout=5))  # fmt: skip
+                           queue=queue, broker_visibility_timeout=5,
+                           training_lease_s=20))  # fmt: skip
     env = {
         **os.environ, "EMBCOMPAT_DATA_DIR": str(data), "EMBCOMPAT_BROKER_URL": REDIS_URL,
         "EMBCOMPAT_RESULT_BACKEND": REDIS_URL, "EMBCOMPAT_QUEUE": queue,
         "EMBCOMPAT_BROKER_VISIBILITY_TIMEOUT": "5", "HF_HUB_OFFLINE": "1",
+        "EMBCOMPAT_TRAINING_LEASE_S": "20",  # the killed worker's lease lapses in 20 s
     }  # fmt: skip
     run_id = training.request_training(
         ctx, old="text:v1", version="v1c", pairs=wordnet_pairs([], 128, seed=3),
