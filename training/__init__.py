@@ -5,5 +5,8 @@
 - `trainer`: the one loop (progress, early stopping, resumable checkpoints);
 - `methods`: `train_model(method, ...)` for independent / bct / bt2 / oca / dsimplex;
 - `fashion`, `nets`: the class-based protocol's data and CNNs;
-- `serving`: a trained model as an MLflow pyfunc encoder, registered with lineage.
+- `pyfunc`: a trained image model as an MLflow pyfunc encoder, registered with lineage;
+- `text`: the same recipe for sentence-transformers (BT² head into v1's space, BCT
+  influence over v1's document vectors, cross-model contrast, OCA alignment and
+  orthogonal layer), through the library's own trainer.
 """
