@@ -243,7 +243,8 @@ def train_compatible(
         str, typer.Option(help="shipped sentence-transformer or MODEL:VERSION")
     ] = "all-MiniLM-L6-v2",
     pairs: Annotated[
-        Path | None, typer.Option(help="TSV or JSON lines of (query, relevant item text)")
+        Path | None,
+        typer.Option(help="(query, relevant item text) lines: TSV, or JSON in a .jsonl"),
     ] = None,
     gallery: Annotated[
         str | None, typer.Option(help="train on its labelled probe and stored texts")
@@ -284,14 +285,16 @@ def train_compatible(
 
 
 def _read_pairs(path: Path) -> list[list[str]]:
-    """Tab-separated (query, item text) lines, or JSON lines of two-string lists or
-    {"query", "text"} objects; the line number names a bad one."""
+    """A `.jsonl` file: JSON lines of two-string lists or {"query", "text"} objects;
+    any other: tab-separated (query, item text) lines (a text may start with a bracket).
+    The line number names a bad one."""
     rows: list[list[str]] = []
+    as_json = path.suffix in (".jsonl", ".json", ".ndjson")
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            if line.lstrip().startswith(("[", "{")):
+            if as_json:
                 value = json.loads(line)
                 row = [value["query"], value["text"]] if isinstance(value, dict) else value
             else:

@@ -289,6 +289,7 @@ def _train_and_register(
         if existing is None:
             raise
         return existing
+    shutil.rmtree(folder, ignore_errors=True)  # MLflow keeps the registered copy
     return {
         "registered": rec.ref,
         "dim": res.dim,

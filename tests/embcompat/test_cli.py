@@ -90,6 +90,7 @@ def test_train_compatible_names_the_bad_pairs_line_and_the_missing_version(
     out = runner.invoke(app, ["train-compatible", "text:v1", "v2", "--pairs", str(pairs)])
     assert out.exit_code == 2 and "pairs.tsv:3" in out.output, out.output
     rows = [json.dumps({"query": f"query {i}", "text": f"item {i}"}) for i in range(200)]
+    pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("\n".join(rows))
     out = runner.invoke(app, ["train-compatible", "text:v1", "v2", "--pairs", str(pairs)])
     assert out.exit_code == 2 and "has no version 'v1'" in out.output, out.output
