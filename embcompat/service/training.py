@@ -32,7 +32,7 @@ from embcompat.errors import (
     InvalidInput,
     UnknownTrainingRun,
 )
-from embcompat.files import atomic_write
+from embcompat.files import atomic_write, atomic_write_npy
 from embcompat.kinds import SourceKind
 from embcompat.registry import versions
 from embcompat.registry.db import row_lock
@@ -313,8 +313,18 @@ def _registered_by(ctx: Context, model: str, version: str, run_id: int) -> dict[
 
 
 def _file_pairs(ctx: Context, run_id: int, old: ModelVersionRecord) -> TextPairs:
+    """The request's pairs; v1's vectors of their documents are encoded once and kept
+    in the run's folder, so a resumed run does not encode them again."""
     rows = json.loads((_run_dir(ctx, run_id) / "pairs.json").read_text())
     queries, documents, doc_of = pairs_from_texts([tuple(r) for r in rows])
+    cached = _run_dir(ctx, run_id) / "v1-documents.npy"
+    if cached.exists():
+        try:
+            vectors = np.load(cached)
+            if vectors.shape == (len(documents), old.dim) and np.isfinite(vectors).all():
+                return TextPairs(queries, documents, doc_of, vectors)
+        except (OSError, ValueError):
+            pass  # damaged: encoded again below
     encoder = ctx.encoder(old)  # EncoderError for an external v1: send a gallery instead
     parts = []
     for start in range(0, len(documents), ENCODE_BATCH):  # minutes for large sets: keep the lease
@@ -322,7 +332,9 @@ def _file_pairs(ctx: Context, run_id: int, old: ModelVersionRecord) -> TextPairs
             np.asarray(encoder.encode(documents[start : start + ENCODE_BATCH]), np.float32)
         )
         heartbeat(ctx, run_id)
-    return TextPairs(queries, documents, doc_of, np.concatenate(parts))
+    vectors = np.concatenate(parts)
+    atomic_write_npy(cached, vectors)
+    return TextPairs(queries, documents, doc_of, vectors)
 
 
 def _gallery_pairs(ctx: Context, gallery: str, old: ModelVersionRecord) -> TextPairs:

@@ -352,3 +352,20 @@ def test_a_run_held_by_a_live_process_is_left_to_it_until_its_lease_lapses(
     assert training.get_training(ctx, run_id)["lapsed"] is True
     assert training.lapsed_runs(ctx) == [run_id]
     assert training.lapsed_runs(ctx) == []  # re-sent at most once per lease
+
+
+def test_v1_document_vectors_are_encoded_once_per_run_and_a_damaged_cache_is_redone(
+    text_ctx: Context,
+) -> None:
+    ctx = text_ctx
+    run_id = training.request_training(
+        ctx, old="text:v1", version="v1y", pairs=wordnet_pairs([], 200, seed=4)
+    )
+    v1 = _record(ctx, "v1")
+    first = training._file_pairs(ctx, run_id, v1)
+    cached = ctx.data_dir / "training" / str(run_id) / "v1-documents.npy"
+    assert np.array_equal(np.load(cached), first.old_docs)
+    np.save(cached, first.old_docs * 2)  # a resumed run reads what was stored, not v1
+    assert np.array_equal(training._file_pairs(ctx, run_id, v1).old_docs, first.old_docs * 2)
+    cached.write_bytes(b"not an array")
+    assert np.allclose(training._file_pairs(ctx, run_id, v1).old_docs, first.old_docs, atol=1e-5)
