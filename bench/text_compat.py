@@ -50,6 +50,7 @@ COMBINATIONS: list[tuple[str, str, int, dict[str, float]]] = [
     ("bt2-e384", "bt2", 384, {}),
     ("bt2-new2-e0", "bt2", 0, {"new": 2.0}),
     ("bct-e0", "bct", 0, {}),
+    ("bct-new2-e0", "bct", 0, {"new": 2.0}),
     ("oca-e128", "oca", 128, {}),
     ("bt2-no-align-e128", "bt2", 128, {"align": 0.0}),
 ]
