@@ -296,6 +296,7 @@ def train_compatible(
         ctx, old=body.old, version=body.version, base=body.base,
         pairs=[(q, d) for q, d in body.pairs] if body.pairs is not None else None,
         gallery=body.gallery, method=body.method, extra_dims=body.extra_dims,
+        weights={str(k): v for k, v in body.weights.items()} if body.weights else None,
         epochs=body.epochs, batch_size=body.batch_size, seed=body.seed,
     )  # fmt: skip
     audit(request, run=run_id)

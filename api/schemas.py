@@ -190,6 +190,9 @@ class TrainingIn(Body):
     gallery: str | None = Field(default=None, min_length=1, max_length=200)
     method: Literal["bct", "bt2", "oca"] = "bt2"
     extra_dims: StrictInt = Field(default=0, ge=0, le=4096)
+    weights: dict[Literal["new", "influence", "contrast", "align"], float] | None = Field(
+        default=None, description="loss weights overriding the method's, term by term"
+    )
     epochs: StrictInt = Field(default=1, ge=1, le=100)
     batch_size: StrictInt = Field(default=64, ge=2, le=4096)
     seed: StrictInt = Field(default=0, ge=0, le=2**31 - 1)

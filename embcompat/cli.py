@@ -251,6 +251,9 @@ def train_compatible(
     ] = None,
     method: Annotated[str, typer.Option(help="bct, bt2 or oca")] = "bt2",
     extra_dims: Annotated[int, typer.Option(help="free dimensions beyond OLD's")] = 0,
+    weight: Annotated[
+        list[str] | None, typer.Option(help="TERM=W loss weight override (new, influence, ...)")
+    ] = None,
     epochs: int = 1,
     batch_size: int = 64,
     seed: int = 0,
@@ -262,6 +265,7 @@ def train_compatible(
         "old": old, "version": version, "base": base, "gallery": gallery, "method": method,
         "extra_dims": extra_dims, "epochs": epochs, "batch_size": batch_size, "seed": seed,
         "pairs": _read_pairs(pairs) if pairs else None,
+        "weights": _weights(weight or []) or None,
     }  # fmt: skip
     client = _client()
     out = _guard(lambda: client.train_compatible(body))
@@ -282,6 +286,20 @@ def train_compatible(
             f"  epoch {epoch.get('epoch', 0):.0f}: held-out R@10 new/old {new_old:.3f}, "
             f"new/new {new_new:.3f}"
         )
+
+
+def _weights(options: list[str]) -> dict[str, float]:
+    """`--weight new=2 --weight align=0` → {"new": 2.0, "align": 0.0}."""
+    out = {}
+    for option in options:
+        term, sep, value = option.partition("=")
+        try:
+            out[term.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise typer.BadParameter(f"--weight {option!r}: expected TERM=NUMBER")
+    return out
 
 
 def _read_pairs(path: Path) -> list[list[str]]:

@@ -53,7 +53,7 @@ from embcompat.training.text import (
 MAX_PAIRS = 500_000
 ENCODE_BATCH = 10_000  # v1 documents encoded between two heartbeats
 BASES = (MINILM_L6, MPNET)  # shipped sentence-transformers a v2 can start from
-TRAIN_PARAMS = ("method", "extra_dims", "epochs", "batch_size", "seed")
+TRAIN_PARAMS = ("method", "extra_dims", "weights", "epochs", "batch_size", "seed")
 SQL_CHUNK = 10_000  # ids per IN (...): the databases cap a statement's parameters
 
 log = logging.getLogger(__name__)
@@ -80,16 +80,20 @@ def request_training(
     gallery: str | None = None,
     method: str = "bt2",
     extra_dims: int = 0,
+    weights: dict[str, float] | None = None,
     epochs: int = 1,
     batch_size: int = 64,
     seed: int = 0,
 ) -> int:
     """Validate a request and record it as a pending run; returns the run id. `old` is
     MODEL:VERSION (the new version is registered under the same model), `base` a
-    shipped model or MODEL:VERSION of a registered sentence-transformer."""
+    shipped model or MODEL:VERSION of a registered sentence-transformer; `weights`
+    override the method's loss weights term by term (bct with {"new": 2} kept new/new
+    at 0.98 of an independent fine-tune on the WordNet protocol)."""
     config = TextTrainConfig(
-        method=method, extra_dims=extra_dims, epochs=epochs, batch_size=batch_size, seed=seed
-    )
+        method=method, extra_dims=extra_dims, weights=dict(weights or {}), epochs=epochs,
+        batch_size=batch_size, seed=seed,
+    )  # fmt: skip
     config.check()
     if method == "independent":
         raise InvalidInput(
@@ -258,7 +262,7 @@ def _train_and_register(
         else _file_pairs(ctx, run_id, old)
     )
     config = TextTrainConfig(
-        **{k: params[k] for k in TRAIN_PARAMS},
+        **{k: params[k] for k in TRAIN_PARAMS if k in params},
         checkpoint_dir=_run_dir(ctx, run_id) / "checkpoints",
         progress=progress,
     )

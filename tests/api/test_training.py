@@ -28,7 +28,7 @@ def test_training_from_a_gallery_probe_registers_a_compatible_version(tmp_path: 
     body = {"items": [{"id": it.id, "text": it.text} for it in items]}
     assert client.post("/galleries/docs/items", json=body, headers=ADMIN).status_code == 200
     request = {"old": "text:v1", "version": "v1c", "gallery": "docs", "batch_size": 8,
-               "extra_dims": 32}  # fmt: skip
+               "extra_dims": 32, "weights": {"new": 2.0}}  # fmt: skip
 
     no_probe = client.post("/training", json=request, headers=ADMIN)
     assert no_probe.status_code == 422 and "stores no labelled probe" in no_probe.json()["detail"]
@@ -38,7 +38,7 @@ def test_training_from_a_gallery_probe_registers_a_compatible_version(tmp_path: 
 
     assert client.post("/training", json=request, headers=READ).status_code == 403
     for bad in ({"method": "magic"}, {"pairs": [["only one"]]}, {"old": "no-version"},
-                {"batch_size": 1}, {"extra_dims": -1}):  # fmt: skip
+                {"batch_size": 1}, {"extra_dims": -1}, {"weights": {"bogus": 1.0}}):  # fmt: skip
         assert client.post("/training", json={**request, **bad}, headers=ADMIN).status_code == 422
     both = client.post("/training", json={**request, "pairs": [["q", "d"]] * 40}, headers=ADMIN)
     assert both.status_code == 422 and "not both" in both.json()["detail"]
@@ -49,6 +49,7 @@ def test_training_from_a_gallery_probe_registers_a_compatible_version(tmp_path: 
     assert run["state"] == "done", run
     assert run["result"]["registered"] == "text:v1c" and run["result"]["pairs"] == len(queries)
     assert run["progress"]["steps_done"] == run["progress"]["steps_total"] > 0
+    assert run["params"]["weights"] == {"new": 2.0}
     version = client.get("/models/text/versions/v1c", headers=READ).json()
     assert version["lineage"] == ["v1", "v1c"] and version["dim"] == 384 + 32
     assert version["tags"]["compatible_with"] == "text:v1"

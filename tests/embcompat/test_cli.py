@@ -94,3 +94,7 @@ def test_train_compatible_names_the_bad_pairs_line_and_the_missing_version(
     pairs.write_text("\n".join(rows))
     out = runner.invoke(app, ["train-compatible", "text:v1", "v2", "--pairs", str(pairs)])
     assert out.exit_code == 2 and "has no version 'v1'" in out.output, out.output
+    bad = runner.invoke(
+        app, ["train-compatible", "text:v1", "v2", "--pairs", str(pairs), "--weight", "new"]
+    )
+    assert bad.exit_code == 2 and "expected TERM=NUMBER" in bad.output, bad.output

@@ -201,6 +201,8 @@ def test_requests_are_checked_before_anything_is_stored(text_ctx: Context) -> No
         training.request_training(ctx, old="text:v1", version="x", pairs=rows, gallery="g")
     with pytest.raises(InvalidInput, match="version name '../x' is not allowed"):
         training.request_training(ctx, old="text:v1", version="../x", pairs=rows)
+    with pytest.raises(InvalidInput, match="unknown loss terms"):
+        training.request_training(ctx, old="text:v1", version="x", pairs=rows, weights={"x": 1})
     with pytest.raises(InvalidInput, match="MODEL:VERSION"):
         training.request_training(ctx, old="text", version="x", pairs=rows)
     with pytest.raises(DuplicateVersion):
