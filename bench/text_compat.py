@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from common import embed, print_table, write_json
 
+from embcompat.adapters.basis import zero_pad
 from embcompat.datasets import wordnet_pairs, wordnet_task
 from embcompat.registry.shipped import MINILM_L6, PARAPHRASE_L3, shipped_model_path
 from embcompat.settings import get_settings
 from embcompat.training.text import (
     TextPairs,
     TextTrainConfig,
-    pad,
     pairs_from_texts,
     recall_at_10,
     save_model,
@@ -106,7 +106,7 @@ def main() -> None:
         method: str, step: str, q: np.ndarray, g: np.ndarray | None, **extra: Any
     ) -> dict[str, Any]:
         new_old = (
-            recall_at_10(q, pad(v1_g, q.shape[1]), rel)
+            recall_at_10(q, zero_pad(v1_g, q.shape[1]), rel)
             if q.shape[1] >= v1_g.shape[1]
             else float("nan")
         )
@@ -171,7 +171,7 @@ def main() -> None:
         res = train_compatible(v2, TextPairs(q3, d3, of3, old3), config("bt2", 128, {}))
         q, g, _ = encode(res.model)
         v3 = row("chain", "v1->v2->v3", q, g, extra_dims=128, train_s=res.train_s)
-        v3["r10_new_old_v2"] = recall_at_10(q, pad(v2_g, q.shape[1]), rel)
+        v3["r10_new_old_v2"] = recall_at_10(q, zero_pad(v2_g, q.shape[1]), rel)
         v3["r10_v2_old_old"] = recall_at_10(v2_q, v2_g, rel)
         v3["new_new_ratio"] = v3["r10_new_new"] / independent["r10_new_new"]
         print(f"v3 on v2's gallery: new/old {v3['r10_new_old_v2']:.3f} vs v2 new/new "

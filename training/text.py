@@ -41,6 +41,8 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from embcompat.adapters.basis import zero_pad
+from embcompat.adapters.metrics import recall_at_k, search
 from embcompat.errors import InvalidInput
 from embcompat.files import atomic_write
 
@@ -56,7 +58,6 @@ TEXT_WEIGHTS: dict[str, dict[str, float]] = {
 SCALE = 20.0  # cosine logits' inverse temperature, as MultipleNegativesRankingLoss
 INIT_SAMPLE = 2000  # documents encoded by v2 to initialise the head
 HELDOUT_DISTRACTORS = 5000  # training documents beside the held-out ones, per evaluation
-SCORE_BLOCK = 2**24  # query × document scores held at once by the held-out R@10
 SIGNATURE = "signature.json"  # in a checkpoint folder: the inputs its checkpoints are of
 
 FloatArray = npt.NDArray[np.float32]
@@ -299,26 +300,13 @@ def recall_at_10(
     queries: FloatArray, gallery: FloatArray, relevant: npt.NDArray[np.int64]
 ) -> float:
     """Share of queries whose relevant gallery row is among their 10 best by cosine.
-    queries: (n, d), gallery: (m, d) float32, relevant: (n,) gallery rows. Scored a
-    block of queries at a time: the whole (n, m) matrix of a large pair set (50k
-    held-out queries against 500k documents) would not fit in memory."""
+    queries: (n, d), gallery: (m, d), relevant: (n,) gallery rows (FAISS's exact search
+    works through a large set in blocks)."""
+    if not len(queries):
+        return 0.0
     q = queries / np.linalg.norm(queries, axis=1, keepdims=True).clip(1e-12)
     g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True).clip(1e-12)
-    block = max(1, SCORE_BLOCK // max(len(g), 1))
-    hits = 0
-    for start in range(0, len(q), block):
-        scores = q[start : start + block] @ g.T
-        own = scores[np.arange(len(scores)), relevant[start : start + block]]
-        hits += int(((scores > own[:, None]).sum(1) < 10).sum())
-    return hits / len(q) if len(q) else 0.0
-
-
-def pad(vectors: FloatArray, dim: int) -> FloatArray:
-    """Old vectors in the new space: zero-padded (the `basis` plan's view).
-    vectors: (n, d_old) → (n, dim) float32."""
-    out = np.zeros((len(vectors), dim), np.float32)
-    out[:, : vectors.shape[1]] = vectors
-    return out
+    return recall_at_k(search(q, g, 10)[1], relevant, 10)
 
 
 def _evaluator(val: TextPairs, distractors: TextPairs, compatible: bool, batch_size: int) -> Any:
@@ -345,7 +333,7 @@ def _evaluator(val: TextPairs, distractors: TextPairs, compatible: bool, batch_s
             q = model.encode(val.queries, batch_size=batch_size, convert_to_numpy=True)
             g = model.encode(docs, batch_size=batch_size, convert_to_numpy=True)
             new_new = recall_at_10(q, g, val.doc_of)
-            new_old = recall_at_10(q, pad(old, q.shape[1]), val.doc_of) if compatible else 0.0
+            new_old = recall_at_10(q, zero_pad(old, q.shape[1]), val.doc_of) if compatible else 0.0
             score = (new_new + new_old) / 2 if compatible else new_new
             return self.prefix_name_to_metrics(
                 {"score": score, "new_new_r10": new_new, "new_old_r10": new_old}, "heldout"
