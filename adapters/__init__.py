@@ -9,7 +9,7 @@ applied by `transform(x)` (never aliasing its input) and round-trips through
 from embcompat.adapters.base import Adapter, Direction
 from embcompat.adapters.basis import BasisAdapter
 from embcompat.adapters.binary import BINARIZERS, Binarizer, ITQBinarizer, RecurrentBinarizer
-from embcompat.adapters.linear import AffineAdapter, LowRankAdapter, ProcrustesAdapter
+from embcompat.adapters.linear import AffineAdapter, LinearMap, LowRankAdapter, ProcrustesAdapter
 from embcompat.adapters.mlp import ResidualMLPAdapter
 from embcompat.arrays import check_vectors
 
@@ -40,6 +40,7 @@ __all__ = [
     "Binarizer",
     "Direction",
     "ITQBinarizer",
+    "LinearMap",
     "LowRankAdapter",
     "ProcrustesAdapter",
     "RecurrentBinarizer",

@@ -26,8 +26,12 @@ def _centers(x: FloatArray, y: FloatArray, center: bool) -> tuple[FloatArray, Fl
     return x.mean(0).astype(np.float32), y.mean(0).astype(np.float32)
 
 
-class _AffineMap(Adapter):
-    """y = (x − μ_x) · W + μ_y, optionally L2-normalised (cosine spaces)."""
+class LinearMap(Adapter):
+    """y = (x − μ_x) · W + μ_y, optionally L2-normalised (cosine spaces).
+
+    Being linear, it can be folded into the query instead of applied to a gallery:
+    q · y = ((q Wᵀ) · x + q · c) / ‖x W + c‖ with c = μ_y − μ_x W, so a mapped gallery
+    needs only one length per item (`output_norms`), never its mapped vectors."""
 
     weight: FloatArray
     mu_x: FloatArray
@@ -35,12 +39,30 @@ class _AffineMap(Adapter):
     normalize_output: bool
 
     def _apply(self, x: FloatArray) -> FloatArray:
-        # (x − μx)·W + μy = x·W + (μy − μx·W): one product, one in-place add, no copies
+        # (x − μx)·W + μy = x·W + c: one product, one in-place add, no copies
         out: FloatArray = x @ self.weight
-        out += self.mu_y - self.mu_x @ self.weight
+        out += self.offset
         if self.normalize_output:
             out /= row_norms(out)
         return out
+
+    @property
+    def offset(self) -> FloatArray:
+        """c = μ_y − μ_x W, the output of the zero vector."""
+        return (self.mu_y - self.mu_x @ self.weight).astype(np.float32)
+
+    def output_norms(self, x: FloatArray) -> FloatArray:
+        """x: (n, source_dim) → (n,) lengths of x W + c before normalisation, without
+        forming it: ‖xW + c‖² = x (W Wᵀ) xᵀ + 2 x · (W c) + ‖c‖², and W Wᵀ = I for a
+        rotation into an equal or wider space (Procrustes), where this is one pass over x."""
+        c = self.offset
+        gram = self.weight @ self.weight.T
+        if np.abs(gram - np.eye(len(gram), dtype=np.float32)).max() < 1e-4:
+            sq = np.einsum("ij,ij->i", x, x)
+        else:
+            sq = np.einsum("ij,ij->i", x @ gram, x)
+        sq += 2 * (x @ (self.weight @ c)) + float(c @ c)
+        return np.sqrt(np.maximum(sq, 1e-24, out=sq)).astype(np.float32)
 
     def arrays(self) -> dict[str, npt.NDArray[Any]]:
         return {"weight": self.weight, "mu_x": self.mu_x, "mu_y": self.mu_y}
@@ -60,7 +82,7 @@ class _AffineMap(Adapter):
         return self
 
 
-class ProcrustesAdapter(_AffineMap):
+class ProcrustesAdapter(LinearMap):
     kind = "procrustes"
 
     @classmethod
@@ -93,7 +115,7 @@ def _ridge(x: FloatArray, y: FloatArray, alpha: float) -> npt.NDArray[np.float64
     return np.linalg.solve(gram + lam * np.eye(gram.shape[0]), xd.T @ y.astype(np.float64))
 
 
-class AffineAdapter(_AffineMap):
+class AffineAdapter(LinearMap):
     kind = "affine"
 
     @classmethod
@@ -111,7 +133,7 @@ class AffineAdapter(_AffineMap):
         return cls(x.shape[1], y.shape[1], direction)._set(w, mu_x, mu_y, normalize_output)
 
 
-class LowRankAdapter(_AffineMap):
+class LowRankAdapter(LinearMap):
     kind = "lowrank"
 
     @classmethod

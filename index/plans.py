@@ -29,6 +29,7 @@ from embcompat.adapters.base import Adapter
 from embcompat.arrays import FloatArray, IdArray
 from embcompat.errors import EmbcompatError, InvalidInput
 from embcompat.index.faiss_index import SpaceSearcher
+from embcompat.index.folded import FoldedSearcher
 from embcompat.index.merge import Platt, fuse_z, rrf_rows, rrf_scores, zscore_rows
 from embcompat.kinds import Merge, ServingPlan
 
@@ -47,7 +48,7 @@ class ReadThrough(Protocol):
 class MixedIndex:
     old: SpaceSearcher
     new: SpaceSearcher
-    mapped: SpaceSearcher | None = None
+    mapped: SpaceSearcher | FoldedSearcher | None = None  # folded: see index.folded
     pool: Executor | None = None  # searches the two spaces side by side when given
     allow: IdArray | None = None  # only these items (a filter's matches), sorted
 
@@ -137,6 +138,7 @@ def _two_part(
     index: MixedIndex, plan: Plan, q_new: FloatArray, q_old: FloatArray | None, k: int
 ) -> Results:
     upgraded = index.upgraded()  # served from the new space, never the old
+    old_side: SpaceSearcher | FoldedSearcher
     if plan.name == "bridge":
         old_side, q_side = index.old, plan.bridge.transform(q_new)  # type: ignore[union-attr]
     elif plan.name == "mapped":

@@ -32,11 +32,10 @@ from embcompat.service.galleries import (
     allowed_by,
     encode_and_store,
     get_gallery_row,
-    mapped_searcher,
     space_searcher,
     version_record,
 )
-from embcompat.service.upgrade.jobs import job_adapter, load_platt
+from embcompat.service.upgrade.jobs import JobVersions, job_adapter, load_platt, mapped_side
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +206,8 @@ def search(
     plan = _plan(ctx, ServingPlan(mixed_plan), cast(int, job_id), old, target, gate)
     mapped = None
     if mixed_plan == ServingPlan.MAPPED:
-        mapped = mapped_searcher(ctx, gallery, old, target, cast(int, job_id), kind)
+        versions = JobVersions(old, target, gallery, kind)
+        mapped = mapped_side(ctx, cast(int, job_id), versions)
     index = MixedIndex(
         space_searcher(ctx, gallery, old, kind),
         space_searcher(ctx, gallery, target, kind),

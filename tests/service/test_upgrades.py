@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sqlalchemy import select
 
 from embcompat.errors import InvalidTransition, UpgradeInProgress, UpgradeRefused
 from embcompat.kinds import JobState
 from embcompat.registry import versions
-from embcompat.registry.schema import Job, JobChunk
+from embcompat.registry.schema import Item, Job, JobChunk
 from embcompat.service import galleries, search, upgrade
 from embcompat.service.context import Context
+from embcompat.service.upgrade.jobs import job_adapter
 from tests.conftest import wordnet_items
 
 pytestmark = pytest.mark.slow
@@ -143,7 +145,21 @@ def test_each_plan_serves_mid_upgrade_with_its_paths(gallery: tuple, plan: str) 
         with ctx.session() as s:
             old = versions.get_version(s, ctx.registry, "text", "v1")
             new = versions.get_version(s, ctx.registry, "text", "v2")
-        assert len(galleries.mapped_store(ctx, "docs", old, new, job.id)) == len(items)
+        # a linear mapper is folded into the query: one scale per item, no mapped vectors
+        scales = galleries.mapped_store(ctx, "docs", old, new, job.id, folded=True)
+        assert len(scales) == len(items) and scales.dim == 1
+        mapper = job_adapter(ctx, job.id, "mapper", old, new)
+        q = ctx.encoder(new).encode(queries[:5])
+        res = search.search(ctx, "docs", vectors=q, k=10)
+        with ctx.session() as s:
+            by_name = dict(s.execute(select(Item.external_id, Item.id)).all())
+        for row, qv in zip(res.hits, q, strict=True):  # scored as the written vectors would be
+            mapped_hits = [h for h in row if h.path == "mapped"]
+            x, _ = galleries.space_store(ctx, "docs", old).get(
+                np.array([by_name[h.item] for h in mapped_hits])
+            )
+            want = mapper.transform(x) @ qv
+            np.testing.assert_allclose([h.score_old for h in mapped_hits], want, atol=1e-5)
     res = search.search(ctx, "docs", texts=queries[:20], k=10)
     paths = {h.path for row in res.hits for h in row}
     old_path = {"dual": "old"}.get(expected, expected)

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from embcompat.errors import InvalidInput, UnknownGallery
 from embcompat.index.faiss_index import IndexGenerations, IndexMetric, SpaceSearcher
-from embcompat.index.store import SpaceStore
+from embcompat.index.store import MANIFEST, SpaceStore
 from embcompat.kinds import IndexKind
 from embcompat.registry import versions
 from embcompat.registry.db import row_lock
@@ -51,14 +51,30 @@ def mapped_space_name(old: ModelVersionRecord, new: ModelVersionRecord, job_id: 
 
 
 def mapped_store(
-    ctx: Context, gallery: str, old: ModelVersionRecord, new: ModelVersionRecord, job_id: int
+    ctx: Context,
+    gallery: str,
+    old: ModelVersionRecord,
+    new: ModelVersionRecord,
+    job_id: int,
+    folded: bool = False,
 ) -> SpaceStore:
     """Old vectors mapped into the new space by one job's mapper: a space of that job
-    only, so no later job takes vectors mapped by another adapter for its own."""
+    only, so no later job takes vectors mapped by another adapter for its own. `folded`:
+    a linear mapper's space, one scale per item (`index.folded`) instead of a vector."""
     name = mapped_space_name(old, new, job_id)
     return ctx.spaces.open(
-        gallery_dir(ctx, gallery) / "vectors" / name, new.dim, space_where(gallery, name)
+        gallery_dir(ctx, gallery) / "vectors" / name,
+        1 if folded else new.dim,
+        space_where(gallery, name),
     )
+
+
+def mapped_dim(
+    ctx: Context, gallery: str, old: ModelVersionRecord, new: ModelVersionRecord, job_id: int
+) -> int | None:
+    """The width of the job's mapped space on disk (1: folded), None before it exists."""
+    root = gallery_dir(ctx, gallery) / "vectors" / mapped_space_name(old, new, job_id)
+    return ctx.spaces.open(root).dim if (root / MANIFEST).exists() else None
 
 
 def space_searcher(

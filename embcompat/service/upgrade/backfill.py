@@ -30,6 +30,7 @@ from embcompat.service.upgrade.jobs import (
     count_upgraded,
     drop_mapped_space,
     enter,
+    folded_mapper,
     job_adapter,
     job_row,
     job_versions,
@@ -98,8 +99,9 @@ def map_chunks(ctx: Context, job_id: int, seqs: list[int]) -> int:
             )
         ).all()
     mapper = job_adapter(ctx, job_id, "mapper", v.old, v.new)
+    folded = folded_mapper(ctx, job_id, v)
     old = space_store(ctx, v.gallery, v.old)
-    target = mapped_store(ctx, v.gallery, v.old, v.new, job_id)
+    target = mapped_store(ctx, v.gallery, v.old, v.new, job_id, folded=folded is not None)
     snap = old.snapshot()  # ids, fingerprints and vectors all read from this one
     held = snap.sorted_ids
     ids = np.concatenate(
@@ -111,7 +113,12 @@ def map_chunks(ctx: Context, job_id: int, seqs: list[int]) -> int:
         return 0
     rows = snap.positions(ids)[0]  # all found: the ids come from the snapshot
     read_from = snap.sources[rows]
-    mapped = mapper.transform(snap.rows(rows))
+    if folded is None:
+        mapped = mapper.transform(snap.rows(rows))
+    elif folded.normalize_output:  # the scale of each item: 1 / its mapped length
+        mapped = np.reciprocal(folded.output_norms(snap.rows(rows)))[:, None]
+    else:
+        mapped = np.ones((len(rows), 1), np.float32)
     with gallery_lock(ctx, v.gallery):  # an item deleted or updated meanwhile is not mapped
         sources, still = old.sources(ids)
         still &= sources == read_from
@@ -120,11 +127,14 @@ def map_chunks(ctx: Context, job_id: int, seqs: list[int]) -> int:
         return len(target.add_missing(ids, mapped, sources))
 
 
-def publish_mapped(ctx: Context, job_id: int) -> int:
+def publish_mapped(ctx: Context, job_id: int) -> int | None:
     """Index the mapped space once it is whole, with the gallery's index kind, so the
     mapped plan searches an index instead of scanning every mapped vector per query.
-    Returns the generation number."""
+    Returns the generation number; None for a folded space, which the old space's own
+    index serves."""
     v = job_versions(ctx, job_id)
+    if folded_mapper(ctx, job_id, v) is not None:
+        return None
     with ctx.session() as s:
         kind = gallery_row_by_id(s, job_row(s, job_id).gallery_id).index_kind
     searcher = mapped_searcher(ctx, v.gallery, v.old, v.new, job_id, kind)

@@ -16,16 +16,31 @@ from sqlalchemy.orm import Session
 
 from embcompat.adapters.base import Adapter
 from embcompat.adapters.io import load_adapter
+from embcompat.adapters.linear import LinearMap
 from embcompat.arrays import FloatArray, IdArray
 from embcompat.errors import UnknownJob
+from embcompat.index.faiss_index import SpaceSearcher
+from embcompat.index.folded import FoldedSearcher
 from embcompat.index.merge import Platt
 from embcompat.kinds import JobState, UpgradePlan
 from embcompat.registry.db import row_lock
 from embcompat.registry.records import ModelVersionRecord
 from embcompat.registry.schema import Item, Job
 from embcompat.service.context import Context
-from embcompat.service.galleries import gallery_lock, space_store, version_record
-from embcompat.service.galleries.layout import gallery_dir, gallery_row_by_id, mapped_space_name
+from embcompat.service.galleries import (
+    gallery_lock,
+    mapped_searcher,
+    mapped_store,
+    space_searcher,
+    space_store,
+    version_record,
+)
+from embcompat.service.galleries.layout import (
+    gallery_dir,
+    gallery_row_by_id,
+    mapped_dim,
+    mapped_space_name,
+)
 from embcompat.service.upgrade.states import transition
 
 
@@ -125,6 +140,31 @@ def job_adapter(
         "adapter", (folder, source.ref, target.ref),
         lambda: load_adapter(folder, source=source.ref, target=target.ref),
     )  # fmt: skip
+
+
+def folded_mapper(ctx: Context, job_id: int, v: JobVersions) -> LinearMap | None:
+    """The job's mapper when its mapped space is folded (`index.folded`: a linear mapper
+    over an inner-product old space stores one scale per item and is searched through
+    the old index), else None (the mapped vectors are written). A mapped space already
+    on disk keeps the form it was written in."""
+    mapper = job_adapter(ctx, job_id, "mapper", v.old, v.new)
+    if not isinstance(mapper, LinearMap) or v.old.metric == "l2":
+        return None
+    on_disk = mapped_dim(ctx, v.gallery, v.old, v.new, job_id)
+    return mapper if on_disk in (None, 1) else None
+
+
+def mapped_side(ctx: Context, job_id: int, v: JobVersions) -> SpaceSearcher | FoldedSearcher:
+    """What the mapped plan searches for the items not yet upgraded: the folded old
+    index, or the written mapped space's own searcher."""
+    mapper = folded_mapper(ctx, job_id, v)
+    if mapper is None:
+        return mapped_searcher(ctx, v.gallery, v.old, v.new, job_id, v.index_kind)
+    old = space_searcher(ctx, v.gallery, v.old, v.index_kind)
+    scales = mapped_store(ctx, v.gallery, v.old, v.new, job_id, folded=True)
+    return ctx.current(
+        "folded", job_id, (old, scales, mapper), lambda _: FoldedSearcher(old, mapper, scales)
+    )
 
 
 def load_platt(ctx: Context, job_id: int) -> dict[str, Platt]:

@@ -1,0 +1,130 @@
+"""A folded mapped space answers exactly as the written one: same ids, same scores, under
+exclusions, filters, deletions, items written after the index and items never mapped,
+including mappers whose output lengths vary enough to force the candidate expansion."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from embcompat.adapters import AffineAdapter, LinearMap, LowRankAdapter, ProcrustesAdapter
+from embcompat.arrays import l2_normalize, row_norms
+from embcompat.index.faiss_index import IndexGenerations, SpaceSearcher
+from embcompat.index.folded import FoldedSearcher
+from embcompat.index.store import SpaceStore
+
+
+def _mapper(kind: str, x: np.ndarray, y: np.ndarray, normalize: bool) -> LinearMap:
+    d = "gallery: old->new"
+    if kind == "procrustes":
+        return ProcrustesAdapter.fit(x, y, direction=d, normalize_output=normalize)
+    if kind == "lowrank":
+        return LowRankAdapter.fit(x, y, direction=d, rank=4, normalize_output=normalize)
+    return AffineAdapter.fit(x, y, direction=d, normalize_output=normalize)
+
+
+@pytest.mark.parametrize("kind", ["procrustes", "affine", "lowrank"])
+@pytest.mark.parametrize(("d_old", "d_new"), [(16, 16), (12, 20), (20, 12)])
+def test_output_norms_are_the_lengths_of_the_unnormalised_outputs(
+    kind: str, d_old: int, d_new: int
+) -> None:
+    rng = np.random.default_rng(1)
+    x = l2_normalize(rng.normal(size=(300, d_old)).astype(np.float32))
+    y = l2_normalize((x @ rng.normal(size=(d_old, d_new)) + 0.5).astype(np.float32))
+    mapper = _mapper(kind, x, y, normalize=False)
+    want = row_norms(mapper.transform(x))[:, 0]
+    np.testing.assert_allclose(mapper.output_norms(x), want, rtol=1e-4)
+
+
+def _world(root: Path, seed: int, n: int, kind: str, normalize: bool, spread: float) -> dict:
+    """An old space (indexed, then changed), its mapper, and both forms of the mapped
+    space over the same items: written vectors and folded scales."""
+    rng = np.random.default_rng(seed)
+    d_old, d_new = 8, 10
+    x = l2_normalize(rng.normal(size=(n, d_old)).astype(np.float32))
+    # targets whose mapped lengths differ a lot: the rescaling reorders the old ranking
+    y = (x @ rng.normal(size=(d_old, d_new)) * (1 + spread * rng.random((n, 1)))).astype(
+        np.float32
+    )
+    mapper = _mapper(kind, x, y + spread * rng.normal(size=d_new).astype(np.float32), normalize)
+    ids = np.arange(n) * 3 + 5
+    old = SpaceStore(root / "old", d_old)
+    first = n * 3 // 4
+    old.add(ids[:first], x[:first])
+    gens = IndexGenerations(root / "old-idx")
+    gens.publish(old)
+    old.add(ids[first:], x[first:])  # written after the generation: scanned beside it
+    deleted = ids[rng.random(n) < 0.1]
+    old.delete(deleted)
+    mapped_ids = ids[rng.random(n) < 0.9]  # the rest were never mapped
+    rows = np.searchsorted(ids, mapped_ids)
+    written = SpaceStore(root / "written", d_new)
+    written.add(mapped_ids, mapper.transform(x[rows]))
+    written.delete(deleted)
+    scales = SpaceStore(root / "scales", 1)
+    r = 1 / mapper.output_norms(x[rows]) if normalize else np.ones(len(rows), np.float32)
+    scales.add(mapped_ids, r[:, None])
+    scales.delete(deleted)
+    return {
+        "ids": ids,
+        "rng": rng,
+        "written": SpaceSearcher(written, IndexGenerations(root / "written-idx")),
+        "folded": FoldedSearcher(SpaceSearcher(old, gens), mapper, scales),
+        "queries": l2_normalize(rng.normal(size=(6, d_new)).astype(np.float32)),
+    }
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(40, 400),
+    kind=st.sampled_from(["procrustes", "affine", "lowrank"]),
+    normalize=st.booleans(),
+    spread=st.sampled_from([0.0, 0.5, 3.0]),
+    k=st.integers(1, 30),
+    filtered=st.sampled_from(["none", "exclude", "allow", "both"]),
+)
+def test_folded_search_equals_the_written_mapped_space(
+    seed: int, n: int, kind: str, normalize: bool, spread: float, k: int, filtered: str
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        w = _world(Path(tmp), seed, n, kind, normalize, spread)
+        rng, ids = w["rng"], w["ids"]
+        exclude = np.sort(ids[rng.random(n) < 0.3]) if filtered in ("exclude", "both") else None
+        allow = np.sort(ids[rng.random(n) < 0.5]) if filtered in ("allow", "both") else None
+        want_s, want_i = w["written"].search(w["queries"], k, exclude=exclude, allow=allow)
+        got_s, got_i = w["folded"].search(w["queries"], k, exclude=exclude, allow=allow)
+    assert got_s.shape == want_s.shape == (6, k)
+    np.testing.assert_allclose(got_s, want_s, rtol=1e-4, atol=1e-5)
+    with np.errstate(invalid="ignore"):  # -inf minus -inf in empty slots
+        gaps = np.abs(np.diff(want_s, axis=1))
+    for row in range(len(want_i)):  # ids agree wherever the scores are not tied
+        if not (gaps[row][np.isfinite(gaps[row])] < 1e-4).any():
+            assert got_i[row].tolist() == want_i[row].tolist()
+
+
+def test_a_wide_spread_of_scales_grows_the_candidates_until_the_bound_holds(
+    tmp_path: Path,
+) -> None:
+    """One item ranked 100th by the old index, with a scale a thousand times the others:
+    only growing the candidates past the first fetch finds it."""
+    rng = np.random.default_rng(3)
+    x = l2_normalize(rng.normal(size=(500, 8)).astype(np.float32))
+    mapper = ProcrustesAdapter.fit(x, x, direction="gallery: old->new", center=False)
+    old = SpaceStore(tmp_path / "old", 8)
+    old.add(np.arange(500), x)
+    q = x[:1]
+    far = int(np.argsort(-(x @ q[0]))[100])
+    assert float(x[far] @ q[0]) > 0
+    r = np.ones((500, 1), np.float32)
+    r[far] = 1e3
+    scales = SpaceStore(tmp_path / "scales", 1)
+    scales.add(np.arange(500), r)
+    folded = FoldedSearcher(SpaceSearcher(old, IndexGenerations(tmp_path / "idx")), mapper, scales)
+    s, got = folded.search(q, 5)
+    assert got[0, 0] == far and s[0, 0] == pytest.approx(1e3 * float(x[far] @ q[0]), rel=1e-4)
