@@ -48,9 +48,7 @@ def _world(root: Path, seed: int, n: int, kind: str, normalize: bool, spread: fl
     d_old, d_new = 8, 10
     x = l2_normalize(rng.normal(size=(n, d_old)).astype(np.float32))
     # targets whose mapped lengths differ a lot: the rescaling reorders the old ranking
-    y = (x @ rng.normal(size=(d_old, d_new)) * (1 + spread * rng.random((n, 1)))).astype(
-        np.float32
-    )
+    y = (x @ rng.normal(size=(d_old, d_new)) * (1 + spread * rng.random((n, 1)))).astype(np.float32)
     mapper = _mapper(kind, x, y + spread * rng.normal(size=d_new).astype(np.float32), normalize)
     ids = np.arange(n) * 3 + 5
     old = SpaceStore(root / "old", d_old)
