@@ -16,7 +16,6 @@ from typing import Any, cast
 
 import numpy as np
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from embcompat.arrays import check_vectors
 from embcompat.errors import InvalidInput, ServiceUnavailable
@@ -32,8 +31,8 @@ from embcompat.service.galleries import (
     allowed_by,
     encode_and_store,
     get_gallery_row,
+    known_version,
     space_searcher,
-    version_record,
 )
 from embcompat.service.upgrade.jobs import JobVersions, job_adapter, load_platt, mapped_side
 
@@ -176,18 +175,18 @@ def search(
     allowed = allowed_by(ctx, gallery, filters)
     with ctx.session() as s:
         g = get_gallery_row(s, gallery)
-        serving = _version(ctx, s, g.serving_version_id)
+        serving = known_version(ctx, s, g.serving_version_id)
         kind = g.index_kind
         job = active_upgrade(s, g.id)
         mixed_plan = job.plan if job is not None and job.state in SERVING_STATES else None
         old, target = serving, None
         if mixed_plan and job is not None:
-            target = _version(ctx, s, job.to_version_id)
+            target = known_version(ctx, s, job.to_version_id)
         elif g.plan == ServingPlan.CASCADE:  # finished; the probe said both beat v2 alone
             job = last_done_upgrade(s, g.id)
             if job is not None:
                 mixed_plan = ServingPlan.CASCADE
-                old, target = _version(ctx, s, job.from_version_id), serving
+                old, target = known_version(ctx, s, job.from_version_id), serving
         job_id = job.id if job else None
         gate = dict((job.report or {}).get("gate", {})) if job else {}
     if mixed_plan is None or target is None:
@@ -265,13 +264,6 @@ def _plan(
         cascade_k=int(labelled.get("cascade_k", 50)),
         encode_budget=ctx.settings.cascade_encode_budget,
     )
-
-
-def _version(ctx: Context, session: Session, version_id: int | None) -> ModelVersionRecord:
-    """A version's record, kept per context: what a search reads of it (dim, metric,
-    encoder, tags) is fixed at registration, and asking MLflow's registry for its
-    aliases on every query cost more than a search of 100,000 vectors."""
-    return ctx.cached("version", version_id, lambda: version_record(ctx, session, version_id))
 
 
 def _ms(t0: float) -> float:

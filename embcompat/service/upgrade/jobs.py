@@ -29,11 +29,11 @@ from embcompat.registry.schema import Item, Job
 from embcompat.service.context import Context
 from embcompat.service.galleries import (
     gallery_lock,
+    known_version,
     mapped_searcher,
     mapped_store,
     space_searcher,
     space_store,
-    version_record,
 )
 from embcompat.service.galleries.layout import (
     gallery_dir,
@@ -70,8 +70,8 @@ def job_versions(ctx: Context, job_id: int) -> JobVersions:
         job = job_row(s, job_id)
         g = gallery_row_by_id(s, job.gallery_id)
         return JobVersions(
-            version_record(ctx, s, job.from_version_id),
-            version_record(ctx, s, job.to_version_id),
+            known_version(ctx, s, job.from_version_id),
+            known_version(ctx, s, job.to_version_id),
             g.name,
             g.index_kind,
         )
