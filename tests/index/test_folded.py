@@ -41,9 +41,20 @@ def test_output_norms_are_the_lengths_of_the_unnormalised_outputs(
     np.testing.assert_allclose(mapper.output_norms(x), want, rtol=1e-4)
 
 
-def _world(root: Path, seed: int, n: int, kind: str, normalize: bool, spread: float) -> dict:
+def _world(
+    root: Path,
+    seed: int,
+    n: int,
+    kind: str,
+    normalize: bool,
+    spread: float,
+    mapped_share: float = 0.9,
+    heavy: int = 256,
+    scan_block: int = 65_536,
+) -> dict:
     """An old space (indexed, then changed), its mapper, and both forms of the mapped
-    space over the same items: written vectors and folded scales."""
+    space over the same items: written vectors and folded scales. `mapped_share`: the
+    share of items mapped (a map step under way maps few)."""
     rng = np.random.default_rng(seed)
     d_old, d_new = 8, 10
     x = l2_normalize(rng.normal(size=(n, d_old)).astype(np.float32))
@@ -59,7 +70,7 @@ def _world(root: Path, seed: int, n: int, kind: str, normalize: bool, spread: fl
     old.add(ids[first:], x[first:])  # written after the generation: scanned beside it
     deleted = ids[rng.random(n) < 0.1]
     old.delete(deleted)
-    mapped_ids = ids[rng.random(n) < 0.9]  # the rest were never mapped
+    mapped_ids = ids[rng.random(n) < mapped_share]  # the rest were never mapped
     rows = np.searchsorted(ids, mapped_ids)
     written = SpaceStore(root / "written", d_new)
     written.add(mapped_ids, mapper.transform(x[rows]))
@@ -72,12 +83,12 @@ def _world(root: Path, seed: int, n: int, kind: str, normalize: bool, spread: fl
         "ids": ids,
         "rng": rng,
         "written": SpaceSearcher(written, IndexGenerations(root / "written-idx")),
-        "folded": FoldedSearcher(SpaceSearcher(old, gens), mapper, scales),
+        "folded": FoldedSearcher(SpaceSearcher(old, gens), mapper, scales, heavy, scan_block),
         "queries": l2_normalize(rng.normal(size=(6, d_new)).astype(np.float32)),
     }
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
     n=st.integers(40, 400),
@@ -86,12 +97,24 @@ def _world(root: Path, seed: int, n: int, kind: str, normalize: bool, spread: fl
     spread=st.sampled_from([0.0, 0.5, 3.0]),
     k=st.integers(1, 30),
     filtered=st.sampled_from(["none", "exclude", "allow", "both"]),
+    mapped_share=st.sampled_from([0.02, 0.5, 0.9]),
+    heavy=st.sampled_from([0, 3, 256]),  # 0 and 3: the index path, not a scan
+    scan_block=st.sampled_from([7, 65_536]),
 )
 def test_folded_search_equals_the_written_mapped_space(
-    seed: int, n: int, kind: str, normalize: bool, spread: float, k: int, filtered: str
+    seed: int,
+    n: int,
+    kind: str,
+    normalize: bool,
+    spread: float,
+    k: int,
+    filtered: str,
+    mapped_share: float,
+    heavy: int,
+    scan_block: int,
 ) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        w = _world(Path(tmp), seed, n, kind, normalize, spread)
+        w = _world(Path(tmp), seed, n, kind, normalize, spread, mapped_share, heavy, scan_block)
         rng, ids = w["rng"], w["ids"]
         exclude = np.sort(ids[rng.random(n) < 0.3]) if filtered in ("exclude", "both") else None
         allow = np.sort(ids[rng.random(n) < 0.5]) if filtered in ("allow", "both") else None
@@ -123,6 +146,88 @@ def test_a_wide_spread_of_scales_grows_the_candidates_until_the_bound_holds(
     r[far] = 1e3
     scales = SpaceStore(tmp_path / "scales", 1)
     scales.add(np.arange(500), r)
-    folded = FoldedSearcher(SpaceSearcher(old, IndexGenerations(tmp_path / "idx")), mapper, scales)
+    searcher = SpaceSearcher(old, IndexGenerations(tmp_path / "idx"))
+    folded = FoldedSearcher(searcher, mapper, scales, heavy=0)  # no item scored up front
     s, got = folded.search(q, 5)
     assert got[0, 0] == far and s[0, 0] == pytest.approx(1e3 * float(x[far] @ q[0]), rel=1e-4)
+
+
+class CountingSearcher(SpaceSearcher):
+    """A real searcher that records how many candidates each call asked for."""
+
+    asked: list[int]
+
+    def search(self, queries, k, exclude=None, budget=1.0, allow=None):  # type: ignore[no-untyped-def]
+        self.asked.append(k)
+        return super().search(queries, k, exclude, budget, allow)
+
+
+def _counting(root: Path, x: np.ndarray) -> CountingSearcher:
+    old = SpaceStore(root / "old", x.shape[1])
+    old.add(np.arange(len(x)), x)
+    gens = IndexGenerations(root / "idx")
+    gens.publish(old)
+    searcher = CountingSearcher(old, gens)
+    searcher.asked = []
+    return searcher
+
+
+def _brute(mapper: LinearMap, x: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int) -> tuple:
+    scores = q @ mapper.transform(x[ids]).T
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, top, 1), ids[top]
+
+
+def test_a_map_step_under_way_never_sends_a_query_through_the_whole_space(
+    tmp_path: Path,
+) -> None:
+    """Mid map step, most old items have no scale yet and rank among the first
+    candidates: the few mapped items are scanned, never more candidates fetched than
+    there are mapped items (it was every item of the space, per query)."""
+    rng = np.random.default_rng(5)
+    n = 5000
+    x = l2_normalize(rng.normal(size=(n, 16)).astype(np.float32))
+    y = l2_normalize((x @ rng.normal(size=(16, 16)) + 0.3).astype(np.float32))
+    mapper = AffineAdapter.fit(x, y, direction="gallery: old->new", normalize_output=True)
+    searcher = _counting(tmp_path, x)
+    q = l2_normalize(rng.normal(size=(5, 16)).astype(np.float32))
+    for mapped in (0, 40, 300, 1200):
+        scales = SpaceStore(tmp_path / f"scales-{mapped}", 1)
+        ids = np.sort(rng.choice(n, mapped, replace=False))
+        if mapped:
+            scales.add(ids, (1 / mapper.output_norms(x[ids]))[:, None])
+        searcher.asked.clear()
+        s, i = FoldedSearcher(searcher, mapper, scales, heavy=8).search(q, 10)
+        assert max(searcher.asked, default=0) <= max(mapped, 64), mapped
+        if mapped == 0:
+            assert (i == -1).all()
+            continue
+        want_s, want_i = _brute(mapper, x, ids, q, 10)
+        np.testing.assert_allclose(s, want_s, rtol=1e-4, atol=1e-5)
+        assert (i == want_i).mean() > 0.99
+
+
+def test_one_item_of_near_zero_mapped_length_does_not_widen_every_query(
+    tmp_path: Path,
+) -> None:
+    """An old vector the mapper sends to (almost) zero has a scale near 1e12; a bound
+    over every scale would then fetch the whole space for every query. It is scored
+    exactly instead, and the others bound the rest."""
+    rng = np.random.default_rng(6)
+    n = 4000
+    x = l2_normalize(rng.normal(size=(n, 16)).astype(np.float32))
+    x[17] = 0.0  # an empty vector: x W + c = 0 for a mapper without offset
+    mapper = ProcrustesAdapter.fit(
+        x, x @ np.linalg.qr(rng.normal(size=(16, 16)))[0].astype(np.float32),
+        direction="gallery: old->new", center=False, normalize_output=True,
+    )  # fmt: skip
+    searcher = _counting(tmp_path, x)
+    scales = SpaceStore(tmp_path / "scales", 1)
+    scales.add(np.arange(n), (1 / mapper.output_norms(x))[:, None])
+    assert scales.get(np.array([17]))[0][0, 0] > 1e6
+    q = l2_normalize(rng.normal(size=(8, 16)).astype(np.float32))
+    s, i = FoldedSearcher(searcher, mapper, scales).search(q, 10)
+    assert max(searcher.asked) < n // 4
+    want_s, want_i = _brute(mapper, x, np.arange(n), q, 10)
+    np.testing.assert_allclose(s, want_s, rtol=1e-4, atol=1e-5)
+    assert (i == want_i).all()
