@@ -53,15 +53,18 @@ class LinearMap(Adapter):
 
     def output_norms(self, x: FloatArray) -> FloatArray:
         """x: (n, source_dim) → (n,) lengths of x W + c before normalisation, without
-        forming it: ‖xW + c‖² = x (W Wᵀ) xᵀ + 2 x · (W c) + ‖c‖², and W Wᵀ = I for a
-        rotation into an equal or wider space (Procrustes), where this is one pass over x."""
-        c = self.offset
+        forming it. With z = x − μ_x: ‖z W + μ_y‖² = z (W Wᵀ) zᵀ + 2 z · (W μ_y) + ‖μ_y‖²,
+        and W Wᵀ = I for a rotation into an equal or wider space (Procrustes), where this
+        is one pass over z. Centred, not through c: in an anisotropic old space x W and c
+        are long and nearly opposite, and float32 loses their difference (1e-4 relative
+        error at a mean cosine of 0.999, where the product itself is within 2e-6)."""
+        z = x - self.mu_x
         gram = self.weight @ self.weight.T
         if np.abs(gram - np.eye(len(gram), dtype=np.float32)).max() < 1e-4:
-            sq = np.einsum("ij,ij->i", x, x)
+            sq = np.einsum("ij,ij->i", z, z)
         else:
-            sq = np.einsum("ij,ij->i", x @ gram, x)
-        sq += 2 * (x @ (self.weight @ c)) + float(c @ c)
+            sq = np.einsum("ij,ij->i", z @ gram, z)
+        sq += 2 * (z @ (self.weight @ self.mu_y)) + float(self.mu_y @ self.mu_y)
         return np.sqrt(np.maximum(sq, 1e-24, out=sq)).astype(np.float32)
 
     def arrays(self) -> dict[str, npt.NDArray[Any]]:

@@ -231,3 +231,20 @@ def test_one_item_of_near_zero_mapped_length_does_not_widen_every_query(
     want_s, want_i = _brute(mapper, x, np.arange(n), q, 10)
     np.testing.assert_allclose(s, want_s, rtol=1e-4, atol=1e-5)
     assert (i == want_i).all()
+
+
+@pytest.mark.parametrize("kind", ["procrustes", "affine", "lowrank"])
+def test_output_norms_hold_in_an_anisotropic_old_space(kind: str) -> None:
+    """Old vectors a mean cosine of 0.999 apart: x W and the offset c are long and
+    nearly opposite, and their float32 difference lost four digits of the length (the
+    scale of every item, so the order of near ties)."""
+    rng = np.random.default_rng(8)
+    d = 64
+    base = rng.normal(size=d) / np.sqrt(d)
+    x = l2_normalize((base + 0.03 * rng.normal(size=(4000, d)) / np.sqrt(d)).astype(np.float32))
+    y = l2_normalize(((x - x.mean(0)) @ rng.normal(size=(d, d))).astype(np.float32))
+    mapper = _mapper(kind, x, y, normalize=True)
+    w = mapper.weight.astype(np.float64)
+    c = mapper.mu_y.astype(np.float64) - mapper.mu_x.astype(np.float64) @ w
+    truth = np.linalg.norm(x.astype(np.float64) @ w + c, axis=1)
+    np.testing.assert_allclose(mapper.output_norms(x), truth, rtol=2e-5)
