@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from psycopg2.errors import RaiseException
+from sqlalchemy import create_engine, select, text
 
+from embcompat.errors import InvalidInput
 from embcompat.registry import versions
 from embcompat.registry.schema import Item
 from embcompat.service import galleries, search
@@ -51,3 +53,62 @@ def test_bulk_ingest_keeps_every_byte_on_both_databases(
         more = [galleries.ItemIn(f"m{n}", vector=[1.0, 0.0, n]) for n in range(50)]
         galleries.ingest(ctx, "g", more)  # the sequence moved on: no id collides
         assert len(store.snapshot().ids) == len(AWKWARD) + 51
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize(
+    ("item", "field"),
+    [
+        (galleries.ItemIn("a", text="nul\x00inside", vector=[1.0, 0.0, 0.0]), "text"),
+        (galleries.ItemIn("b\x00", text="x", vector=[1.0, 0.0, 0.0]), "id"),
+        (galleries.ItemIn("c", vector=[1.0, 0.0, 0.0], metadata={"k": "v\x00"}), "metadata"),
+        (galleries.ItemIn("d", text="lone \ud800", vector=[1.0, 0.0, 0.0]), "text"),
+    ],
+)
+def test_strings_a_database_cannot_keep_are_refused_before_anything_is_written(
+    tmp_path: Path, backend: str, item: galleries.ItemIn, field: str, request: pytest.FixtureRequest
+) -> None:
+    """PostgreSQL refuses a NUL or a lone surrogate halfway through a batch's COPY (a 500);
+    both backends now refuse the batch up front, naming the item and the field."""
+    url = request.getfixturevalue("pg_url") if backend == "postgresql" else None
+    with make_context(tmp_path / "data", url) as ctx:
+        vector_gallery(ctx, "g", 3)
+        ok = galleries.ItemIn("ok", text="fine", vector=[0.0, 1.0, 0.0])
+        with pytest.raises(InvalidInput) as err:
+            galleries.ingest(ctx, "g", [ok, item])
+        assert err.value.context["field"] == field and repr(item.id) in err.value.message
+        with ctx.session() as s:
+            assert s.scalars(select(Item.id)).all() == []
+            serving = versions.get_version(s, ctx.registry, "vec", "v1")
+        assert len(galleries.space_store(ctx, "g", serving)) == 0
+
+
+def test_a_batch_whose_rows_fail_after_its_vectors_were_written_leaves_neither(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """The vector shards are written while the database streams the rows: when the COPY
+    fails (here a trigger refuses one row, as any constraint of the server could), the
+    batch's vectors are removed again and no row is kept."""
+    with make_context(tmp_path / "data", pg_url) as ctx:
+        vector_gallery(ctx, "g", 3)
+        galleries.ingest(ctx, "g", [galleries.ItemIn("seed", vector=[1.0, 0.0, 0.0])])
+        with ctx.session() as s:
+            seed = s.scalars(select(Item.id)).one()
+            serving = versions.get_version(s, ctx.registry, "vec", "v1")
+        engine = create_engine(pg_url)
+        with engine.begin() as conn:
+            conn.execute(text(
+                "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN"
+                " RAISE EXCEPTION 'refused %', NEW.external_id; END $$ LANGUAGE plpgsql"
+            ))  # fmt: skip
+            conn.execute(text(
+                "CREATE TRIGGER refuse BEFORE INSERT ON items FOR EACH ROW"
+                " WHEN (NEW.external_id = 'x2') EXECUTE FUNCTION refuse()"
+            ))  # fmt: skip
+        engine.dispose()
+        batch = [galleries.ItemIn(f"x{n}", vector=[0.0, 1.0, float(n)]) for n in range(4)]
+        with pytest.raises(RaiseException, match="refused x2"):
+            galleries.ingest(ctx, "g", batch)
+        with ctx.session() as s:
+            assert s.scalars(select(Item.external_id)).all() == ["seed"]
+        assert galleries.space_store(ctx, "g", serving).snapshot().ids.tolist() == [seed]

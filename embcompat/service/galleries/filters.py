@@ -26,6 +26,20 @@ log = logging.getLogger(__name__)
 Filters = dict[str, Any]
 
 
+def check_text(item_id: str, what: str, value: str) -> None:
+    """A string every database stores as it is: no NUL character (PostgreSQL refuses
+    one mid-batch, SQLite would keep it) and valid UTF-8 (no lone surrogate)."""
+    if "\x00" in value:
+        raise InvalidInput(f"item {item_id!r}: {what} contains a NUL character", field=what)
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInput(
+                f"item {item_id!r}: {what} is not valid UTF-8 (a lone surrogate)", field=what
+            ) from None
+
+
 def check_metadata(item_id: str, meta: Any) -> None:
     """Metadata is a flat object of strings, numbers and bools, keys of 1-100 chars."""
     if meta is None:
@@ -35,6 +49,9 @@ def check_metadata(item_id: str, meta: Any) -> None:
     for key, value in meta.items():
         if not isinstance(key, str) or not 0 < len(key) <= 100:
             raise InvalidInput(f"item {item_id!r}: metadata key {key!r} is not allowed")
+        check_text(item_id, "metadata", key)
+        if isinstance(value, str):
+            check_text(item_id, "metadata", value)
         if not isinstance(value, MetaValue):  # type: ignore[arg-type]
             raise InvalidInput(
                 f"item {item_id!r}: metadata {key!r} must be a string, number or bool, "

@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -30,14 +31,14 @@ from embcompat.registry.jobs import active_upgrade
 from embcompat.registry.records import ModelVersionRecord
 from embcompat.registry.schema import Item, ItemDeletion, utcnow
 from embcompat.service.context import Context
-from embcompat.service.galleries.filters import check_metadata
+from embcompat.service.galleries.filters import check_metadata, check_text
 from embcompat.service.galleries.layout import (
     gallery_dir,
     gallery_lock,
     get_gallery_row,
+    known_version,
     space_store,
     space_where,
-    version_record,
 )
 
 
@@ -100,6 +101,9 @@ def _check_batch(ctx: Context, items: Sequence[ItemIn]) -> list[str]:
         )
     ids = [it.id for it in items]
     for it in items:
+        check_text(it.id, "id", it.id)
+        if it.text is not None:
+            check_text(it.id, "text", it.text)
         check_metadata(it.id, it.metadata)
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
@@ -118,7 +122,7 @@ def stage(ctx: Context, gallery: str, items: Sequence[ItemIn]) -> int:
     with gallery_lock(ctx, gallery), ctx.session(write=True) as s:
         g = get_gallery_row(s, gallery, lock=True)
         g.items_version += 1
-        serving = version_record(ctx, s, g.serving_version_id)
+        serving = known_version(ctx, s, g.serving_version_id)
         if serving.external or serving.tags.get("input", "text") != "text":
             raise InvalidInput(
                 f"gallery {gallery!r} is served by {serving.ref}, which cannot encode texts: "
@@ -186,10 +190,10 @@ def _ingest_locked(ctx: Context, gallery: str, items: Sequence[ItemIn]) -> dict[
     ids = _check_batch(ctx, items)
     with ctx.session() as s:
         g = get_gallery_row(s, gallery)
-        targets = [version_record(ctx, s, g.serving_version_id)]
+        targets = [known_version(ctx, s, g.serving_version_id)]
         job = active_upgrade(s, g.id)
         if job is not None and job.to_version_id is not None:
-            targets.append(version_record(ctx, s, job.to_version_id))
+            targets.append(known_version(ctx, s, job.to_version_id))
     # encoded outside any transaction; the lock keeps the targets as they were read
     vectors = [encode_items(ctx, v, items) for v in targets]
     return _write_items(ctx, gallery, items, ids, targets, vectors)
@@ -223,31 +227,40 @@ def _write_items(
              "vector_version_id": version_id, "meta_seq": g.items_version}
             for it in items if it.id not in existing
         ]  # fmt: skip
-        got = _insert_items(s, fresh_rows, now) if fresh_rows else {}
-        known = [it for it in items if it.id in existing]
-        for with_meta in (True, False):  # one statement per set of columns
-            rows = [
-                {"id": existing[it.id][0], "payload": it.text, "vector_version_id": version_id,
-                 "updated_at": now, "meta_seq": g.items_version,
-                 **({"meta": it.metadata} if with_meta else {})}
-                for it in known if (it.metadata is not None) == with_meta
-            ]  # fmt: skip
-            if rows:
-                s.execute(update(Item), rows)
-        changed = [
-            existing[it.id][0]
-            for it in known
-            if existing[it.id][1] != it.text or it.vector is not None
-        ]
+        got, copy_rows = _insert_items(s, fresh_rows, now)
         db_ids = np.array([existing[it.id][0] if it.id in existing else got[it.id]
                            for it in items], np.int64)  # fmt: skip
         fresh = np.array([got[it.id] for it in items if it.id in got], np.int64)
-        changed += fresh.tolist()  # an id SQLite reused may still have an orphan vector
         sources = _hashes([it.text for it in items])
         stores = [space_store(ctx, gallery, v) for v in targets]
-        try:
+
+        def write_rows() -> None:
+            copy_rows()
+            known = [it for it in items if it.id in existing]
+            for with_meta in (True, False):  # one statement per set of columns
+                rows = [
+                    {"id": existing[it.id][0], "payload": it.text, "vector_version_id": version_id,
+                     "updated_at": now, "meta_seq": g.items_version,
+                     **({"meta": it.metadata} if with_meta else {})}
+                    for it in known if (it.metadata is not None) == with_meta
+                ]  # fmt: skip
+                if rows:
+                    s.execute(update(Item), rows)
+
+        def write_vectors() -> None:
             for store, vecs in zip(stores, vectors, strict=True):
                 store.add(db_ids, vecs, sources, replace=True)
+
+        changed = [
+            existing[it.id][0]
+            for it in items
+            if it.id in existing and (existing[it.id][1] != it.text or it.vector is not None)
+        ]
+        changed += fresh.tolist()  # an id SQLite reused may still have an orphan vector
+        try:
+            # the database streams the rows while the vector shards are written and
+            # fsynced: on two cores, a batch costs about the slower of the two
+            side_by_side(write_rows, write_vectors)
             for other in _space_stores(ctx, gallery):
                 if other.root not in {st.root for st in stores}:
                     other.delete(np.array(changed, np.int64))
@@ -272,36 +285,53 @@ COPY_COLUMNS = ("id", "gallery_id", "external_id", "payload", "meta", "vector_ve
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
-def _insert_items(s: Session, rows: list[dict[str, Any]], now: datetime) -> dict[str, int]:
-    """New item rows in bulk; returns {external id: id}. PostgreSQL: ids drawn from the
-    table's sequence in one query, then the rows streamed by COPY (in the session's
-    transaction). Others: one multi-row INSERT ... RETURNING."""
+def _insert_items(
+    s: Session, rows: list[dict[str, Any]], now: datetime
+) -> tuple[dict[str, int], Callable[[], None]]:
+    """New item rows in bulk: ({external id: id}, a call that writes the rows not yet
+    written). PostgreSQL: ids drawn from the table's sequence in one query, then the rows
+    streamed by COPY (in the session's transaction) when the call runs. Others: one
+    multi-row INSERT ... RETURNING, here and now."""
+    if not rows:
+        return {}, lambda: None
     if s.get_bind().dialect.name != "postgresql":
         inserted = s.execute(
             insert(Item).returning(Item.id, Item.external_id, sort_by_parameter_order=True), rows
         )
-        return {ext: int(i) for i, ext in inserted}
+        return {ext: int(i) for i, ext in inserted}, lambda: None
     ids = s.scalars(
         text("SELECT nextval(pg_get_serial_sequence('items', 'id')) FROM generate_series(1, :n)"),
         {"n": len(rows)},
     ).all()
-    stamp = now.isoformat()
-    lines = []
-    for item_id, r in zip(ids, rows, strict=True):
-        payload = "\\N" if r["payload"] is None else r["payload"].translate(_COPY_ESCAPES)
-        meta = "\\N" if r["meta"] is None else json.dumps(r["meta"]).translate(_COPY_ESCAPES)
-        lines.append(
-            f"{item_id}\t{r['gallery_id']}\t{r['external_id'].translate(_COPY_ESCAPES)}\t"
-            f"{payload}\t{meta}\t{r['vector_version_id']}\t{r['meta_seq']}\t{stamp}\t{stamp}\n"
-        )
-    cursor = s.connection().connection.cursor()
-    try:
-        cursor.copy_expert(
-            f"COPY items ({', '.join(COPY_COLUMNS)}) FROM STDIN", io.StringIO("".join(lines))
-        )
-    finally:
-        cursor.close()
-    return {r["external_id"]: int(i) for i, r in zip(ids, rows, strict=True)}
+
+    def copy() -> None:
+        stamp = now.isoformat()
+        lines = []
+        for item_id, r in zip(ids, rows, strict=True):
+            payload = "\\N" if r["payload"] is None else r["payload"].translate(_COPY_ESCAPES)
+            meta = "\\N" if r["meta"] is None else json.dumps(r["meta"]).translate(_COPY_ESCAPES)
+            lines.append(
+                f"{item_id}\t{r['gallery_id']}\t{r['external_id'].translate(_COPY_ESCAPES)}\t"
+                f"{payload}\t{meta}\t{r['vector_version_id']}\t{r['meta_seq']}\t{stamp}\t{stamp}\n"
+            )
+        cursor = s.connection().connection.cursor()
+        try:
+            cursor.copy_expert(
+                f"COPY items ({', '.join(COPY_COLUMNS)}) FROM STDIN", io.StringIO("".join(lines))
+            )
+        finally:
+            cursor.close()
+
+    return {r["external_id"]: int(i) for i, r in zip(ids, rows, strict=True)}, copy
+
+
+def side_by_side(first: Callable[[], None], second: Callable[[], None]) -> None:
+    """Run `second` on a thread while `first` runs here; both have finished when this
+    returns or raises (first's error wins), so a failure never leaves a write running."""
+    with ThreadPoolExecutor(1) as pool:  # leaving the block waits for the thread
+        pending = pool.submit(second)
+        first()
+        pending.result()
 
 
 def delete_items(ctx: Context, gallery: str, external_ids: Sequence[str]) -> int:
