@@ -19,7 +19,7 @@ from embcompat.files import atomic_write
 from embcompat.index.meta import MetaIndex, MetaValue, from_bytes, number_problem, to_bytes
 from embcompat.registry.schema import Item, ItemDeletion
 from embcompat.service.context import Context
-from embcompat.service.galleries.layout import gallery_dir, get_gallery_row, in_chunks
+from embcompat.service.galleries.layout import gallery_dir, get_gallery_row
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +74,10 @@ def allowed_by(ctx: Context, gallery: str, filters: Filters | None) -> IdArray |
         gallery_id = get_gallery_row(s, gallery).id
 
         def resolve(names: list[str]) -> IdArray:
-            found = [
-                i
-                for part in in_chunks(names)
-                for i in s.scalars(
-                    select(Item.id).where(Item.gallery_id == gallery_id, Item.external_id.in_(part))
-                )
-            ]
-            return np.unique(np.array(found, np.int64))
+            query = select(Item.id).where(
+                Item.gallery_id == gallery_id, Item.external_id.in_(names)
+            )
+            return np.unique(np.array(s.scalars(query).all(), np.int64))
 
         return meta_index(ctx, gallery).matching(filters, resolve)
 

@@ -36,7 +36,6 @@ from embcompat.service.galleries.layout import (
     gallery_dir,
     gallery_lock,
     get_gallery_row,
-    in_chunks,
     known_version,
     space_store,
     space_where,
@@ -133,9 +132,8 @@ def stage(ctx: Context, gallery: str, items: Sequence[ItemIn]) -> int:
             )
         existing = {
             r.external_id: r
-            for part in in_chunks(ids)
             for r in s.scalars(
-                select(Item).where(Item.gallery_id == g.id, Item.external_id.in_(part))
+                select(Item).where(Item.gallery_id == g.id, Item.external_id.in_(ids))
             )
         }
         changed = []
@@ -217,10 +215,9 @@ def _write_items(
         g.items_version += 1
         existing = {
             ext: (int(i), payload)
-            for part in in_chunks(ids)
             for i, ext, payload in s.execute(
                 select(Item.id, Item.external_id, Item.payload).where(
-                    Item.gallery_id == g.id, _external_in(s, part)
+                    Item.gallery_id == g.id, _external_in(s, ids)
                 )
             )
         }
@@ -275,11 +272,11 @@ def _write_items(
         return {"added": len(items) - len(existing), "updated": len(existing)}
 
 
-def _external_in(s: Session, ids: Sequence[str]) -> ColumnElement[bool]:
+def _external_in(s: Session, ids: list[str]) -> ColumnElement[bool]:
     """`external_id IN ids`; on PostgreSQL as `= ANY(array)`, one parameter instead of
     one per id (compiling 10,000 parameters cost more than the query)."""
     if s.get_bind().dialect.name == "postgresql":
-        return Item.external_id == any_(bindparam("ids", list(ids), type_=ARRAY(String)))
+        return Item.external_id == any_(bindparam("ids", ids, type_=ARRAY(String)))
     return Item.external_id.in_(ids)
 
 
@@ -341,13 +338,11 @@ def delete_items(ctx: Context, gallery: str, external_ids: Sequence[str]) -> int
     with gallery_lock(ctx, gallery), ctx.session(write=True) as s:
         g = get_gallery_row(s, gallery, lock=True)
         g.items_version += 1
-        rows = [
-            row
-            for part in in_chunks(external_ids)
-            for row in s.scalars(
-                select(Item).where(Item.gallery_id == g.id, Item.external_id.in_(part))
+        rows = list(
+            s.scalars(
+                select(Item).where(Item.gallery_id == g.id, Item.external_id.in_(external_ids))
             )
-        ]
+        )
         found = {r.external_id for r in rows}
         missing = [e for e in external_ids if e not in found]
         if missing:

@@ -8,7 +8,7 @@ generation and the snapshot of rows added since instead of reading them again.""
 from __future__ import annotations
 
 import fcntl
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -154,17 +154,6 @@ def version_record(ctx: Context, session: Session, version_id: int | None) -> Mo
     if row is None:
         raise InvalidInput(f"model version id {version_id} is gone")
     return versions.get_version(session, ctx.registry, row.model.name, row.version)
-
-
-# external ids looked up per query: PostgreSQL plans 10,000 of them as a scan of the
-# whole items table (86 ms at 1M rows, growing with the gallery), 1,000 as index probes
-LOOKUP_CHUNK = 1000
-
-
-def in_chunks(names: Sequence[str]) -> Iterator[Sequence[str]]:
-    """`names` in slices a lookup by external id answers from the index."""
-    for start in range(0, len(names), LOOKUP_CHUNK):
-        yield names[start : start + LOOKUP_CHUNK]
 
 
 def known_version(ctx: Context, session: Session, version_id: int | None) -> ModelVersionRecord:
