@@ -39,6 +39,9 @@ def test_output_norms_are_the_lengths_of_the_unnormalised_outputs(
     mapper = _mapper(kind, x, y, normalize=False)
     want = row_norms(mapper.transform(x))[:, 0]
     np.testing.assert_allclose(mapper.output_norms(x), want, rtol=1e-4)
+    scratch = x.copy()  # the map step's own copy of the rows, centred in place
+    np.testing.assert_allclose(mapper.output_norms(scratch, overwrite=True), want, rtol=1e-4)
+    assert not np.allclose(scratch, x)
 
 
 def _world(
