@@ -91,11 +91,6 @@ class FoldedSearcher:
             kept = self._summary = summarize(snap, self.heavy)
         return kept
 
-    def scale_range(self) -> tuple[float, float]:
-        """(smallest, largest) scale outside the heavy items."""
-        s = self.summary()
-        return s.lo, s.hi
-
     def search(
         self,
         queries: FloatArray,
