@@ -17,7 +17,7 @@ import fcntl
 import functools
 import json
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,10 +65,28 @@ class Snapshot:
 
     def rows(self, rows: IdArray) -> FloatArray:
         """The vectors of `rows` (n,) → (n, dim), read shard by shard in ascending row
-        order (sequential page reads from the memory-mapped files). Consecutive rows in
-        a shard (a map chunk's, usually) are one slice copy instead of a gather."""
-        rows = np.asarray(rows, np.int64)
+        order (sequential page reads from the memory-mapped files)."""
         out = np.empty((len(rows), self.dim), np.float32)
+        for at, part in self._segments(rows):
+            out[at] = part
+        return out
+
+    def map_rows(
+        self, rows: IdArray, fn: Callable[[FloatArray], npt.NDArray[Any]], dtype: Any
+    ) -> npt.NDArray[Any]:
+        """fn applied to the vectors of `rows`, one (n_i,)-valued call per stretch of a
+        shard: (n,) results in `rows`' order. A run of consecutive rows (a map chunk's)
+        reaches fn as a view of the memory-mapped shard, so the vectors are read once and
+        never copied (a copy of 1M rows cost more than the map's own arithmetic)."""
+        out = np.empty(len(rows), dtype)
+        for at, part in self._segments(rows):
+            out[at] = fn(part)
+        return out
+
+    def _segments(self, rows: IdArray) -> Iterator[tuple[slice | IdArray, FloatArray]]:
+        """(where in `rows`, their vectors) per shard: a slice of the shard where the
+        rows are consecutive (one view instead of a gather), else a gathered copy."""
+        rows = np.asarray(rows, np.int64)
         order = None if (rows[1:] >= rows[:-1]).all() else np.argsort(rows, kind="stable")
         asc = rows if order is None else rows[order]
         cut = np.searchsorted(asc, self.starts)  # each shard's segment of `asc`
@@ -77,11 +95,7 @@ class Snapshot:
             r = asc[a:b] - self.starts[k]
             run = (np.diff(r) == 1).all()
             part = self.shards[k][r[0] : r[-1] + 1] if run else self.shards[k][r]
-            if order is None:
-                out[a:b] = part
-            else:
-                out[order[a:b]] = part
-        return out
+            yield (slice(a, b) if order is None else order[a:b]), part
 
     @functools.cached_property
     def vectors(self) -> FloatArray:
@@ -94,13 +108,19 @@ class Snapshot:
         """This snapshot plus one appended shard of new ids, by O(N) copies instead of
         re-reading and re-sorting every shard (ingest and map steps append often)."""
         new_order = np.argsort(shard.ids, kind="stable")
-        at = np.searchsorted(self.sorted_ids, shard.ids[new_order])
+        new_sorted, new_rows = shard.ids[new_order], new_order + len(self.ids)
+        if len(self.ids) and len(new_sorted) and new_sorted[0] <= self.sorted_ids[-1]:
+            at = np.searchsorted(self.sorted_ids, new_sorted)
+            order = np.insert(self.order, at, new_rows)
+            sorted_ids = np.insert(self.sorted_ids, at, new_sorted)
+        else:  # ids above every held one (ingest, map chunks in id order): a plain append
+            order = np.concatenate([self.order, new_rows])
+            sorted_ids = np.concatenate([self.sorted_ids, new_sorted])
         return Snapshot(
             seq, self.dim, np.concatenate([self.ids, shard.ids]),
             np.concatenate([self.sources, shard.sources]),
             np.concatenate([self.written, np.full(len(shard.ids), seq, np.int64)]),
-            np.insert(self.order, at, new_order + len(self.ids)),
-            np.insert(self.sorted_ids, at, shard.ids[new_order]),
+            order, sorted_ids,
             (*self.shards, shard.vectors), np.append(self.starts, len(self.ids) + len(shard.ids)),
         )  # fmt: skip
 

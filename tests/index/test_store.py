@@ -142,7 +142,7 @@ def test_appends_rewrite_each_row_a_logarithmic_number_of_times(tmp_path: Path) 
     np.testing.assert_array_equal(store.get(np.arange(20_000))[0], x)
 
 
-def test_rows_reads_runs_gathers_and_any_order_across_shards(tmp_path: Path) -> None:
+def test_rows_and_map_rows_read_runs_gathers_and_any_order_across_shards(tmp_path: Path) -> None:
     store = SpaceStore(tmp_path / "s", 4)
     x = _vecs(60, d=4)
     for a, b in ((0, 7), (7, 30), (30, 31), (31, 60)):
@@ -152,8 +152,19 @@ def test_rows_reads_runs_gathers_and_any_order_across_shards(tmp_path: Path) -> 
     cases = [np.arange(60), np.arange(5, 40), np.arange(40)[::-1], np.array([3, 3, 4]),
              np.array([0, 2, 4]), np.array([30]), np.zeros(0, np.int64),
              np.random.default_rng(0).integers(0, 60, 100)]  # fmt: skip
+    seen: list[np.ndarray] = []
+
+    def first(part: np.ndarray) -> np.ndarray:
+        seen.append(part)
+        return np.asarray(part[:, 0])
+
     for rows in cases:
         np.testing.assert_array_equal(snap.rows(rows), every[rows])
+        np.testing.assert_array_equal(snap.map_rows(rows, first, np.float32), every[rows, 0])
+    # a run of consecutive rows reaches the function as a view of the shard, uncopied
+    seen.clear()
+    snap.map_rows(np.arange(7, 30), first, np.float32)
+    assert len(seen) == 1 and isinstance(seen[0], np.memmap)
 
 
 class StoreMachine(RuleBasedStateMachine):

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from psycopg2.errors import RaiseException
 from sqlalchemy import create_engine, select, text
 
@@ -13,6 +15,7 @@ from embcompat.errors import InvalidInput
 from embcompat.registry import versions
 from embcompat.registry.schema import Item
 from embcompat.service import galleries, search
+from embcompat.service.galleries.filters import check_metadata, check_text, clean_batch
 from tests.conftest import make_context, vector_gallery
 
 AWKWARD = ["tab\there", "line\nbreak", "cr\rhere", "back\\slash", "\\N", "", "quote \"'",
@@ -112,3 +115,42 @@ def test_a_batch_whose_rows_fail_after_its_vectors_were_written_leaves_neither(
         with ctx.session() as s:
             assert s.scalars(select(Item.external_id)).all() == ["seed"]
         assert galleries.space_store(ctx, "g", serving).snapshot().ids.tolist() == [seed]
+
+
+_good = st.text(st.sampled_from("aé\tz"), min_size=1, max_size=4)
+_any = st.text(st.sampled_from(["a", "é", "\x00", "\ud800", "\udc00"]), max_size=4)
+_keys = st.one_of(_good, _good, _any, st.text(min_size=99, max_size=101))
+_values = st.one_of(
+    _good, _any, st.booleans(), st.integers(), st.sampled_from([2**53, 2**53 + 1, -(2**53) - 1]),
+    st.floats(allow_nan=True), st.none(), st.lists(st.integers(), max_size=1), st.just(1 + 2j),
+)  # fmt: skip
+_metadata = st.one_of(st.dictionaries(_keys, _values, max_size=3), st.none(), st.integers())
+
+
+@given(
+    strings=st.lists(st.one_of(_good, _any), max_size=2), metadata=st.lists(_metadata, max_size=2)
+)
+@example(strings=[], metadata=[{"k": float("nan")}])
+@example(strings=[], metadata=[{"k": -float("inf")}])
+@example(strings=[], metadata=[{"k" * 101: 1}])
+@example(strings=[], metadata=[{"": 1}])
+@example(strings=["ok"], metadata=[{"k": 2**53 + 1}])
+@settings(max_examples=300, deadline=None)
+def test_a_clean_batch_is_exactly_one_every_check_passes(
+    strings: list[str], metadata: list[object]
+) -> None:
+    """The one-pass check of a batch (`clean_batch`) agrees with the per-value checks on
+    every string and metadata object, NUL, lone surrogates, huge integers, NaN, keys
+    of 0 or 101 characters and values of any type included."""
+
+    def each_passes() -> bool:
+        try:
+            for value in strings:
+                check_text("x", "text", value)
+            for meta in metadata:
+                check_metadata("x", meta)
+        except InvalidInput:
+            return False
+        return True
+
+    assert clean_batch(strings, metadata) == each_passes()

@@ -7,6 +7,7 @@ the key `id` matches item ids."""
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,14 @@ from sqlalchemy import select
 from embcompat.arrays import IdArray
 from embcompat.errors import InvalidInput
 from embcompat.files import atomic_write
-from embcompat.index.meta import MetaIndex, MetaValue, from_bytes, number_problem, to_bytes
+from embcompat.index.meta import (
+    MAX_EXACT,
+    MetaIndex,
+    MetaValue,
+    from_bytes,
+    number_problem,
+    to_bytes,
+)
 from embcompat.registry.schema import Item, ItemDeletion
 from embcompat.service.context import Context
 from embcompat.service.galleries.layout import gallery_dir, get_gallery_row
@@ -60,6 +68,39 @@ def check_metadata(item_id: str, meta: Any) -> None:
             )
         if problem := number_problem(value):
             raise InvalidInput(f"item {item_id!r}: metadata {key!r}: {problem}", field="metadata")
+
+
+def clean_batch(strings: list[str], metadata: list[Any]) -> bool:
+    """True when `check_text` and `check_metadata` would pass every one of a batch's
+    strings and metadata objects: one pass with no call per value and one scan of the
+    joined strings (per-value checks cost a fifth of an ingest batch). False sends the
+    caller to those checks, which name the item and the field at fault."""
+    texts = list(strings)
+    for meta in metadata:
+        if meta is None:
+            continue
+        if type(meta) is not dict:
+            return False
+        for key, value in meta.items():
+            kind = type(value)
+            if type(key) is not str or not 0 < len(key) <= 100:
+                return False
+            texts.append(key)
+            if kind is str:
+                texts.append(value)
+            elif kind is int:
+                if not -MAX_EXACT <= value <= MAX_EXACT:
+                    return False
+            elif kind is float:
+                if not math.isfinite(value):
+                    return False
+            elif kind is not bool:
+                return False
+    try:
+        joined = "".join(texts)
+        return "\x00" not in joined and (joined.isascii() or bool(joined.encode("utf-8")))
+    except (TypeError, UnicodeEncodeError):
+        return False
 
 
 def allowed_by(ctx: Context, gallery: str, filters: Filters | None) -> IdArray | None:

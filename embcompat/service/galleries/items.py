@@ -31,7 +31,7 @@ from embcompat.registry.jobs import active_upgrade
 from embcompat.registry.records import ModelVersionRecord
 from embcompat.registry.schema import Item, ItemDeletion, utcnow
 from embcompat.service.context import Context
-from embcompat.service.galleries.filters import check_metadata, check_text
+from embcompat.service.galleries.filters import check_metadata, check_text, clean_batch
 from embcompat.service.galleries.layout import (
     gallery_dir,
     gallery_lock,
@@ -100,11 +100,13 @@ def _check_batch(ctx: Context, items: Sequence[ItemIn]) -> list[str]:
             field="items",
         )
     ids = [it.id for it in items]
-    for it in items:
-        check_text(it.id, "id", it.id)
-        if it.text is not None:
-            check_text(it.id, "text", it.text)
-        check_metadata(it.id, it.metadata)
+    texts = [it.text for it in items if it.text is not None]
+    if not clean_batch(ids + texts, [it.metadata for it in items]):
+        for it in items:
+            check_text(it.id, "id", it.id)
+            if it.text is not None:
+                check_text(it.id, "text", it.text)
+            check_metadata(it.id, it.metadata)
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise DuplicateItem(f"item id {dup!r} appears twice in one batch", item=dup)

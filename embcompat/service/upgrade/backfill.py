@@ -116,7 +116,7 @@ def map_chunks(ctx: Context, job_id: int, seqs: list[int]) -> int:
     if folded is None:
         mapped = mapper.transform(snap.rows(rows))
     elif folded.normalize_output:  # the scale of each item: 1 / its mapped length
-        mapped = np.reciprocal(folded.output_norms(snap.rows(rows), overwrite=True))[:, None]
+        mapped = np.reciprocal(snap.map_rows(rows, folded.output_norms, np.float32))[:, None]
     else:
         mapped = np.ones((len(rows), 1), np.float32)
     with gallery_lock(ctx, v.gallery):  # an item deleted or updated meanwhile is not mapped
