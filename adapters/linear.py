@@ -68,13 +68,13 @@ class LinearMap(Adapter):
         const = float(self.mu_y @ self.mu_y)
         out = np.empty(len(x), np.float32)
         z = np.empty((min(NORM_BLOCK, len(x)), x.shape[1]), np.float32)
-        zg = None if gram is None else np.empty((len(z), len(gram)), np.float32)
+        zg = z if gram is None else np.empty((len(z), len(gram)), np.float32)
         for start in range(0, len(x), NORM_BLOCK):
             part = x[start : start + NORM_BLOCK]
             zb = np.subtract(part, self.mu_x, out=z[: len(part)])
             sq = zb @ shift
             sq += const
-            t = zb if zg is None else np.matmul(zb, gram, out=zg[: len(part)])
+            t = zb if gram is None else np.matmul(zb, gram, out=zg[: len(part)])
             sq += np.einsum("ij,ij->i", t, zb)
             np.sqrt(np.maximum(sq, 1e-24, out=sq), out=out[start : start + len(part)])
         return out
