@@ -19,7 +19,7 @@ import json
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ class Snapshot:
     sorted_ids: IdArray  # ids[order]: what exclusions and membership tests take
     shards: tuple[np.memmap[Any, Any] | FloatArray, ...]  # vectors, in row order
     starts: IdArray  # (shards + 1,) first row of each shard, then the total
+    room: _Room | None = field(default=None, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -105,24 +106,68 @@ class Snapshot:
         return np.ascontiguousarray(np.concatenate(self.shards), np.float32)
 
     def extended(self, seq: int, shard: Shard) -> Snapshot:
-        """This snapshot plus one appended shard of new ids, by O(N) copies instead of
-        re-reading and re-sorting every shard (ingest and map steps append often)."""
+        """This snapshot plus one appended shard of new ids, without re-reading and
+        re-sorting every shard (ingest and map steps append often). Ids above every held
+        one (the usual case: item ids grow) are written into spare room after this
+        snapshot's arrays, O(batch) and not O(N) per append; others are inserted."""
+        n, k = len(self.ids), len(shard.ids)
         new_order = np.argsort(shard.ids, kind="stable")
-        new_sorted, new_rows = shard.ids[new_order], new_order + len(self.ids)
-        if len(self.ids) and len(new_sorted) and new_sorted[0] <= self.sorted_ids[-1]:
+        new_sorted, new_rows = shard.ids[new_order], new_order + n
+        new_written = np.full(k, seq, np.int64)
+        starts = np.append(self.starts, n + k)
+        if n and k and new_sorted[0] <= self.sorted_ids[-1]:
             at = np.searchsorted(self.sorted_ids, new_sorted)
-            order = np.insert(self.order, at, new_rows)
-            sorted_ids = np.insert(self.sorted_ids, at, new_sorted)
-        else:  # ids above every held one (ingest, map chunks in id order): a plain append
-            order = np.concatenate([self.order, new_rows])
-            sorted_ids = np.concatenate([self.sorted_ids, new_sorted])
+            return Snapshot(
+                seq, self.dim, np.concatenate([self.ids, shard.ids]),
+                np.concatenate([self.sources, shard.sources]),
+                np.concatenate([self.written, new_written]),
+                np.insert(self.order, at, new_rows), np.insert(self.sorted_ids, at, new_sorted),
+                (*self.shards, shard.vectors), starts,
+            )  # fmt: skip
+        room = self.room
+        if room is None or room.used != n or room.capacity < n + k:
+            room = _Room.around(
+                (self.ids, self.sources, self.written, self.order, self.sorted_ids), n + k
+            )
+        ids, sources, written, order, sorted_ids = room.append(
+            n, (shard.ids, shard.sources, new_written, new_rows, new_sorted)
+        )
         return Snapshot(
-            seq, self.dim, np.concatenate([self.ids, shard.ids]),
-            np.concatenate([self.sources, shard.sources]),
-            np.concatenate([self.written, np.full(len(shard.ids), seq, np.int64)]),
-            order, sorted_ids,
-            (*self.shards, shard.vectors), np.append(self.starts, len(self.ids) + len(shard.ids)),
+            seq, self.dim, ids, sources, written, order, sorted_ids,
+            (*self.shards, shard.vectors), starts, room,
         )  # fmt: skip
+
+
+class _Room:
+    """Arrays with spare capacity past the rows in use, shared by a line of snapshots each
+    extending the last: every snapshot sees only a prefix, and only the one ending at
+    `used` may write past it (an older one gets a fresh copy), so no reader's view ever
+    changes. Doubling keeps the copies O(N) over a space's life; the spare room is
+    never touched until used, so it costs address space, not memory."""
+
+    def __init__(self, arrays: tuple[npt.NDArray[Any], ...], used: int) -> None:
+        self.arrays, self.used = arrays, used
+
+    @property
+    def capacity(self) -> int:
+        return len(self.arrays[0])
+
+    @classmethod
+    def around(cls, arrays: tuple[npt.NDArray[Any], ...], need: int) -> _Room:
+        """A room holding copies of `arrays` (all of one length) with space for `need`."""
+        n, capacity = len(arrays[0]), 2 * need + 1024
+        room = tuple(np.empty(capacity, a.dtype) for a in arrays)
+        for buf, a in zip(room, arrays, strict=True):
+            buf[:n] = a
+        return cls(room, n)
+
+    def append(self, n: int, parts: tuple[npt.NDArray[Any], ...]) -> tuple[npt.NDArray[Any], ...]:
+        """Write `parts` after the first n rows (n == used); the views of the n + k rows."""
+        end = n + len(parts[0])
+        for buf, part in zip(self.arrays, parts, strict=True):
+            buf[n:end] = part
+        self.used = end
+        return tuple(buf[:end] for buf in self.arrays)
 
 
 class SpaceStore:

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from numpy._core import multiarray
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -36,6 +37,8 @@ T = TypeVar("T")
 class Context:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
+        # process-wide, like the env var NUMPY_MADVISE_HUGEPAGE, which only acts at import
+        multiarray._set_madvise_hugepage(self.settings.numpy_hugepages)  # type: ignore[attr-defined]
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.spaces = OpenSpaces()
         self.health = Health()

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from embcompat.errors import DimensionMismatch, DuplicateItem, InvalidVectors
-from embcompat.index.store import MAX_SHARDS, OpenSpaces, SpaceStore
+from embcompat.index.shards import Shard
+from embcompat.index.store import MAX_SHARDS, OpenSpaces, Snapshot, SpaceStore
 
 
 def _vecs(n: int, d: int = 8, seed: int = 0) -> np.ndarray:
@@ -167,9 +168,14 @@ def test_rows_and_map_rows_read_runs_gathers_and_any_order_across_shards(tmp_pat
     assert len(seen) == 1 and isinstance(seen[0], np.memmap)
 
 
+def _frozen(snap: Snapshot) -> list[np.ndarray]:
+    return [a.copy() for a in (snap.ids, snap.sources, snap.written, snap.order, snap.sorted_ids)]
+
+
 class StoreMachine(RuleBasedStateMachine):
     """The snapshot a writer keeps up to date by extending it must equal what a fresh
-    reader builds from the files, whatever mix of writes came before."""
+    reader builds from the files, whatever mix of writes came before; and a snapshot a
+    reader holds never changes, though later appends write into room past its arrays."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -177,8 +183,32 @@ class StoreMachine(RuleBasedStateMachine):
         self.store = SpaceStore(self.tmp / "s", 3)
         self.store.max_shards = 4  # compact often
         self.model: dict[int, np.ndarray] = {}
+        self.held: list[tuple[Snapshot, list[np.ndarray]]] = []  # what readers hold
 
     ids = st.lists(st.integers(0, 60), min_size=1, max_size=12, unique=True)
+
+    @rule(count=st.integers(1, 6), seed=st.integers(0, 9))
+    def append_above(self, count: int, seed: int) -> None:
+        """New ids above every held one, as ingest and map steps write them."""
+        ids = list(range(max(self.model, default=0) + 1, max(self.model, default=0) + 1 + count))
+        added = self.store.add_missing(ids, _vecs(count, d=3, seed=seed)).tolist()
+        assert added == ids
+        self.model.update(zip(ids, _vecs(count, d=3, seed=seed), strict=True))
+
+    @rule(pick=st.integers(0, 9), count=st.integers(1, 4))
+    def extend_an_older_snapshot(self, pick: int, count: int) -> None:
+        """An older snapshot extended again (its room was used by a later one) gets a
+        copy of its own: the result is right and nothing another reader holds moves."""
+        if not self.held:
+            return
+        snap = self.held[pick % len(self.held)][0]
+        top = int(snap.sorted_ids[-1]) if len(snap) else 0
+        new = np.arange(top + 1, top + 1 + count, dtype=np.int64)
+        shard = Shard(new, _vecs(count, d=3), np.zeros(count, np.uint64))
+        out = snap.extended(snap.seq + 1, shard)
+        np.testing.assert_array_equal(out.ids, np.concatenate([snap.ids, new]))
+        np.testing.assert_array_equal(out.sorted_ids, np.concatenate([snap.sorted_ids, new]))
+        np.testing.assert_array_equal(out.ids[out.order], out.sorted_ids)
 
     @rule(ids=ids, seed=st.integers(0, 9), replace=st.booleans())
     def add(self, ids: list[int], seed: int, replace: bool) -> None:
@@ -197,6 +227,14 @@ class StoreMachine(RuleBasedStateMachine):
         assert gone == len(set(ids) & set(self.model))
         for i in ids:
             self.model.pop(i, None)
+
+    @invariant()
+    def held_snapshots_never_change(self) -> None:
+        for snap, arrays in self.held:
+            for now, then in zip(_frozen(snap), arrays, strict=True):
+                np.testing.assert_array_equal(now, then)
+        snap = self.store.snapshot()
+        self.held = [*self.held[-9:], (snap, _frozen(snap))]
 
     @invariant()
     def matches_a_fresh_reader(self) -> None:

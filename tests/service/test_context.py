@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from numpy._core import multiarray
 
 from embcompat.service import galleries, search
 from embcompat.service.context import Context
@@ -47,3 +48,16 @@ def test_close_releases_the_pool_and_caches_then_rebuilds_on_use(tmp_path: Path)
     assert ctx.search_pool is not pool
     assert ctx.cached("x", 1, lambda: "w") == "w"
     ctx.close()
+
+
+def test_a_context_sets_numpy_huge_pages_as_its_settings_say(tmp_path: Path) -> None:
+    """Off by default: fresh arrays then never wait on the kernel compacting memory."""
+    try:
+        for wanted in (True, False):
+            with Context(Settings(data_dir=tmp_path, numpy_hugepages=wanted)):
+                # the setter returns the setting it replaces: what the context set
+                assert multiarray._set_madvise_hugepage(not wanted) is wanted
+        with Context(Settings(data_dir=tmp_path)):
+            assert multiarray._set_madvise_hugepage(True) is False
+    finally:
+        multiarray._set_madvise_hugepage(False)

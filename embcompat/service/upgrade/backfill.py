@@ -57,12 +57,14 @@ def _chunk_item_ids(session: Session, job: Job, chunk: JobChunk) -> IdArray:
 
 
 MAP_BATCH = 100_000  # vectors mapped per write: one shard, one transform call
+FOLDED_MAP_BATCH = 1_000_000  # a folded map writes 4 bytes an item: fewer, larger writes
 
 
 def map_batches(ctx: Context, job_id: int) -> list[list[int]]:
     """The chunks to map before serving, when the job serves the `mapped` plan, grouped
     into batches of about MAP_BATCH items (a map is a matrix product: per-chunk writes
-    and lookups would cost more than the product itself)."""
+    and lookups would cost more than the product itself), FOLDED_MAP_BATCH when only
+    scales are written (a batch's memory is then a few arrays of ids and scales)."""
     with ctx.session() as s:
         job = job_row(s, job_id)
         if job.plan != ServingPlan.MAPPED or job.state != JobState.SERVING_BRIDGE:
@@ -73,12 +75,13 @@ def map_batches(ctx: Context, job_id: int) -> list[list[int]]:
             .order_by(JobChunk.seq)
         ).all()
     v = job_versions(ctx, job_id)
+    limit = MAP_BATCH if folded_mapper(ctx, job_id, v) is None else FOLDED_MAP_BATCH
     snap = space_store(ctx, v.gallery, v.old).snapshot()
     batches: list[list[int]] = [[]]
     size = 0
     for seq, start, stop in chunks:
         n = int(np.searchsorted(snap.sorted_ids, stop) - np.searchsorted(snap.sorted_ids, start))
-        if batches[-1] and size + n > MAP_BATCH:
+        if batches[-1] and size + n > limit:
             batches.append([])
             size = 0
         batches[-1].append(seq)
