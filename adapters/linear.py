@@ -27,7 +27,7 @@ def _centers(x: FloatArray, y: FloatArray, center: bool) -> tuple[FloatArray, Fl
     return x.mean(0).astype(np.float32), y.mean(0).astype(np.float32)
 
 
-NORM_BLOCK = 2_048  # rows per block of output_norms: z and z·G stay in cache
+NORM_BLOCK = 2_048  # rows per block of output_norms: 1 MiB of z at 128-d, 6 MiB at 768
 
 
 class LinearMap(Adapter):

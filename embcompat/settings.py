@@ -107,8 +107,8 @@ class Settings(BaseSettings):
     numpy_hugepages: bool = Field(
         default=False,
         description="let numpy ask the kernel for huge pages (madvise) on large arrays: where "
-        "the kernel compacts memory to find them, a fresh array stalls (the first map step of "
-        "a 1M-item gallery took 0.55 s with them, 0.33 s without; later ones 0.26 s either way)",
+        "the kernel compacts memory to find them, fresh arrays stall (README, Scale); "
+        "process-wide, set by each Context",
     )
     encode_batch_size: int = Field(default=64, ge=1)
     max_batch_items: int = Field(default=10_000, ge=1)

@@ -33,6 +33,7 @@ from embcompat.index.shards import Shard, SourceArray, read_shard, shard_files, 
 
 MANIFEST = "manifest.json"
 MAX_SHARDS = 32
+GATHER_BLOCK = 65_536  # rows gathered (copied) at once by `Snapshot.map_rows`
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Snapshot:
     sorted_ids: IdArray  # ids[order]: what exclusions and membership tests take
     shards: tuple[np.memmap[Any, Any] | FloatArray, ...]  # vectors, in row order
     starts: IdArray  # (shards + 1,) first row of each shard, then the total
-    room: _Room | None = field(default=None, compare=False, repr=False)
+    room: _Room | None = field(default=None, compare=False, repr=False)  # for appends
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -73,7 +74,7 @@ class Snapshot:
         return out
 
     def map_rows(
-        self, rows: IdArray, fn: Callable[[FloatArray], npt.NDArray[Any]], dtype: Any
+        self, rows: IdArray, fn: Callable[[FloatArray], npt.NDArray[Any]], dtype: npt.DTypeLike
     ) -> npt.NDArray[Any]:
         """fn applied to the vectors of `rows`, one (n_i,)-valued call per stretch of a
         shard: (n,) results in `rows`' order. A run of consecutive rows (a map chunk's)
@@ -86,7 +87,8 @@ class Snapshot:
 
     def _segments(self, rows: IdArray) -> Iterator[tuple[slice | IdArray, FloatArray]]:
         """(where in `rows`, their vectors) per shard: a slice of the shard where the
-        rows are consecutive (one view instead of a gather), else a gathered copy."""
+        rows are consecutive (one view instead of a gather), else gathered copies of at
+        most GATHER_BLOCK rows (bounded memory, however many rows a map batch holds)."""
         rows = np.asarray(rows, np.int64)
         order = None if (rows[1:] >= rows[:-1]).all() else np.argsort(rows, kind="stable")
         asc = rows if order is None else rows[order]
@@ -94,9 +96,13 @@ class Snapshot:
         for k in np.flatnonzero(np.diff(cut)):
             a, b = cut[k], cut[k + 1]
             r = asc[a:b] - self.starts[k]
-            run = (np.diff(r) == 1).all()
-            part = self.shards[k][r[0] : r[-1] + 1] if run else self.shards[k][r]
-            yield (slice(a, b) if order is None else order[a:b]), part
+            shard = self.shards[k]
+            if (np.diff(r) == 1).all():
+                yield (slice(a, b) if order is None else order[a:b]), shard[r[0] : r[-1] + 1]
+                continue
+            for c in range(a, b, GATHER_BLOCK):  # a copy per block, never the whole segment
+                e = min(c + GATHER_BLOCK, b)
+                yield (slice(c, e) if order is None else order[c:e]), shard[r[c - a : e - a]]
 
     @functools.cached_property
     def vectors(self) -> FloatArray:
@@ -125,7 +131,7 @@ class Snapshot:
                 (*self.shards, shard.vectors), starts,
             )  # fmt: skip
         room = self.room
-        if room is None or room.used != n or room.capacity < n + k:
+        if room is None or not room.fits(n, k):
             room = _Room.around(
                 (self.ids, self.sources, self.written, self.order, self.sorted_ids), n + k
             )
@@ -148,9 +154,10 @@ class _Room:
     def __init__(self, arrays: tuple[npt.NDArray[Any], ...], used: int) -> None:
         self.arrays, self.used = arrays, used
 
-    @property
-    def capacity(self) -> int:
-        return len(self.arrays[0])
+    def fits(self, n: int, k: int) -> bool:
+        """Whether k rows may be written after the first n: n ends the rows in use (no
+        newer snapshot of this line holds rows past it) and the capacity suffices."""
+        return self.used == n and len(self.arrays[0]) >= n + k
 
     @classmethod
     def around(cls, arrays: tuple[npt.NDArray[Any], ...], need: int) -> _Room:
@@ -162,7 +169,7 @@ class _Room:
         return cls(room, n)
 
     def append(self, n: int, parts: tuple[npt.NDArray[Any], ...]) -> tuple[npt.NDArray[Any], ...]:
-        """Write `parts` after the first n rows (n == used); the views of the n + k rows."""
+        """Write `parts` after the first n rows (`fits` said so); views of the n + k rows."""
         end = n + len(parts[0])
         for buf, part in zip(self.arrays, parts, strict=True):
             buf[n:end] = part
@@ -402,7 +409,10 @@ class SpaceStore:
         merged = self._compacted(m, seq)
         self._commit(merged)
         if clash is None and merged is m:
-            self._cache = (self._manifest_key(), before.extended(seq, self._shard(m, shard)))
+            try:  # committed: a snapshot that cannot grow is rebuilt on the next read
+                self._cache = (self._manifest_key(), before.extended(seq, self._shard(m, shard)))
+            except MemoryError:
+                self._cache = None
 
     def delete(self, ids: Any) -> int:
         """Remove ids; returns how many were live."""

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from embcompat.errors import DimensionMismatch, DuplicateItem, InvalidVectors
+from embcompat.index import store as store_module
 from embcompat.index.shards import Shard
 from embcompat.index.store import MAX_SHARDS, OpenSpaces, Snapshot, SpaceStore
 
@@ -143,7 +144,11 @@ def test_appends_rewrite_each_row_a_logarithmic_number_of_times(tmp_path: Path) 
     np.testing.assert_array_equal(store.get(np.arange(20_000))[0], x)
 
 
-def test_rows_and_map_rows_read_runs_gathers_and_any_order_across_shards(tmp_path: Path) -> None:
+@pytest.mark.parametrize("gather", [3, 65_536])  # gathers split into blocks, and whole
+def test_rows_and_map_rows_read_runs_gathers_and_any_order_across_shards(
+    tmp_path: Path, gather: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "GATHER_BLOCK", gather)
     store = SpaceStore(tmp_path / "s", 4)
     x = _vecs(60, d=4)
     for a, b in ((0, 7), (7, 30), (30, 31), (31, 60)):
@@ -166,6 +171,9 @@ def test_rows_and_map_rows_read_runs_gathers_and_any_order_across_shards(tmp_pat
     seen.clear()
     snap.map_rows(np.arange(7, 30), first, np.float32)
     assert len(seen) == 1 and isinstance(seen[0], np.memmap)
+    seen.clear()
+    snap.map_rows(np.array([1, 3, 5, 7, 9, 11, 13]), first, np.float32)
+    assert max(len(p) for p in seen) <= gather  # a gather is copied a block at a time
 
 
 def _frozen(snap: Snapshot) -> list[np.ndarray]:

@@ -52,6 +52,7 @@ def test_close_releases_the_pool_and_caches_then_rebuilds_on_use(tmp_path: Path)
 
 def test_a_context_sets_numpy_huge_pages_as_its_settings_say(tmp_path: Path) -> None:
     """Off by default: fresh arrays then never wait on the kernel compacting memory."""
+    was = multiarray._set_madvise_hugepage(False)
     try:
         for wanted in (True, False):
             with Context(Settings(data_dir=tmp_path, numpy_hugepages=wanted)):
@@ -60,4 +61,4 @@ def test_a_context_sets_numpy_huge_pages_as_its_settings_say(tmp_path: Path) -> 
         with Context(Settings(data_dir=tmp_path)):
             assert multiarray._set_madvise_hugepage(True) is False
     finally:
-        multiarray._set_madvise_hugepage(False)
+        multiarray._set_madvise_hugepage(was)

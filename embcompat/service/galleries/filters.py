@@ -75,6 +75,8 @@ def clean_batch(strings: list[str], metadata: list[Any]) -> bool:
     strings and metadata objects: one pass with no call per value and one scan of the
     joined strings (per-value checks cost a fifth of an ingest batch). False sends the
     caller to those checks, which name the item and the field at fault."""
+    if any(type(text) is not str for text in strings):  # a subclass may check otherwise
+        return False
     texts = list(strings)
     for meta in metadata:
         if meta is None:
