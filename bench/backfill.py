@@ -33,6 +33,7 @@ from embcompat.registry.schema import JobChunk
 from embcompat.service import galleries, migrate, upgrade
 from embcompat.service.context import Context
 from embcompat.service.upgrade.backfill import MAP_BATCH
+from embcompat.service.upgrade.jobs import drop_mapped_space
 from embcompat.settings import Settings
 
 REDIS = os.environ.get("EMBCOMPAT_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
@@ -136,10 +137,7 @@ def _map_ratio(ctx: Context, repeats: int = 3) -> tuple[float, float]:
     per = MAP_BATCH // 500  # the service's batching of 500-item chunks
     batches = [seqs[i : i + per] for i in range(0, len(seqs), per)]
     for _ in range(repeats):
-        root = galleries.mapped_store(ctx, "docs", old, new, job.id).root
-        for f in root.glob("*"):
-            f.unlink()  # start each repeat from an empty mapped space
-        root.rmdir()
+        drop_mapped_space(ctx, job.id)  # each repeat maps into an empty space, in its form
         t0 = time.perf_counter()
         n = sum(upgrade.map_chunks(ctx, job.id, b) for b in batches)
         mapped_rates.append(n / (time.perf_counter() - t0))
