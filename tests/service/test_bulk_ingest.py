@@ -16,6 +16,7 @@ from embcompat.registry import versions
 from embcompat.registry.schema import Item
 from embcompat.service import galleries, search
 from embcompat.service.galleries.filters import check_metadata, check_text, clean_batch
+from embcompat.service.galleries.layout import item_ids_of
 from tests.conftest import make_context, vector_gallery
 
 AWKWARD = ["tab\there", "line\nbreak", "cr\rhere", "back\\slash", "\\N", "", "quote \"'",
@@ -154,3 +155,24 @@ def test_a_clean_batch_is_exactly_one_every_check_passes(
         return True
 
     assert clean_batch(strings, metadata) == each_passes()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_items_named_by_more_ids_than_a_statement_binds_are_found_in_parts(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """A probe can name 260,000 items: more than one statement binds on either database
+    (PostgreSQL 65,535, SQLite as built here 250,000). The upgrade's probe measure and
+    the probe summary look them up in parts."""
+    url = request.getfixturevalue("pg_url") if backend == "postgresql" else None
+    with make_context(tmp_path / "data", url) as ctx:
+        vector_gallery(ctx, "g", 3)
+        held = [galleries.ItemIn(f"i{n}", vector=[1.0, n, 0.0]) for n in (7, 250_001)]
+        galleries.ingest(ctx, "g", held)
+        names = [f"i{n}" for n in range(260_000)]
+        with ctx.session() as s:
+            gallery_id = galleries.get_gallery_row(s, "g").id
+            found = item_ids_of(s, gallery_id, names)
+        assert sorted(found) == ["i250001", "i7"]
+        galleries.set_probe(ctx, "g", [{"text": "q", "relevant": names}])
+        assert galleries.probe_summary(ctx, "g")["resolved"] == 2

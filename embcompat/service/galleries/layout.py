@@ -8,7 +8,7 @@ generation and the snapshot of rows added since instead of reading them again.""
 from __future__ import annotations
 
 import fcntl
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from embcompat.kinds import IndexKind
 from embcompat.registry import versions
 from embcompat.registry.db import row_lock
 from embcompat.registry.records import ModelVersionRecord
-from embcompat.registry.schema import Gallery, ModelVersion
+from embcompat.registry.schema import Gallery, Item, ModelVersion
 from embcompat.service.context import Context
 
 
@@ -162,3 +162,19 @@ def known_version(ctx: Context, session: Session, version_id: int | None) -> Mod
     asking MLflow's registry for its aliases cost 15-20 ms a call, more than a search of
     100,000 vectors or a tenth of a map step. Its `aliases` may be stale."""
     return ctx.cached("version", version_id, lambda: version_record(ctx, session, version_id))
+
+
+SQL_CHUNK = 10_000  # names per IN (...): PostgreSQL binds 65,535 at most, SQLite as built 250k
+
+
+def item_ids_of(s: Session, gallery_id: int, names: Sequence[str]) -> dict[str, int]:
+    """{external id: item id} for the gallery's items among `names`, looked up SQL_CHUNK
+    names at a time (a probe can name more items than one statement may bind)."""
+    found: dict[str, int] = {}
+    for start in range(0, len(names), SQL_CHUNK):
+        part = list(names[start : start + SQL_CHUNK])
+        query = select(Item.external_id, Item.id).where(
+            Item.gallery_id == gallery_id, Item.external_id.in_(part)
+        )
+        found.update({ext: int(i) for ext, i in s.execute(query)})
+    return found

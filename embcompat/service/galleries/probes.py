@@ -6,12 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
-
 from embcompat.errors import InvalidInput
-from embcompat.registry.schema import GalleryProbe, Item
+from embcompat.registry.schema import GalleryProbe
 from embcompat.service.context import Context
-from embcompat.service.galleries.layout import get_gallery_row
+from embcompat.service.galleries.layout import get_gallery_row, item_ids_of
 
 MAX_QUERIES = 100_000
 
@@ -55,16 +53,6 @@ def probe_summary(ctx: Context, gallery: str) -> dict[str, Any]:
         if row is None:
             return {"gallery": gallery, "queries": 0, "relevant": 0, "resolved": 0}
         wanted = sorted({r for q in row.queries for r in q["relevant"]})
-        resolved = 0
-        for start in range(0, len(wanted), 10_000):
-            part = wanted[start : start + 10_000]
-            resolved += (
-                s.scalar(
-                    select(func.count(Item.id)).where(
-                        Item.gallery_id == g.id, Item.external_id.in_(part)
-                    )
-                )
-                or 0
-            )
+        resolved = len(item_ids_of(s, g.id, wanted))
         return {"gallery": gallery, "queries": len(row.queries), "relevant": len(wanted),
                 "resolved": resolved, "updated_at": row.updated_at.isoformat()}  # fmt: skip

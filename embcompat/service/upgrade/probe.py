@@ -18,14 +18,13 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import select
 
 from embcompat.adapters.metrics import hits_at_k, recall_at_k, search
 from embcompat.arrays import FloatArray, IdArray
 from embcompat.index.merge import fit_weight, fuse_z, rrf_rows, zscore_rows
 from embcompat.index.plans import later_repeats
-from embcompat.registry.schema import Item
 from embcompat.service.context import Context
+from embcompat.service.galleries.layout import item_ids_of
 
 MIN_QUERIES = 10
 KS = (50, 100, 200)
@@ -50,13 +49,7 @@ def measure(
     items), measured as plans beside the cascade and the backfill (`plan_points`)."""
     wanted = sorted({r for q in probe for r in q.get("relevant", [])})
     with ctx.session() as s:
-        by_ext = dict(
-            s.execute(
-                select(Item.external_id, Item.id).where(
-                    Item.gallery_id == gallery_id, Item.external_id.in_(wanted)
-                )
-            ).all()
-        )
+        by_ext = item_ids_of(s, gallery_id, wanted)
     row = {int(i): r for r, i in enumerate(pair_ids)}
     texts, relevant = [], []
     for q in probe:
