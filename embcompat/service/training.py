@@ -42,6 +42,7 @@ from embcompat.registry.schema import Item, ModelVersion, TrainingRun
 from embcompat.registry.shipped import MINILM_L6, MPNET, shipped_model_path
 from embcompat.service.context import Context
 from embcompat.service.galleries import get_gallery, get_probe, space_store, version_record
+from embcompat.service.galleries.layout import SQL_CHUNK
 from embcompat.training.text import (
     TextPairs,
     TextTrainConfig,
@@ -54,7 +55,6 @@ MAX_PAIRS = 500_000
 ENCODE_BATCH = 10_000  # v1 documents encoded between two heartbeats
 BASES = (MINILM_L6, MPNET)  # shipped sentence-transformers a v2 can start from
 TRAIN_PARAMS = ("method", "extra_dims", "weights", "epochs", "batch_size", "seed")
-SQL_CHUNK = 10_000  # ids per IN (...): the databases cap a statement's parameters
 
 log = logging.getLogger(__name__)
 
