@@ -120,6 +120,12 @@ class UnknownJob(NotFound):
     code = "unknown_job"
 
 
+class UnknownSpace(NotFound):
+    """A vector space opened to read that is not on disk (never written, or dropped)."""
+
+    code = "unknown_space"
+
+
 class Conflict(EmbcompatError):
     code = "conflict"
     http_status = 409

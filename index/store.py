@@ -27,7 +27,13 @@ import numpy as np
 import numpy.typing as npt
 
 from embcompat.arrays import FloatArray, IdArray, check_vectors
-from embcompat.errors import CorruptArtifact, DimensionMismatch, DuplicateItem, InvalidInput
+from embcompat.errors import (
+    CorruptArtifact,
+    DimensionMismatch,
+    DuplicateItem,
+    InvalidInput,
+    UnknownSpace,
+)
 from embcompat.files import atomic_write
 from embcompat.index.shards import Shard, SourceArray, read_shard, shard_files, write_shard
 
@@ -200,7 +206,7 @@ class SpaceStore:
         manifest = self._read_manifest()
         if manifest is None:
             if dim is None:
-                raise InvalidInput(f"{self.label} does not exist and has no dim")
+                raise UnknownSpace(f"{self.label} does not exist and has no dim")
             with self._locked():
                 if self._read_manifest() is None:
                     self._commit({"seq": 0, "dim": dim, "shards": [], "sha256": {}})

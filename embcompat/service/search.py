@@ -18,7 +18,7 @@ import numpy as np
 from sqlalchemy import select
 
 from embcompat.arrays import check_vectors
-from embcompat.errors import InvalidInput, ServiceUnavailable
+from embcompat.errors import CorruptArtifact, InvalidInput, ServiceUnavailable
 from embcompat.index.plans import PATHS, MixedIndex, Plan
 from embcompat.index.plans import search as plan_search
 from embcompat.kinds import SERVING_STATES, Merge, ServingPlan
@@ -34,7 +34,13 @@ from embcompat.service.galleries import (
     known_version,
     space_searcher,
 )
-from embcompat.service.upgrade.jobs import JobVersions, job_adapter, load_platt, mapped_side
+from embcompat.service.upgrade.jobs import (
+    JobVersions,
+    job_adapter,
+    job_row,
+    load_platt,
+    mapped_side,
+)
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +213,15 @@ def search(
     if mixed_plan == ServingPlan.MAPPED:
         versions = JobVersions(old, target, gallery, kind)
         mapped = mapped_side(ctx, cast(int, job_id), versions)
+        if mapped is None:  # the job ended after its state was read above: search again
+            if _serves(ctx, cast(int, job_id)):
+                raise CorruptArtifact(
+                    f"the mapped space of upgrade job {job_id} on gallery {gallery!r} is "
+                    "missing while the job serves it",
+                    hint="roll the job back (the old version serves alone) and upgrade again",
+                    job=job_id,
+                )
+            return search(ctx, gallery, texts, vectors, k, old_vectors, read_through, filters)
     index = MixedIndex(
         space_searcher(ctx, gallery, old, kind),
         space_searcher(ctx, gallery, target, kind),
@@ -264,6 +279,11 @@ def _plan(
         cascade_k=int(labelled.get("cascade_k", 50)),
         encode_budget=ctx.settings.cascade_encode_budget,
     )
+
+
+def _serves(ctx: Context, job_id: int) -> bool:
+    with ctx.session() as s:
+        return job_row(s, job_id).state in SERVING_STATES
 
 
 def _ms(t0: float) -> float:

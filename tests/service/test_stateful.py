@@ -157,7 +157,7 @@ class GalleryMachine(RuleBasedStateMachine):
             JobState.PLANNED: upgrade.step_pair,
             JobState.PAIRING: upgrade.step_pair,
             JobState.TRAINING: upgrade.step_train,
-            JobState.GATED: upgrade.prepare,
+            JobState.GATED: gate_or_map_one_chunk,
             JobState.SERVING_BRIDGE: upgrade.step_start_backfill,
         }
         try:
@@ -274,6 +274,20 @@ class GalleryMachine(RuleBasedStateMachine):
                 self.each_item_is_found_by_its_own_text()
                 self.store_and_db_agree()
         assert JobState.SERVING_BRIDGE in SERVING_STATES  # the plans above were all served
+
+
+def gate_or_map_one_chunk(ctx: Context, job_id: int) -> None:
+    """The gate, then a mapped plan's map step one chunk at a time, so searches run
+    while its space is partly written (as they do while a worker maps a large gallery);
+    then on to serving and backfilling, as `upgrade.prepare` goes."""
+    if upgrade.get_job(ctx, job_id).plan is None:
+        upgrade.step_gate(ctx, job_id)
+        return
+    for seqs in upgrade.map_batches(ctx, job_id):
+        for seq in seqs:
+            if upgrade.map_chunks(ctx, job_id, [seq]):
+                return
+    upgrade.prepare(ctx, job_id)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

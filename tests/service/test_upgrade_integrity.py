@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from embcompat.errors import InvalidInput, UpgradeRefused
+from embcompat.errors import CorruptArtifact, InvalidInput, UpgradeRefused
 from embcompat.kinds import JobState
 from embcompat.registry import versions
 from embcompat.service import galleries, search, upgrade
@@ -110,3 +110,77 @@ def test_a_failing_step_fails_the_job_with_its_error_and_frees_the_gallery(
     second = upgrade.start_upgrade(ctx, "g", "hash", "v2", "dual", pairs=50)
     assert upgrade.run_in_process(ctx, second.id).state == JobState.DONE
     assert upgrade.get_job(ctx, job.id).state == JobState.CANCELLED  # superseded
+
+
+MORE = [galleries.ItemIn(f"m{n}", f"w{n % 5} w{n % 13} m{n}") for n in range(60)]
+
+
+def mapped_job(ctx: Context) -> int:
+    """An upgrade gated to the mapped plan, of 105 items of which 50 are paired: the
+    other 55 have no v2 vector, so only the mapped space answers for them."""
+    galleries.ingest(ctx, "g", MORE)
+    job = upgrade.start_upgrade(ctx, "g", "hash", "v2", "mapped", pairs=50, chunk_size=30,
+                                override=True)  # fmt: skip
+    for step in (upgrade.step_pair, upgrade.step_train, upgrade.step_gate):
+        step(ctx, job.id)
+    assert upgrade.get_job(ctx, job.id).plan == "mapped"
+    return job.id
+
+
+def found(ctx: Context) -> list[str]:
+    return [top(ctx, it.text)[0] for it in ITEMS + MORE]
+
+
+EVERY = [it.id for it in ITEMS + MORE]
+
+
+def test_a_mapped_plan_serves_no_partial_map(ctx: Context) -> None:
+    """Between the gate and the end of the map step, a mapped plan's space holds only the
+    chunks mapped so far: the gallery keeps serving its old version alone until the
+    whole gallery is mapped, so no item drops out of the results meanwhile."""
+    job_id = mapped_job(ctx)
+    (seqs,) = upgrade.map_batches(ctx, job_id)
+    for n in range(len(seqs)):  # every item is found by its own text, chunk by chunk
+        assert found(ctx) == EVERY, n
+        assert search.search(ctx, "g", texts=["w1"], k=3).plan == "single"
+        assert upgrade.get_job(ctx, job_id).state == JobState.GATED
+        upgrade.map_chunks(ctx, job_id, [seqs[n]])
+    upgrade.publish_mapped(ctx, job_id)
+    assert upgrade.get_job(ctx, job_id).state == JobState.SERVING_BRIDGE
+    upgrade.step_start_backfill(ctx, job_id)
+    assert search.search(ctx, "g", texts=["w1"], k=3).plan == "mapped"
+    assert found(ctx) == EVERY
+
+
+def test_a_search_racing_the_jobs_end_never_recreates_its_mapped_space(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job is cancelled (and its mapped space dropped) after a search read its state:
+    the search reads the state again and answers from the old version alone, complete,
+    instead of creating an empty mapped space and missing every old item."""
+    job_id = mapped_job(ctx)
+    upgrade.prepare(ctx, job_id)
+    vectors = galleries.gallery_dir(ctx, "g") / "vectors"
+    assert len(list(vectors.glob("*-job*"))) == 1
+    real = search.mapped_side
+
+    def cancelled_meanwhile(*args: object, **kwargs: object) -> object:
+        upgrade.cancel(ctx, job_id)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(search, "mapped_side", cancelled_meanwhile)
+    res = search.search(ctx, "g", texts=[it.text for it in ITEMS + MORE], k=1)
+    assert res.plan == "single" and [row[0].item for row in res.hits] == EVERY
+    assert not list(vectors.glob("*-job*"))
+
+
+def test_a_mapped_space_missing_while_its_job_serves_is_an_error(ctx: Context) -> None:
+    job_id = mapped_job(ctx)
+    upgrade.prepare(ctx, job_id)
+    (space,) = (galleries.gallery_dir(ctx, "g") / "vectors").glob("*-job*")
+    shutil.rmtree(space)  # an operator's mistake, or a lost disk
+    with pytest.raises(CorruptArtifact, match="mapped space of upgrade job .* is missing"):
+        search.search(ctx, "g", texts=["w1"], k=3)
+    assert not space.exists()
+    upgrade.rollback(ctx, job_id)
+    assert found(ctx) == EVERY

@@ -57,15 +57,17 @@ def mapped_store(
     new: ModelVersionRecord,
     job_id: int,
     folded: bool = False,
+    create: bool = True,
 ) -> SpaceStore:
     """Old vectors mapped into the new space by one job's mapper: a space of that job
     only, so no later job takes vectors mapped by another adapter for its own. `folded`:
-    a linear mapper's space, one scale per item (`index.folded`) instead of a vector."""
+    a linear mapper's space, one scale per item (`index.folded`) instead of a vector.
+    `create=False` (searches): the space as it is on disk, `UnknownSpace` once the
+    job's end dropped it; a search never leaves an empty space behind."""
     name = mapped_space_name(old, new, job_id)
+    dim = (1 if folded else new.dim) if create else None
     return ctx.spaces.open(
-        gallery_dir(ctx, gallery) / "vectors" / name,
-        1 if folded else new.dim,
-        space_where(gallery, name),
+        gallery_dir(ctx, gallery) / "vectors" / name, dim, space_where(gallery, name)
     )
 
 
@@ -94,8 +96,9 @@ def mapped_searcher(
     new: ModelVersionRecord,
     job_id: int,
     kind: str,
+    create: bool = True,
 ) -> SpaceSearcher:
-    store = mapped_store(ctx, gallery, old, new, job_id)
+    store = mapped_store(ctx, gallery, old, new, job_id, create=create)
     root = gallery_dir(ctx, gallery) / "indexes" / store.root.name
     return _searcher(ctx, store, root, IndexKind(kind), "ip")
 

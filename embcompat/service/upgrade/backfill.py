@@ -35,7 +35,7 @@ from embcompat.service.upgrade.jobs import (
     job_row,
     job_versions,
 )
-from embcompat.service.upgrade.states import transition
+from embcompat.service.upgrade.states import start_serving, transition
 
 CATCH_UP_BATCH = 1000
 
@@ -61,13 +61,13 @@ FOLDED_MAP_BATCH = 1_000_000  # a folded map writes 4 bytes an item: fewer, larg
 
 
 def map_batches(ctx: Context, job_id: int) -> list[list[int]]:
-    """The chunks to map before serving, when the job serves the `mapped` plan, grouped
+    """The chunks to map before serving, when the gate chose the `mapped` plan, grouped
     into batches of about MAP_BATCH items (a map is a matrix product: per-chunk writes
     and lookups would cost more than the product itself), FOLDED_MAP_BATCH when only
     scales are written (a batch's memory is then a few arrays of ids and scales)."""
     with ctx.session() as s:
         job = job_row(s, job_id)
-        if job.plan != ServingPlan.MAPPED or job.state != JobState.SERVING_BRIDGE:
+        if job.plan != ServingPlan.MAPPED or job.state != JobState.GATED:
             return []
         chunks = s.execute(
             select(JobChunk.seq, JobChunk.start, JobChunk.stop)
@@ -131,17 +131,26 @@ def map_chunks(ctx: Context, job_id: int, seqs: list[int]) -> int:
 
 
 def publish_mapped(ctx: Context, job_id: int) -> int | None:
-    """Index the mapped space once it is whole, with the gallery's index kind, so the
-    mapped plan searches an index instead of scanning every mapped vector per query.
-    Returns the generation number; None for a folded space, which the old space's own
-    index serves."""
-    v = job_versions(ctx, job_id)
-    if folded_mapper(ctx, job_id, v) is not None:
-        return None
+    """Once `map_chunks` has mapped every chunk: index the mapped space with the
+    gallery's index kind (so the plan searches an index instead of scanning every
+    mapped vector per query), then start serving the mapped plan. Returns the index
+    generation; None for a folded space, which the old space's own index serves, and
+    for a job with nothing to map (another plan, or already serving)."""
     with ctx.session() as s:
-        kind = gallery_row_by_id(s, job_row(s, job_id).gallery_id).index_kind
-    searcher = mapped_searcher(ctx, v.gallery, v.old, v.new, job_id, kind)
-    return searcher.generations.publish(searcher.store)
+        job = job_row(s, job_id)
+        if job.plan != ServingPlan.MAPPED or job.state != JobState.GATED:
+            return None
+        kind = gallery_row_by_id(s, job.gallery_id).index_kind
+    v = job_versions(ctx, job_id)
+    generation = None
+    if folded_mapper(ctx, job_id, v) is None:
+        searcher = mapped_searcher(ctx, v.gallery, v.old, v.new, job_id, kind)
+        generation = searcher.generations.publish(searcher.store)
+    with ctx.session(write=True) as s:
+        job = job_row(s, job_id, lock=True)
+        if job.state == JobState.GATED:  # not paused or cancelled meanwhile
+            start_serving(s, job)
+    return generation
 
 
 def step_start_backfill(ctx: Context, job_id: int) -> list[int]:

@@ -18,7 +18,6 @@ from embcompat.kinds import AdapterStatus, JobState, ServingPlan, UpgradePlan
 from embcompat.registry.records import ModelVersionRecord
 from embcompat.registry.schema import AdapterRow
 from embcompat.service.context import Context
-from embcompat.service.galleries.layout import gallery_row_by_id
 from embcompat.service.upgrade.control import fail
 from embcompat.service.upgrade.fitting import FIT_SHARE
 from embcompat.service.upgrade.jobs import (
@@ -29,7 +28,7 @@ from embcompat.service.upgrade.jobs import (
     serves_compatible,
 )
 from embcompat.service.upgrade.probe import measure as probe_measure
-from embcompat.service.upgrade.states import transition
+from embcompat.service.upgrade.states import start_serving
 
 
 def proxy_bridge_check(bridge: Any, h_old: FloatArray, h_new: FloatArray) -> tuple[float, float]:
@@ -166,10 +165,11 @@ def _choose_measured(
 
 
 def step_gate(ctx: Context, job_id: int) -> None:
-    """Measure, then serve the chosen plan (or fail the job on a measured downgrade)."""
+    """Measure, then serve the chosen plan (or fail the job on a measured downgrade).
+    Skipped once the plan is chosen (a mapped plan's job stays gated while it maps)."""
     with ctx.session() as s:
         job = job_row(s, job_id)
-        if job.state != JobState.GATED:
+        if job.state != JobState.GATED or job.plan is not None:
             return
         requested = job.params["plan"]
         override = bool(job.params.get("override", False))
@@ -239,14 +239,17 @@ def _record_bridge_verdict(ctx: Context, job_id: int, accepted: bool, gate: dict
 
 
 def serve(ctx: Context, job_id: int, plan: ServingPlan, gate: dict[str, Any]) -> None:
-    """Record the gate's verdict and start serving the mixed gallery with `plan`."""
+    """Record the gate's verdict and start serving the mixed gallery with `plan`. A
+    `mapped` plan waits in `gated` until its map step has mapped the whole gallery
+    (`backfill.publish_mapped`): its space holds only the chunks mapped so far before
+    that, and an old item missing from it would be missing from every result."""
     with ctx.session(write=True) as s:
         job = job_row(s, job_id, lock=True)
         job.report = {**job.report, "gate": gate}
         if job.state == JobState.GATED:
             job.plan = str(plan)
-            gallery_row_by_id(s, job.gallery_id).plan = str(plan)
-            transition(job, JobState.SERVING_BRIDGE)
+            if plan != ServingPlan.MAPPED:
+                start_serving(s, job)
 
 
 def _measure_probe(

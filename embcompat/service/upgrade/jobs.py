@@ -18,7 +18,7 @@ from embcompat.adapters.base import Adapter
 from embcompat.adapters.io import load_adapter
 from embcompat.adapters.linear import LinearMap
 from embcompat.arrays import FloatArray, IdArray
-from embcompat.errors import UnknownJob
+from embcompat.errors import UnknownJob, UnknownSpace
 from embcompat.index.faiss_index import SpaceSearcher
 from embcompat.index.folded import FoldedSearcher
 from embcompat.index.merge import Platt
@@ -154,14 +154,18 @@ def folded_mapper(ctx: Context, job_id: int, v: JobVersions) -> LinearMap | None
     return mapper if on_disk in (None, 1) else None
 
 
-def mapped_side(ctx: Context, job_id: int, v: JobVersions) -> SpaceSearcher | FoldedSearcher:
+def mapped_side(ctx: Context, job_id: int, v: JobVersions) -> SpaceSearcher | FoldedSearcher | None:
     """What the mapped plan searches for the items not yet upgraded: the folded old
-    index, or the written mapped space's own searcher."""
-    mapper = folded_mapper(ctx, job_id, v)
-    if mapper is None:
-        return mapped_searcher(ctx, v.gallery, v.old, v.new, job_id, v.index_kind)
+    index, or the written mapped space's own searcher. None when the space is not on
+    disk: the job ended, and dropped it, after the search read the job's state."""
+    try:
+        mapper = folded_mapper(ctx, job_id, v)
+        if mapper is None:
+            return mapped_searcher(ctx, v.gallery, v.old, v.new, job_id, v.index_kind, create=False)
+        scales = mapped_store(ctx, v.gallery, v.old, v.new, job_id, folded=True, create=False)
+    except UnknownSpace:
+        return None
     old = space_searcher(ctx, v.gallery, v.old, v.index_kind)
-    scales = mapped_store(ctx, v.gallery, v.old, v.new, job_id, folded=True)
     return ctx.current(
         "folded", job_id, (old, scales, mapper), lambda _: FoldedSearcher(old, mapper, scales)
     )

@@ -46,11 +46,9 @@ def prepare(ctx: Context, job_id: int) -> list[int]:
     step_pair(ctx, job_id)
     step_train(ctx, job_id)
     step_gate(ctx, job_id)
-    batches = map_batches(ctx, job_id)
-    for seqs in batches:
+    for seqs in map_batches(ctx, job_id):
         map_chunks(ctx, job_id, seqs)
-    if batches:
-        publish_mapped(ctx, job_id)
+    publish_mapped(ctx, job_id)
     return step_start_backfill(ctx, job_id)
 
 

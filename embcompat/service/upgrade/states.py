@@ -1,6 +1,7 @@
 """The upgrade job's states, the transitions between them, and the job as a record.
 
 planned → pairing → training → gated → serving_bridge → backfilling → done
+(a `mapped` plan maps the whole gallery while gated, and serves only then)
 any active state → paused (and back), cancelled, failed; serving/backfilling/failed →
 rolled_back (serving returns to the old version; nothing is deleted)
 """
@@ -48,6 +49,12 @@ def transition(job: Job, to: JobState, error: str | None = None) -> None:
     job.error = error
     if to in TERMINAL_STATES:
         job.finished_at = datetime.now(UTC)
+
+
+def start_serving(session: Session, job: Job) -> None:
+    """From now on the gallery answers searches with the job's plan (mixed versions)."""
+    gallery_row_by_id(session, job.gallery_id).plan = job.plan
+    transition(job, JobState.SERVING_BRIDGE)
 
 
 @dataclass(frozen=True)
