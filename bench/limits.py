@@ -36,8 +36,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sockets", type=int, default=300)
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="embcompat-limits-") as tmp:
+        run(args.sockets, Path(tmp))
+
+
+def run(sockets_n: int, data_dir: Path) -> None:
+    """The server on `data_dir` (removed by the caller), each hostile request, the table."""
     settings = Settings(
-        data_dir=Path(tempfile.mkdtemp(prefix="embcompat-limits-")),
+        data_dir=data_dir,
         api_tokens=[{"name": "reader", "token": READ["Authorization"][7:], "scopes": ["read"]}],
     )
     migrate.upgrade(settings.resolved_database_url)
@@ -65,7 +71,7 @@ def main() -> None:
                  "status": status.status_code, "seconds": time.perf_counter() - t0})  # fmt: skip
 
     sockets = []
-    for _ in range(args.sockets):
+    for _ in range(sockets_n):
         s = socket.create_connection(("127.0.0.1", port))
         s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # headers never finished
         sockets.append(s)
@@ -75,7 +81,7 @@ def main() -> None:
         with contextlib.suppress(OSError):
             s.recv(16)  # b"" once the server closes it
         s.close()
-    rows.append({"request": f"{args.sockets} sockets with partial headers", "status": "closed",
+    rows.append({"request": f"{sockets_n} sockets with partial headers", "status": "closed",
                  "seconds": time.perf_counter() - t0})  # fmt: skip
     print(f"header timeout {settings.header_timeout_s:g} s, body limit "
           f"{settings.max_body_bytes // 2**20} MiB")  # fmt: skip

@@ -175,12 +175,17 @@ class _Room:
         return cls(room, n)
 
     def append(self, n: int, parts: tuple[npt.NDArray[Any], ...]) -> tuple[npt.NDArray[Any], ...]:
-        """Write `parts` after the first n rows (`fits` said so); views of the n + k rows."""
+        """Write `parts` after the first n rows (`fits` said so); read-only views of the
+        n + k rows, since every snapshot of the line shares the buffers."""
         end = n + len(parts[0])
+        views = []
         for buf, part in zip(self.arrays, parts, strict=True):
             buf[n:end] = part
+            view = buf[:end]
+            view.flags.writeable = False
+            views.append(view)
         self.used = end
-        return tuple(buf[:end] for buf in self.arrays)
+        return tuple(views)
 
 
 class SpaceStore:
