@@ -31,7 +31,7 @@ from embcompat.adapters.binary import Binarizer, CodeArray
 from embcompat.arrays import FloatArray, IdArray, member
 from embcompat.errors import CorruptArtifact, DimensionMismatch, InvalidInput
 from embcompat.files import atomic_write
-from embcompat.index.store import SpaceStore
+from embcompat.index.store import Snapshot, SpaceStore
 
 BinaryKind = Literal["flat", "hnsw"]
 BINARY_KINDS: tuple[BinaryKind, ...] = ("flat", "hnsw")
@@ -218,6 +218,8 @@ class TwoStageSearcher:
 
 BINARIZER = "binarizer"
 FIT_SAMPLE = 20000
+METRICS_SAMPLE = 20_000  # vectors `binarizer_metrics` ranks against each other
+CODE_BLOCK = 65_536  # rows coded per call: float temporaries bounded, whatever a shard holds
 
 
 class BinaryRerankIndex:
@@ -257,20 +259,35 @@ class BinaryRerankIndex:
         return out_s, out_i
 
 
-def ensure_binarizer(root: Path, vectors: FloatArray, seed: int = 0) -> tuple[Binarizer, bool]:
+def ensure_binarizer(root: Path, snap: Snapshot, seed: int = 0) -> tuple[Binarizer, bool]:
     """The binarizer of a space's binary generations (root/binarizer), fitted once (ITQ,
-    1 bit per dimension, on up to FIT_SAMPLE of its vectors) and kept, so every later
-    generation codes with the same bits. Returns it and whether it was fitted now."""
+    1 bit per dimension, on up to FIT_SAMPLE of the snapshot's vectors, read from its
+    shards) and kept, so every later generation codes with the same bits. Returns it
+    and whether it was fitted now."""
     from embcompat.adapters.binary import ITQBinarizer
     from embcompat.adapters.io import save_adapter
 
     if (root / BINARIZER).exists():
         return load_binarizer(root), False
     rng = np.random.default_rng(seed)
-    sample = vectors[np.sort(rng.permutation(len(vectors))[:FIT_SAMPLE])]
+    sample = snap.rows(np.sort(rng.permutation(len(snap))[:FIT_SAMPLE]))
     binarizer = ITQBinarizer.fit(sample, 1.0, seed=seed)
     save_adapter(binarizer, root / BINARIZER, source=root.name, target="codes")
     return binarizer, True
+
+
+def snapshot_codes(binarizer: Binarizer, snap: Snapshot) -> CodeArray:
+    """Every vector's code in row order, CODE_BLOCK rows at a time from the memory-mapped
+    shards: the space's floats are never joined in memory (5 GB at 10M 128-d vectors,
+    for codes of 160 MB)."""
+    parts = [
+        binarizer.codes(np.asarray(shard[a : a + CODE_BLOCK], np.float32))
+        for shard in snap.shards
+        for a in range(0, len(shard), CODE_BLOCK)
+    ]
+    if not parts:
+        return np.zeros((0, binarizer.bits // 8), np.uint8)
+    return np.concatenate(parts)
 
 
 def load_binarizer(root: Path) -> Binarizer:
@@ -288,7 +305,7 @@ def load_binarizer(root: Path) -> Binarizer:
 def binarizer_metrics(binarizer: Binarizer, vectors: FloatArray, n: int = 1000) -> dict[str, float]:
     """Label-free: of each sampled vector's 10 nearest others by float inner product, the
     share Hamming ranking finds, and the share a float re-rank of its top 100 finds."""
-    x = vectors[: min(len(vectors), 20 * n)]
+    x = vectors[:METRICS_SAMPLE]
     q = x[:n]
     truth = np.argsort(-(q @ x.T), axis=1)[:, 1:11]
     cq, cx = binarizer.transform(q), binarizer.transform(x)

@@ -38,6 +38,7 @@ from embcompat.index.binary import (
     TwoStageSearcher,
     ensure_binarizer,
     load_binarizer,
+    snapshot_codes,
 )
 from embcompat.index.ivfpq import MIN_VECTORS as MIN_PQ
 from embcompat.index.ivfpq import PQRerankIndex, build_ivfpq
@@ -49,6 +50,7 @@ IndexMetric = Literal["ip", "l2"]
 # top 100 candidates re-ranked with the floats read from the store on disk (index.binary)
 
 
+IVF_MIN = 256  # fewer vectors than this get a flat index: too few to train lists on
 RETRY_S = 30.0  # a generation that failed to load is tried again after this long
 
 
@@ -60,12 +62,20 @@ def _gen_number(folder: Path) -> int:
 
 
 def build_from_snapshot(snap: Snapshot, kind: IndexKind, metric: IndexMetric) -> faiss.Index:
-    """A snapshot's FAISS index. Flat and HNSW add shard by shard straight from the
-    memory-mapped files, never holding a second copy of the space's floats (5 GB at 10M
-    128-d vectors); IVF trains its lists on all of them at once."""
-    if kind == "ivf":
-        return build_index(snap.vectors, snap.ids, kind, metric)
-    index = build_index(np.zeros((0, snap.dim), np.float32), snap.ids[:0], kind, metric)
+    """A snapshot's FAISS index, its vectors added shard by shard straight from the
+    memory-mapped files: no second copy of the space's floats (5 GB at 10M 128-d
+    vectors). IVF trains its lists on at most the sample k-means would take itself."""
+    index: faiss.Index
+    if kind == "ivf" and len(snap) >= IVF_MIN:
+        ivf = _ivf(snap.dim, len(snap), metric)
+        cap = ivf.nlist * ivf.cp.max_points_per_centroid
+        rows = np.arange(len(snap))
+        if len(rows) > cap:
+            rows = np.sort(np.random.default_rng(0).choice(len(rows), cap, replace=False))
+        ivf.train(snap.rows(rows))
+        index = ivf
+    else:
+        index = build_index(np.zeros((0, snap.dim), np.float32), snap.ids[:0], kind, metric)
     for k, shard in enumerate(snap.shards):
         ids = snap.ids[snap.starts[k] : snap.starts[k + 1]]
         index.add_with_ids(np.ascontiguousarray(shard, np.float32), ids)
@@ -83,12 +93,9 @@ def build_index(
     d = vectors.shape[1]
     faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
     x = np.ascontiguousarray(vectors, dtype=np.float32)
-    if kind == "ivf" and len(x) >= 256:
-        nlist = int(max(1, min(4 * np.sqrt(len(x)), len(x) // 39)))
-        quantizer = faiss.IndexFlat(d, faiss_metric)
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss_metric)
+    if kind == "ivf" and len(x) >= IVF_MIN:
+        index = _ivf(d, len(x), metric)
         index.train(x)
-        index.nprobe = max(1, nlist // 8)
         index.add_with_ids(x, ids)
         return index
     base = (
@@ -101,6 +108,15 @@ def build_index(
     mapped = faiss.IndexIDMap2(base)
     mapped.add_with_ids(x, ids)
     return mapped
+
+
+def _ivf(d: int, n: int, metric: IndexMetric) -> faiss.IndexIVFFlat:
+    """An untrained IVF index sized for n vectors: about 4·sqrt(n) lists, 1/8 probed."""
+    faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+    nlist = int(max(1, min(4 * np.sqrt(n), n // 39)))
+    index = faiss.IndexIVFFlat(faiss.IndexFlat(d, faiss_metric), d, nlist, faiss_metric)
+    index.nprobe = max(1, nlist // 8)
+    return index
 
 
 @dataclass(frozen=True)
@@ -187,10 +203,10 @@ class IndexGenerations:
         built, checksum = self.kind, None
         binary = self.kind.startswith("binary") and len(snap) >= MIN_VECTORS
         if binary:
-            binarizer, fresh = ensure_binarizer(self.root, snap.vectors)
+            binarizer, fresh = ensure_binarizer(self.root, snap)
             self.fitted_binarizer = binarizer if fresh else None
             graph: BinaryKind = "hnsw" if self.kind == "binary-hnsw" else "flat"
-            BinaryIndex.build(binarizer.codes(snap.vectors), snap.ids, graph).save(tmp)
+            BinaryIndex.build(snapshot_codes(binarizer, snap), snap.ids, graph).save(tmp)
             checksum = sha256_file(tmp / "binary.faiss")
         elif len(snap):
             if self.kind.startswith("binary") or (

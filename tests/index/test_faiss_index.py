@@ -11,7 +11,7 @@ import pytest
 
 from embcompat.arrays import l2_normalize
 from embcompat.errors import CorruptArtifact, DimensionMismatch
-from embcompat.index import faiss_index
+from embcompat.index import binary, faiss_index
 from embcompat.index.faiss_index import IndexGenerations, SpaceSearcher
 from embcompat.index.store import SpaceStore
 
@@ -182,8 +182,9 @@ def test_ivfpq_fills_k_when_most_of_the_index_is_excluded(tmp_path: Path) -> Non
 def test_an_index_built_shard_by_shard_answers_as_one_built_from_every_vector(
     tmp_path: Path, kind: str
 ) -> None:
-    """Publishing adds flat and HNSW shard by shard from the memory-mapped files; it never
-    joins the space's floats in memory (at 10M 128-d vectors, 5 GB more)."""
+    """Publishing adds vectors shard by shard from the memory-mapped files; it never joins
+    the space's floats in memory (at 10M 128-d vectors, 5 GB more). IVF trains on the
+    same rows k-means would take (all of them at this size), so its lists agree too."""
     store = SpaceStore(tmp_path / "s", 8)
     x = l2_normalize(np.random.default_rng(0).normal(size=(700, 8)).astype(np.float32))
     ids = np.random.default_rng(1).permutation(10_000)[:700].astype(np.int64)
@@ -192,10 +193,28 @@ def test_an_index_built_shard_by_shard_answers_as_one_built_from_every_vector(
     snap = store.snapshot()
     assert len(snap.shards) == 3
     built = faiss_index.build_from_snapshot(snap, kind, "ip")  # type: ignore[arg-type]
-    assert ("vectors" in snap.__dict__) == (kind == "ivf")  # only IVF trains on them all
+    assert "vectors" not in snap.__dict__
     whole = faiss_index.build_index(x, ids, kind, "ip")  # type: ignore[arg-type]
     q = x[:20]
     got, want = built.search(q, 5), whole.search(q, 5)
-    if kind == "flat":
+    if kind in ("flat", "ivf"):  # IVF: the same training rows in the same order
         np.testing.assert_array_equal(got[1], want[1])
     assert (got[1][:, 0] == ids[:20]).all()  # every query finds itself first
+
+
+def test_binary_codes_come_block_by_block_from_the_shards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A binary publish fits its binarizer on sampled rows and codes the space a block
+    at a time (blocks here split every shard): the codes of every vector, in row order,
+    with the floats never joined in memory."""
+    monkeypatch.setattr(binary, "CODE_BLOCK", 64)
+    store = SpaceStore(tmp_path / "s", 16)
+    x = l2_normalize(np.random.default_rng(0).normal(size=(700, 16)).astype(np.float32))
+    for a, b in ((0, 100), (100, 350), (350, 700)):
+        store.add(np.arange(a, b), x[a:b])
+    snap = store.snapshot()
+    binarizer, fresh = binary.ensure_binarizer(tmp_path / "idx", snap)
+    codes = binary.snapshot_codes(binarizer, snap)
+    assert fresh and "vectors" not in snap.__dict__
+    np.testing.assert_array_equal(codes, binarizer.codes(x))

@@ -9,8 +9,9 @@ from sqlalchemy import func, select
 
 from embcompat.arrays import member
 from embcompat.errors import InvalidInput
-from embcompat.index.binary import binarizer_metrics
+from embcompat.index.binary import METRICS_SAMPLE, binarizer_metrics
 from embcompat.index.faiss_index import IndexGenerations
+from embcompat.index.store import Snapshot
 from embcompat.kinds import SERVING_STATES, IndexKind
 from embcompat.registry.adapter_log import log_binarizer
 from embcompat.registry.jobs import active_upgrade
@@ -58,19 +59,19 @@ def publish(ctx: Context, gallery: str, index_kind: str | None = None) -> dict[s
         searcher.store.garbage_collect()  # shard files compaction and deletes left behind
         ctx.health.clear(gallery, space.name)  # whatever was damaged, this one is sound
         if gens.fitted_binarizer is not None:
-            _register_binarizer(ctx, gens, rec, searcher.store.snapshot().vectors)
+            _register_binarizer(ctx, gens, rec, searcher.store.snapshot())
     return out
 
 
 def _register_binarizer(
-    ctx: Context, gens: IndexGenerations, version: ModelVersionRecord, vectors: np.ndarray
+    ctx: Context, gens: IndexGenerations, version: ModelVersionRecord, snap: Snapshot
 ) -> None:
     """A binary index fitted its binarizer: register it with what it keeps of the
-    space's own float neighbours."""
+    space's own float neighbours, measured on the first METRICS_SAMPLE vectors."""
     binarizer = gens.fitted_binarizer
     if binarizer is None:
         return
-    metrics = binarizer_metrics(binarizer, np.asarray(vectors))
+    metrics = binarizer_metrics(binarizer, snap.rows(np.arange(min(len(snap), METRICS_SAMPLE))))
     with ctx.session() as s:
         log_binarizer(s, ctx.registry, gens.root / "binarizer", binarizer, version, metrics)
 
