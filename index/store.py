@@ -285,7 +285,10 @@ class SpaceStore:
         File times tick by the kernel's coarse clock (milliseconds) and a freed inode
         number is soon reused, so two quick commits can look alike: commits of this
         store drop its caches themselves, and the size and ctime narrow the rest."""
-        st = (self.root / MANIFEST).stat()
+        try:
+            st = (self.root / MANIFEST).stat()
+        except FileNotFoundError:  # the space was dropped (an upgrade's end) while open
+            raise UnknownSpace(f"{self.label} is no longer on disk") from None
         return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
 
     def snapshot(self) -> Snapshot:

@@ -18,7 +18,7 @@ import numpy as np
 from sqlalchemy import select
 
 from embcompat.arrays import check_vectors
-from embcompat.errors import CorruptArtifact, InvalidInput, ServiceUnavailable
+from embcompat.errors import CorruptArtifact, InvalidInput, ServiceUnavailable, UnknownSpace
 from embcompat.index.plans import PATHS, MixedIndex, Plan
 from embcompat.index.plans import search as plan_search
 from embcompat.kinds import SERVING_STATES, Merge, ServingPlan
@@ -173,6 +173,41 @@ def search(
     old version (`dual`, `cascade`) take the old encoding as `old_vectors` or encode text.
     `filters` ({key: value or [values]} on item metadata, `id` on item ids) restrict the
     hits; k stays full while enough matching items exist."""
+    args = (ctx, gallery, texts, vectors, k, old_vectors, read_through, filters)
+    try:
+        return _search(*args)
+    except UpgradeEnded:  # the gallery serves otherwise now: search it as it is
+        return _search(*args)
+
+
+class UpgradeEnded(ServiceUnavailable):
+    """The upgrade a search was serving with ended, and dropped its mapped space, after
+    the search read the job's state (a second time in a row: the client retries)."""
+
+
+def _mapped_space_gone(ctx: Context, gallery: str, job_id: int) -> UpgradeEnded:
+    """What a search does when its job's mapped space is not on disk: search again if
+    the job has ended since its state was read, fail loudly if the job still serves."""
+    if _serves(ctx, job_id):
+        raise CorruptArtifact(
+            f"the mapped space of upgrade job {job_id} on gallery {gallery!r} is missing "
+            "while the job serves it",
+            hint="roll the job back (the old version serves alone) and upgrade again",
+            job=job_id,
+        )
+    return UpgradeEnded(f"upgrade job {job_id} on gallery {gallery!r} ended during a search")
+
+
+def _search(
+    ctx: Context,
+    gallery: str,
+    texts: list[str] | None,
+    vectors: Any,
+    k: int,
+    old_vectors: Any,
+    read_through: bool,
+    filters: Filters | None,
+) -> SearchResponse:
     if (texts is None) == (vectors is None):
         raise InvalidInput("give either query texts or query vectors", field="query")
     if not 1 <= k <= 1000:
@@ -213,15 +248,8 @@ def search(
     if mixed_plan == ServingPlan.MAPPED:
         versions = JobVersions(old, target, gallery, kind)
         mapped = mapped_side(ctx, cast(int, job_id), versions)
-        if mapped is None:  # the job ended after its state was read above: search again
-            if _serves(ctx, cast(int, job_id)):
-                raise CorruptArtifact(
-                    f"the mapped space of upgrade job {job_id} on gallery {gallery!r} is "
-                    "missing while the job serves it",
-                    hint="roll the job back (the old version serves alone) and upgrade again",
-                    job=job_id,
-                )
-            return search(ctx, gallery, texts, vectors, k, old_vectors, read_through, filters)
+        if mapped is None:
+            raise _mapped_space_gone(ctx, gallery, cast(int, job_id))
     index = MixedIndex(
         space_searcher(ctx, gallery, old, kind),
         space_searcher(ctx, gallery, target, kind),
@@ -234,7 +262,12 @@ def search(
     if read_through and cascade:
         asynchronous = ctx.settings.cascade_read_through == "async"
         writer = (QueuedReadThrough if asynchronous else StoreReadThrough)(ctx, gallery, target)
-    res = plan_search(index, plan, q_new, q_old, k, writer)
+    try:
+        res = plan_search(index, plan, q_new, q_old, k, writer)
+    except UnknownSpace:  # dropped between opening the mapped space and reading it
+        if mapped is None:
+            raise
+        raise _mapped_space_gone(ctx, gallery, cast(int, job_id)) from None
 
     def describe(r: int, c: int) -> tuple[str, str, float | None, float | None, bool]:
         path = PATHS[res.paths[r, c]]

@@ -152,23 +152,28 @@ def test_a_mapped_plan_serves_no_partial_map(ctx: Context) -> None:
     assert found(ctx) == EVERY
 
 
+@pytest.mark.parametrize("when", ["mapped_side", "plan_search"])
 def test_a_search_racing_the_jobs_end_never_recreates_its_mapped_space(
-    ctx: Context, monkeypatch: pytest.MonkeyPatch
+    ctx: Context, monkeypatch: pytest.MonkeyPatch, when: str
 ) -> None:
-    """The job is cancelled (and its mapped space dropped) after a search read its state:
-    the search reads the state again and answers from the old version alone, complete,
-    instead of creating an empty mapped space and missing every old item."""
+    """The job is cancelled (and its mapped space dropped) after a search read its state,
+    before it opened the space or between opening and reading it: the search reads the
+    state again and answers from the old version alone, complete, instead of creating
+    an empty mapped space and missing every old item (or failing)."""
     job_id = mapped_job(ctx)
     upgrade.prepare(ctx, job_id)
     vectors = galleries.gallery_dir(ctx, "g") / "vectors"
     assert len(list(vectors.glob("*-job*"))) == 1
-    real = search.mapped_side
+    search.search(ctx, "g", texts=["w1"], k=3)  # the space's snapshot is cached
+    real = getattr(search, when)
+    calls = []
 
     def cancelled_meanwhile(*args: object, **kwargs: object) -> object:
-        upgrade.cancel(ctx, job_id)
-        return real(*args, **kwargs)  # type: ignore[arg-type]
+        if not calls:
+            calls.append(upgrade.cancel(ctx, job_id))
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(search, "mapped_side", cancelled_meanwhile)
+    monkeypatch.setattr(search, when, cancelled_meanwhile)
     res = search.search(ctx, "g", texts=[it.text for it in ITEMS + MORE], k=1)
     assert res.plan == "single" and [row[0].item for row in res.hits] == EVERY
     assert not list(vectors.glob("*-job*"))
@@ -184,3 +189,35 @@ def test_a_mapped_space_missing_while_its_job_serves_is_an_error(ctx: Context) -
     assert not space.exists()
     upgrade.rollback(ctx, job_id)
     assert found(ctx) == EVERY
+
+
+@pytest.mark.parametrize("stop", ["cancel", "rollback"])
+def test_a_job_stopped_mid_map_writes_no_more_of_its_space(ctx: Context, stop: str) -> None:
+    """Cancelled or rolled back while gated with half its chunks mapped: the runner's next
+    batches write nothing, the space is gone and stays gone, the old version serves."""
+    job_id = mapped_job(ctx)
+    (seqs,) = upgrade.map_batches(ctx, job_id)
+    assert upgrade.map_chunks(ctx, job_id, seqs[:2]) > 0
+    assert upgrade.get_job(ctx, job_id).report["map"]["mapped"] > 0  # progress, mid-map
+    assert getattr(upgrade, stop)(ctx, job_id).state in ("cancelled", "rolled_back")
+    assert upgrade.map_chunks(ctx, job_id, seqs[2:]) == 0
+    assert upgrade.publish_mapped(ctx, job_id) is None
+    assert not list((galleries.gallery_dir(ctx, "g") / "vectors").glob("*-job*"))
+    assert found(ctx) == EVERY
+
+
+def test_a_job_served_before_its_map_finishes_mapping(ctx: Context) -> None:
+    """A job gated before mapped plans waited for their map (serving_bridge, space half
+    written) is mapped to the end by the next run and records its map done once."""
+    job_id = mapped_job(ctx)
+    (seqs,) = upgrade.map_batches(ctx, job_id)
+    upgrade.map_chunks(ctx, job_id, seqs[:1])
+    with ctx.session(write=True) as s:  # as the earlier gate left it
+        job = s.get(upgrade.states.Job, job_id)
+        upgrade.states.start_serving(s, job)
+    assert upgrade.prepare(ctx, job_id)  # chunks left to backfill
+    rec = upgrade.get_job(ctx, job_id)
+    assert rec.state == JobState.BACKFILLING and rec.report["map"]["done"]
+    assert rec.report["map"]["mapped"] == len(ITEMS + MORE)
+    assert found(ctx) == EVERY
+    assert upgrade.map_batches(ctx, job_id) == []

@@ -8,7 +8,7 @@ import numpy as np
 from sqlalchemy import func, select
 
 from embcompat.arrays import member
-from embcompat.errors import InvalidInput
+from embcompat.errors import InvalidInput, UnknownSpace
 from embcompat.index.binary import METRICS_SAMPLE, binarizer_metrics
 from embcompat.index.faiss_index import IndexGenerations
 from embcompat.index.store import Snapshot
@@ -98,7 +98,10 @@ def stats(ctx: Context, gallery: str) -> dict[str, Any]:
     spaces = {}
     for space in sorted((root / "vectors").glob("v*")):
         gens = IndexGenerations(root / "indexes" / space.name)
-        count = len(ctx.spaces.open(space, where=space_where(gallery, space.name)))
+        try:
+            count = len(ctx.spaces.open(space, where=space_where(gallery, space.name)))
+        except UnknownSpace:  # an upgrade's end dropped it since the listing
+            continue
         spaces[space.name] = {"vectors": count, "generation": gens.current_number()}
     return {
         "gallery": gallery,

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from embcompat.errors import CorruptArtifact, EncoderError, InvalidInput
+from embcompat.errors import CorruptArtifact, EncoderError, InvalidInput, UnknownSpace
 from embcompat.index.faiss_index import IndexGenerations
 from embcompat.index.store import SpaceStore
 from embcompat.registry.records import ModelVersionRecord
@@ -51,7 +51,7 @@ def check(ctx: Context, gallery: str) -> dict[str, str]:
             ).current_number()
         except CorruptArtifact as exc:
             problems[space.name] = exc.message
-        except (InvalidInput, OSError):  # no manifest at all
+        except (InvalidInput, UnknownSpace, OSError):  # no manifest at all
             problems[space.name] = f"gallery {gallery!r}, space {space.name!r}: no manifest"
     return problems
 

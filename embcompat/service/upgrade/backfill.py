@@ -7,11 +7,14 @@ or by read-through search)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from embcompat.arrays import IdArray
+from embcompat.errors import UnknownSpace
 from embcompat.kinds import TERMINAL_STATES, ChunkState, JobState, ServingPlan
 from embcompat.registry import versions
 from embcompat.registry.schema import Item, Job, JobChunk
@@ -60,6 +63,17 @@ MAP_BATCH = 100_000  # vectors mapped per write: one shard, one transform call
 FOLDED_MAP_BATCH = 1_000_000  # a folded map writes 4 bytes an item: fewer, larger writes
 
 
+def mapping(job: Job) -> bool:
+    """Whether the job's map step is under way: the gate chose `mapped` and the map is
+    not recorded done. Gated, or serving_bridge for a job gated before mapped plans
+    waited for their map."""
+    return (
+        job.plan == ServingPlan.MAPPED
+        and job.state in (JobState.GATED, JobState.SERVING_BRIDGE)
+        and not (job.report or {}).get("map", {}).get("done")
+    )
+
+
 def map_batches(ctx: Context, job_id: int) -> list[list[int]]:
     """The chunks to map before serving, when the gate chose the `mapped` plan, grouped
     into batches of about MAP_BATCH items (a map is a matrix product: per-chunk writes
@@ -67,7 +81,7 @@ def map_batches(ctx: Context, job_id: int) -> list[list[int]]:
     scales are written (a batch's memory is then a few arrays of ids and scales)."""
     with ctx.session() as s:
         job = job_row(s, job_id)
-        if job.plan != ServingPlan.MAPPED or job.state != JobState.GATED:
+        if not mapping(job):
             return []
         chunks = s.execute(
             select(JobChunk.seq, JobChunk.start, JobChunk.stop)
@@ -93,9 +107,12 @@ def map_chunks(ctx: Context, job_id: int, seqs: list[int]) -> int:
     """Push the chunks' stored old vectors through the gallery-side adapter into the
     mapped space (idempotent: ids already mapped are skipped). The ids come from the old
     space itself (an item deleted from the gallery is gone from it too), read from its
-    memory-mapped shards. Returns vectors mapped."""
+    memory-mapped shards. Returns vectors mapped; none once the job stopped mapping
+    (paused, cancelled): a cancelled job's space is never written again."""
     v = job_versions(ctx, job_id)
     with ctx.session() as s:
+        if not mapping(job_row(s, job_id)):
+            return 0
         ranges = s.execute(
             select(JobChunk.start, JobChunk.stop).where(
                 JobChunk.job_id == job_id, JobChunk.seq.in_(seqs)
@@ -104,14 +121,15 @@ def map_chunks(ctx: Context, job_id: int, seqs: list[int]) -> int:
     mapper = job_adapter(ctx, job_id, "mapper", v.old, v.new)
     folded = folded_mapper(ctx, job_id, v)
     old = space_store(ctx, v.gallery, v.old)
-    target = mapped_store(ctx, v.gallery, v.old, v.new, job_id, folded=folded is not None)
     snap = old.snapshot()  # ids, fingerprints and vectors all read from this one
     held = snap.sorted_ids
     ids = np.concatenate(
         [np.zeros(0, np.int64)]
         + [held[np.searchsorted(held, a) : np.searchsorted(held, b)] for a, b in ranges]
     )
-    ids = ids[~target.snapshot().positions(ids)[1]]  # mapped by an earlier, stopped run
+    with contextlib.suppress(UnknownSpace):  # mapped by an earlier, stopped run
+        done = mapped_store(ctx, v.gallery, v.old, v.new, job_id, create=False).snapshot()
+        ids = ids[~done.positions(ids)[1]]
     if len(ids) == 0:
         return 0
     rows = snap.positions(ids)[0]  # all found: the ids come from the snapshot
@@ -123,33 +141,56 @@ def map_chunks(ctx: Context, job_id: int, seqs: list[int]) -> int:
     else:
         mapped = np.ones((len(rows), 1), np.float32)
     with gallery_lock(ctx, v.gallery):  # an item deleted or updated meanwhile is not mapped
+        with ctx.session() as s:  # a cancel drops the space under this lock, after its commit
+            if not mapping(job_row(s, job_id)):
+                return 0
+        target = mapped_store(ctx, v.gallery, v.old, v.new, job_id, folded=folded is not None)
         sources, still = old.sources(ids)
         still &= sources == read_from
         if not still.all():  # rare: a batch's vectors are not copied for nothing
             ids, mapped, sources = ids[still], mapped[still], sources[still]
-        return len(target.add_missing(ids, mapped, sources))
+        added = len(target.add_missing(ids, mapped, sources))
+    with ctx.session(write=True) as s:  # progress, for operators: `gated` can last hours
+        job = job_row(s, job_id, lock=True)
+        job.report = {**job.report, "map": {"mapped": len(target), "of": len(snap)}}
+    return added
 
 
 def publish_mapped(ctx: Context, job_id: int) -> int | None:
-    """Once `map_chunks` has mapped every chunk: index the mapped space with the
-    gallery's index kind (so the plan searches an index instead of scanning every
-    mapped vector per query), then start serving the mapped plan. Returns the index
-    generation; None for a folded space, which the old space's own index serves, and
-    for a job with nothing to map (another plan, or already serving)."""
+    """The map step's end, called once `map_chunks` has mapped every batch: index the
+    mapped space with the gallery's index kind (so the plan searches an index instead
+    of scanning every mapped vector per query), record the map done, and start serving
+    the mapped plan. Returns the index generation; None for a folded space, which the
+    old space's own index serves, and when the job is not mapping (another plan, the
+    map done already, paused or cancelled)."""
     with ctx.session() as s:
         job = job_row(s, job_id)
-        if job.plan != ServingPlan.MAPPED or job.state != JobState.GATED:
+        if not mapping(job):
             return None
         kind = gallery_row_by_id(s, job.gallery_id).index_kind
     v = job_versions(ctx, job_id)
-    generation = None
-    if folded_mapper(ctx, job_id, v) is None:
-        searcher = mapped_searcher(ctx, v.gallery, v.old, v.new, job_id, kind)
-        generation = searcher.generations.publish(searcher.store)
+    folded = folded_mapper(ctx, job_id, v)
+    with gallery_lock(ctx, v.gallery):  # from here the space exists, empty if nothing mapped
+        with ctx.session() as s:
+            if not mapping(job_row(s, job_id)):
+                return None
+        store = mapped_store(ctx, v.gallery, v.old, v.new, job_id, folded=folded is not None)
+    generation, mapped = None, 0
+    with contextlib.suppress(UnknownSpace):  # else cancelled meanwhile: seen below
+        if folded is None:
+            searcher = mapped_searcher(ctx, v.gallery, v.old, v.new, job_id, kind, create=False)
+            generation = searcher.generations.publish(searcher.store)
+        mapped = len(store)
     with ctx.session(write=True) as s:
         job = job_row(s, job_id, lock=True)
-        if job.state == JobState.GATED:  # not paused or cancelled meanwhile
-            start_serving(s, job)
+        if mapping(job):  # not paused or cancelled meanwhile
+            done = {"mapped": mapped, "done": True, "generation": generation}
+            job.report = {**job.report, "map": {**job.report.get("map", {}), **done}}
+            if job.state == JobState.GATED:
+                start_serving(s, job)
+        ended = job.state in TERMINAL_STATES
+    if ended:  # a cancel dropped the space while the index was built: nothing left behind
+        drop_mapped_space(ctx, job_id)
     return generation
 
 

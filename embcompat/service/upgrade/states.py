@@ -2,8 +2,9 @@
 
 planned → pairing → training → gated → serving_bridge → backfilling → done
 (a `mapped` plan maps the whole gallery while gated, and serves only then)
-any active state → paused (and back), cancelled, failed; serving/backfilling/failed →
-rolled_back (serving returns to the old version; nothing is deleted)
+any active state → paused (and back), cancelled, failed; gated (a map under way),
+serving/backfilling/failed → rolled_back (serving returns to the old version; nothing
+is deleted)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ TRANSITIONS: dict[JobState, set[JobState]] = {
     S.PLANNED: {S.PAIRING, S.PAUSED, S.CANCELLED, S.FAILED},
     S.PAIRING: {S.TRAINING, S.PAUSED, S.CANCELLED, S.FAILED},
     S.TRAINING: {S.GATED, S.PAUSED, S.CANCELLED, S.FAILED},
-    S.GATED: {S.SERVING_BRIDGE, S.PAUSED, S.CANCELLED, S.FAILED},
+    S.GATED: {S.SERVING_BRIDGE, S.PAUSED, S.CANCELLED, S.FAILED, S.ROLLED_BACK},
     S.SERVING_BRIDGE: {S.BACKFILLING, S.PAUSED, S.CANCELLED, S.FAILED, S.ROLLED_BACK},
     S.BACKFILLING: {S.DONE, S.PAUSED, S.CANCELLED, S.FAILED, S.ROLLED_BACK},
     S.PAUSED: {*RUNNING, S.PLANNED, S.CANCELLED, S.ROLLED_BACK},
