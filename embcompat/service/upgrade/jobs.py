@@ -157,7 +157,8 @@ def folded_mapper(ctx: Context, job_id: int, v: JobVersions) -> LinearMap | None
 def mapped_side(ctx: Context, job_id: int, v: JobVersions) -> SpaceSearcher | FoldedSearcher | None:
     """What the mapped plan searches for the items not yet upgraded: the folded old
     index, or the written mapped space's own searcher. None when the space is not on
-    disk: the job ended, and dropped it, after the search read the job's state."""
+    disk: the job ended, and dropped it, after the search read the job's state (or,
+    while the job serves, the space was lost)."""
     try:
         mapper = folded_mapper(ctx, job_id, v)
         if mapper is None:
