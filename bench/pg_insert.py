@@ -1,13 +1,13 @@
-"""PostgreSQL item writes at scale: today's lookup + nextval + COPY against one
-INSERT ... ON CONFLICT DO NOTHING RETURNING, on a gallery already holding N items.
+"""PostgreSQL item writes at scale: the service's write of new items (one INSERT ...
+ON CONFLICT DO NOTHING RETURNING, `galleries.items.insert_new`) against the write it
+replaced (ids of existing items looked up, ids drawn from the sequence, rows streamed
+by COPY), on a gallery already holding N items.
 
 A fresh database on the server at `--database-url` gets N items ingested through the
 service (bench/scale.py's gallery), then, per repetition, two batches of `--batch` new
-items are written by raw statements in their own transactions: the service's current
-write (ids of existing items looked up, ids drawn from the sequence, rows streamed by
-COPY) and the candidate (the unique index answers "exists?" during the insert). Prints
-per-batch medians and the candidate's ratio to the current write. The database is
-dropped afterwards.
+items are written in their own transactions: one by the former write's raw statements,
+one by the service's `insert_new`. Prints per-batch medians and the service's ratio to
+the former write. The database is dropped afterwards.
 
     python bench/pg_insert.py --n 1000000
         [--database-url postgresql+psycopg2://postgres@127.0.0.1:5432/postgres]
@@ -31,6 +31,10 @@ from common import print_table
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from embcompat.registry.schema import utcnow
+from embcompat.service.context import Context
+from embcompat.service.galleries.items import insert_new
+
 COLUMNS = "id, gallery_id, external_id, payload, meta, vector_version_id, meta_seq, created_at, updated_at"  # noqa: E501
 
 
@@ -40,8 +44,8 @@ def _rows(tag: str, n: int) -> list[tuple[str, str, str]]:
     return [(f"{tag}{i}", str(i), json.dumps(m)) for i, m in enumerate(meta)]
 
 
-def current_write(cur: Any, g: int, v: int, rows: list[tuple[str, str, str]]) -> None:
-    """The service's write of new items today (`galleries.items._write_items`)."""
+def copy_write(cur: Any, g: int, v: int, rows: list[tuple[str, str, str]]) -> None:
+    """The write of new items the service used before `insert_new`."""
     names = [r[0] for r in rows]
     cur.execute(
         "SELECT id, external_id, payload FROM items WHERE gallery_id = %s"
@@ -60,18 +64,18 @@ def current_write(cur: Any, g: int, v: int, rows: list[tuple[str, str, str]]) ->
     cur.copy_expert(f"COPY items ({COLUMNS}) FROM STDIN", io.StringIO(body))
 
 
-def insert_on_conflict(cur: Any, g: int, v: int, rows: list[tuple[str, str, str]]) -> None:
-    """The candidate: one statement; rows it skips are the items that already exist."""
-    cur.execute(
-        "INSERT INTO items (gallery_id, external_id, payload, meta, vector_version_id,"
-        " meta_seq, created_at, updated_at)"
-        " SELECT %s, e, p, m::json, %s, 1, now(), now()"
-        " FROM unnest(%s::text[], %s::text[], %s::text[]) AS u(e, p, m)"
-        " ON CONFLICT (gallery_id, external_id) DO NOTHING RETURNING id, external_id",
-        (g, v, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]),
-    )
-    if len(cur.fetchall()) != len(rows):
-        raise RuntimeError("the candidate skipped rows that were new")
+def service_write(ctx: Context, g: int, v: int, rows: list[tuple[str, str, str]]) -> None:
+    """The service's write of the same rows, in a transaction of its own."""
+    new = [
+        {"gallery_id": g, "external_id": e, "payload": p, "meta": json.loads(m),
+         "vector_version_id": v, "meta_seq": 1}
+        for e, p, m in rows
+    ]  # fmt: skip
+    with ctx.session(write=True) as s:
+        got, existing = insert_new(s, g, new, utcnow())
+        s.commit()
+    if len(got) != len(rows) or existing:
+        raise RuntimeError("the service's write skipped rows that were new")
 
 
 def main() -> None:
@@ -92,32 +96,34 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ctx = scale._context(Path(tmp), url.render_as_string(False))
             rate = scale.ingest(ctx, args.n)
-            ctx.close()
-        conn = psycopg2.connect(
-            host=url.host, port=url.port or 5432, user=url.username, dbname=name
-        )
-        cur = conn.cursor()
-        cur.execute("SELECT id, serving_version_id FROM galleries")
-        g, v = cur.fetchone()
-        times: dict[str, list[float]] = {"current": [], "candidate": []}
-        for rep in range(args.repeat):  # interleaved, so drift hits both alike
-            for label, write in (("current", current_write), ("candidate", insert_on_conflict)):
+            conn = psycopg2.connect(
+                host=url.host, port=url.port or 5432, user=url.username, dbname=name
+            )
+            cur = conn.cursor()
+            cur.execute("SELECT id, serving_version_id FROM galleries")
+            g, v = cur.fetchone()
+            times: dict[str, list[float]] = {"copy": [], "service": []}
+            for rep in range(args.repeat):  # interleaved, so drift hits both alike
                 t0 = time.perf_counter()
-                write(cur, g, v, _rows(f"{label}{rep}-", args.batch))
+                copy_write(cur, g, v, _rows(f"copy{rep}-", args.batch))
                 conn.commit()
-                times[label].append(time.perf_counter() - t0)
-        conn.close()
+                times["copy"].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                service_write(ctx, g, v, _rows(f"service{rep}-", args.batch))
+                times["service"].append(time.perf_counter() - t0)
+            conn.close()
+            ctx.close()
     finally:
         with admin.connect() as c:
             c.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
         admin.dispose()
-    cur_ms = statistics.median(times["current"]) * 1e3
-    cand_ms = statistics.median(times["candidate"]) * 1e3
+    copy_ms = statistics.median(times["copy"]) * 1e3
+    service_ms = statistics.median(times["service"]) * 1e3
     print(f"N={args.n}: ingest through the service {rate:.0f} items/s")
     print_table(
-        [{"n": args.n, "batch": args.batch, "current_ms": cur_ms, "candidate_ms": cand_ms,
-          "ratio": cand_ms / cur_ms}],
-        ["n", "batch", "current_ms", "candidate_ms", "ratio"],
+        [{"n": args.n, "batch": args.batch, "copy_ms": copy_ms, "service_ms": service_ms,
+          "ratio": service_ms / copy_ms}],
+        ["n", "batch", "copy_ms", "service_ms", "ratio"],
     )  # fmt: skip
 
 

@@ -11,7 +11,6 @@ never stored. Ingest is idempotent on the external id."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import ARRAY, ColumnElement, String, any_, bindparam, insert, select, text, update
+from sqlalchemy import ARRAY, String, any_, bindparam, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from embcompat.arrays import FloatArray, IdArray, check_vectors
@@ -210,26 +209,18 @@ def _write_items(
     vectors: list[FloatArray],
 ) -> dict[str, int]:
     """The DB rows and the vectors of one ingest batch, under the gallery's lock. Rows
-    are written in bulk (one multi-row INSERT ... RETURNING for new items, one UPDATE
-    per key set by primary key for known ones): no ORM object per item."""
+    are written in bulk (one INSERT of every new item returning its id, one UPDATE per
+    key set by primary key for known ones): no ORM object per item."""
     with ctx.session(write=True) as s:
         g = get_gallery_row(s, gallery, lock=True)
         g.items_version += 1
-        existing = {
-            ext: (int(i), payload)
-            for i, ext, payload in s.execute(
-                select(Item.id, Item.external_id, Item.payload).where(
-                    Item.gallery_id == g.id, _external_in(s, ids)
-                )
-            )
-        }
         version_id, now = targets[0].id, utcnow()
-        fresh_rows = [
+        rows = [
             {"gallery_id": g.id, "external_id": it.id, "payload": it.text, "meta": it.metadata,
              "vector_version_id": version_id, "meta_seq": g.items_version}
-            for it in items if it.id not in existing
+            for it in items
         ]  # fmt: skip
-        got, copy_rows = _insert_items(s, fresh_rows, now)
+        got, existing = insert_new(s, g.id, rows, now)
         db_ids = np.array([existing[it.id][0] if it.id in existing else got[it.id]
                            for it in items], np.int64)  # fmt: skip
         fresh = np.array([got[it.id] for it in items if it.id in got], np.int64)
@@ -237,7 +228,6 @@ def _write_items(
         stores = [space_store(ctx, gallery, v) for v in targets]
 
         def write_rows() -> None:
-            copy_rows()
             known = [it for it in items if it.id in existing]
             for with_meta in (True, False):  # one statement per set of columns
                 rows = [
@@ -260,7 +250,7 @@ def _write_items(
         ]
         changed += fresh.tolist()  # an id SQLite reused may still have an orphan vector
         try:
-            # the database streams the rows while the vector shards are written and
+            # known items' rows are updated while the vector shards are written and
             # fsynced: on two cores, a batch costs about the slower of the two
             side_by_side(write_rows, write_vectors)
             for other in _space_stores(ctx, gallery):
@@ -274,57 +264,61 @@ def _write_items(
         return {"added": len(items) - len(existing), "updated": len(existing)}
 
 
-def _external_in(s: Session, ids: list[str]) -> ColumnElement[bool]:
-    """`external_id IN ids`; on PostgreSQL as `= ANY(array)`, one parameter instead of
-    one per id (compiling 10,000 parameters cost more than the query)."""
+def _existing(s: Session, gallery_id: int, ids: list[str]) -> dict[str, tuple[int, str | None]]:
+    """{external id: (id, payload)} of those of `ids` the gallery holds. On PostgreSQL the
+    ids travel as one array parameter (compiling 10,000 parameters cost more than the
+    query)."""
+    if not ids:
+        return {}
     if s.get_bind().dialect.name == "postgresql":
-        return Item.external_id == any_(bindparam("ids", ids, type_=ARRAY(String)))
-    return Item.external_id.in_(ids)
+        named = Item.external_id == any_(bindparam("ids", ids, type_=ARRAY(String)))
+    else:
+        named = Item.external_id.in_(ids)
+    query = select(Item.id, Item.external_id, Item.payload).where(
+        Item.gallery_id == gallery_id, named
+    )
+    return {ext: (int(i), payload) for i, ext, payload in s.execute(query)}
 
 
-COPY_COLUMNS = ("id", "gallery_id", "external_id", "payload", "meta", "vector_version_id",
-                "meta_seq", "created_at", "updated_at")  # fmt: skip
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_INSERT_NEW_PG = text(
+    "INSERT INTO items (gallery_id, external_id, payload, meta, vector_version_id, meta_seq,"
+    " created_at, updated_at)"
+    " SELECT :gallery_id, e, p, m::json, :vector_version_id, :meta_seq, :now, :now"
+    " FROM unnest(CAST(:ext AS text[]), CAST(:payload AS text[]), CAST(:meta AS text[]))"
+    " AS u(e, p, m)"
+    " ON CONFLICT (gallery_id, external_id) DO NOTHING RETURNING id, external_id"
+)
 
 
-def _insert_items(
-    s: Session, rows: list[dict[str, Any]], now: datetime
-) -> tuple[dict[str, int], Callable[[], None]]:
-    """New item rows in bulk: ({external id: id}, a call that writes the rows not yet
-    written). PostgreSQL: ids drawn from the table's sequence in one query, then the rows
-    streamed by COPY (in the session's transaction) when the call runs. Others: one
-    multi-row INSERT ... RETURNING, here and now."""
-    if not rows:
-        return {}, lambda: None
-    if s.get_bind().dialect.name != "postgresql":
-        inserted = s.execute(
-            insert(Item).returning(Item.id, Item.external_id, sort_by_parameter_order=True), rows
+def insert_new(
+    s: Session, gallery_id: int, rows: list[dict[str, Any]], now: datetime
+) -> tuple[dict[str, int], dict[str, tuple[int, str | None]]]:
+    """Insert the rows of items the gallery does not hold yet: ({external id: new id},
+    {external id: (id, payload)} of the items it held). PostgreSQL: one INSERT ... ON
+    CONFLICT DO NOTHING of the whole batch, its unique index answering "exists?" during
+    the insert, then a lookup of only the rows it skipped (at 1M items, the lookup of
+    every id before a COPY cost as much as the COPY). Others: the lookup, then one
+    multi-row INSERT ... RETURNING of the new rows."""
+    if s.get_bind().dialect.name == "postgresql":
+        first = rows[0]
+        params = {
+            "gallery_id": gallery_id, "vector_version_id": first["vector_version_id"],
+            "meta_seq": first["meta_seq"], "now": now,
+            "ext": [r["external_id"] for r in rows], "payload": [r["payload"] for r in rows],
+            "meta": [None if r["meta"] is None else json.dumps(r["meta"]) for r in rows],
+        }  # fmt: skip
+        got = {ext: int(i) for i, ext in s.execute(_INSERT_NEW_PG, params)}
+        return got, _existing(
+            s, gallery_id, [r["external_id"] for r in rows if r["external_id"] not in got]
         )
-        return {ext: int(i) for i, ext in inserted}, lambda: None
-    ids = s.scalars(
-        text("SELECT nextval(pg_get_serial_sequence('items', 'id')) FROM generate_series(1, :n)"),
-        {"n": len(rows)},
-    ).all()
-
-    def copy() -> None:
-        stamp = now.isoformat()
-        lines = []
-        for item_id, r in zip(ids, rows, strict=True):
-            payload = "\\N" if r["payload"] is None else r["payload"].translate(_COPY_ESCAPES)
-            meta = "\\N" if r["meta"] is None else json.dumps(r["meta"]).translate(_COPY_ESCAPES)
-            lines.append(
-                f"{item_id}\t{r['gallery_id']}\t{r['external_id'].translate(_COPY_ESCAPES)}\t"
-                f"{payload}\t{meta}\t{r['vector_version_id']}\t{r['meta_seq']}\t{stamp}\t{stamp}\n"
-            )
-        cursor = s.connection().connection.cursor()
-        try:
-            cursor.copy_expert(
-                f"COPY items ({', '.join(COPY_COLUMNS)}) FROM STDIN", io.StringIO("".join(lines))
-            )
-        finally:
-            cursor.close()
-
-    return {r["external_id"]: int(i) for i, r in zip(ids, rows, strict=True)}, copy
+    existing = _existing(s, gallery_id, [r["external_id"] for r in rows])
+    fresh = [r for r in rows if r["external_id"] not in existing]
+    if not fresh:
+        return {}, existing
+    inserted = s.execute(
+        insert(Item).returning(Item.id, Item.external_id, sort_by_parameter_order=True), fresh
+    )
+    return {ext: int(i) for i, ext in inserted}, existing
 
 
 def side_by_side(first: Callable[[], None], second: Callable[[], None]) -> None:
