@@ -64,15 +64,19 @@ def copy_write(cur: Any, g: int, v: int, rows: list[tuple[str, str, str]]) -> No
     cur.copy_expert(f"COPY items ({COLUMNS}) FROM STDIN", io.StringIO(body))
 
 
-def service_write(ctx: Context, g: int, v: int, rows: list[tuple[str, str, str]]) -> None:
-    """The service's write of the same rows, in a transaction of its own."""
-    new = [
+def service_rows(g: int, v: int, rows: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
+    """The same rows as the service's ingest hands them to `insert_new`."""
+    return [
         {"gallery_id": g, "external_id": e, "payload": p, "meta": json.loads(m),
          "vector_version_id": v, "meta_seq": 1}
         for e, p, m in rows
     ]  # fmt: skip
+
+
+def service_write(ctx: Context, g: int, rows: list[dict[str, Any]]) -> None:
+    """The service's write of new items, in a transaction of its own."""
     with ctx.session(write=True) as s:
-        got, existing = insert_new(s, g, new, utcnow())
+        got, existing = insert_new(s, g, rows, utcnow())
         s.commit()
     if len(got) != len(rows) or existing:
         raise RuntimeError("the service's write skipped rows that were new")
@@ -104,12 +108,14 @@ def main() -> None:
             g, v = cur.fetchone()
             times: dict[str, list[float]] = {"copy": [], "service": []}
             for rep in range(args.repeat):  # interleaved, so drift hits both alike
+                raw = _rows(f"copy{rep}-", args.batch)
                 t0 = time.perf_counter()
-                copy_write(cur, g, v, _rows(f"copy{rep}-", args.batch))
+                copy_write(cur, g, v, raw)
                 conn.commit()
                 times["copy"].append(time.perf_counter() - t0)
+                rows = service_rows(g, v, _rows(f"service{rep}-", args.batch))
                 t0 = time.perf_counter()
-                service_write(ctx, g, v, _rows(f"service{rep}-", args.batch))
+                service_write(ctx, g, rows)
                 times["service"].append(time.perf_counter() - t0)
             conn.close()
             ctx.close()
