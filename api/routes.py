@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from embcompat.adapters.select import CANDIDATES
 from embcompat.api.deps import Admin, Ctx, Read, audit, scrubbed
 from embcompat.api.schemas import (
+    NAME_PATTERN,
     AdapterFitIn,
     GalleryIn,
     ItemIdsIn,
@@ -35,6 +36,9 @@ from embcompat.workers.app import (
 )
 
 Id = Annotated[int, Path(ge=1, le=2**31 - 1)]
+# names in paths obey the rules names in bodies do: a NUL byte or a '..' never reaches
+# the database or a path on disk
+NamePath = Annotated[str, Path(min_length=1, max_length=200, pattern=NAME_PATTERN)]
 models = APIRouter(prefix="/models", tags=["models"])
 gals = APIRouter(prefix="/galleries", tags=["galleries"])
 adapters = APIRouter(prefix="/adapters", tags=["adapters"])
@@ -45,7 +49,7 @@ trainings = APIRouter(prefix="/training", tags=["training"])
 
 @models.post("/{model}/versions", status_code=status.HTTP_201_CREATED, dependencies=[Admin])
 def register_version(
-    model: str, body: VersionIn, ctx: Ctx, tasks: BackgroundTasks
+    model: NamePath, body: VersionIn, ctx: Ctx, tasks: BackgroundTasks
 ) -> dict[str, Any]:
     """Register a version; if another version of the model serves a gallery, its upgrade
     report is measured on the workers (GET .../report)."""
@@ -70,20 +74,22 @@ def register_version(
 
 
 @models.get("/{model}/versions/{version}/report", dependencies=[Read])
-def version_report(model: str, version: str, ctx: Ctx) -> dict[str, Any]:
+def version_report(model: NamePath, version: NamePath, ctx: Ctx) -> dict[str, Any]:
     """What upgrading each gallery of the model to this version would do (state pending
     until the workers have measured it)."""
     return scrubbed(reports.get_report(ctx, model, version), ctx.settings)
 
 
 @models.get("/versions", dependencies=[Read])
-def list_versions(ctx: Ctx, model: str | None = None) -> list[dict[str, Any]]:
+def list_versions(
+    ctx: Ctx, model: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=200)] = None
+) -> list[dict[str, Any]]:
     with ctx.session() as s:
         return [r.to_dict() for r in versions.list_versions(s, ctx.registry, model)]
 
 
 @models.get("/{model}/versions/{version}", dependencies=[Read])
-def show_version(model: str, version: str, ctx: Ctx) -> dict[str, Any]:
+def show_version(model: NamePath, version: NamePath, ctx: Ctx) -> dict[str, Any]:
     with ctx.session() as s:
         rec = versions.get_version(s, ctx.registry, model, version)
         return {**rec.to_dict(), "lineage": versions.lineage(s, model, version)}
@@ -91,7 +97,7 @@ def show_version(model: str, version: str, ctx: Ctx) -> dict[str, Any]:
 
 @models.post("/{model}/versions/{version}/aliases/{alias}", dependencies=[Admin])
 def promote(
-    model: str, version: str, alias: str, ctx: Ctx, tasks: BackgroundTasks
+    model: NamePath, version: NamePath, alias: NamePath, ctx: Ctx, tasks: BackgroundTasks
 ) -> dict[str, Any]:
     if alias not in ("serving", "candidate"):
         raise InvalidInput(f"unknown alias {alias!r}", hint="serving or candidate", field="alias")
@@ -115,12 +121,12 @@ def list_galleries(ctx: Ctx) -> list[dict[str, Any]]:
 
 
 @gals.get("/{name}", dependencies=[Read])
-def gallery_stats(name: str, ctx: Ctx) -> dict[str, Any]:
+def gallery_stats(name: NamePath, ctx: Ctx) -> dict[str, Any]:
     return {**galleries.get_gallery(ctx, name).to_dict(), **galleries.stats(ctx, name)}
 
 
 @gals.post("/{name}/items", dependencies=[Admin])
-def ingest(name: str, body: ItemsIn, ctx: Ctx, request: Request) -> dict[str, int]:
+def ingest(name: NamePath, body: ItemsIn, ctx: Ctx, request: Request) -> dict[str, int]:
     items = [galleries.ItemIn(i.id, i.text, i.vector, i.metadata) for i in body.items]
     out = galleries.ingest(ctx, name, items)
     audit(request, **out)
@@ -129,7 +135,7 @@ def ingest(name: str, body: ItemsIn, ctx: Ctx, request: Request) -> dict[str, in
 
 @gals.post("/{name}/items/stage", status_code=status.HTTP_202_ACCEPTED, dependencies=[Admin])
 def stage_items(
-    name: str, body: ItemsIn, ctx: Ctx, tasks: BackgroundTasks, request: Request
+    name: NamePath, body: ItemsIn, ctx: Ctx, tasks: BackgroundTasks, request: Request
 ) -> dict[str, int]:
     """Store texts now; the `ingest` task encodes them on the workers, in batches."""
     staged = galleries.stage(
@@ -141,44 +147,44 @@ def stage_items(
 
 
 @gals.post("/{name}/items/delete", dependencies=[Admin])
-def delete_items(name: str, body: ItemIdsIn, ctx: Ctx, request: Request) -> dict[str, int]:
+def delete_items(name: NamePath, body: ItemIdsIn, ctx: Ctx, request: Request) -> dict[str, int]:
     deleted = galleries.delete_items(ctx, name, body.ids)
     audit(request, deleted=deleted)
     return {"deleted": deleted}
 
 
 @gals.post("/{name}/publish", dependencies=[Admin])
-def publish(name: str, ctx: Ctx, index_kind: IndexKind | None = None) -> dict[str, int]:
+def publish(name: NamePath, ctx: Ctx, index_kind: IndexKind | None = None) -> dict[str, int]:
     return galleries.publish(ctx, name, index_kind)
 
 
 @gals.put("/{name}/probe", dependencies=[Admin])
-def set_probe(name: str, body: ProbeIn, ctx: Ctx) -> dict[str, Any]:
+def set_probe(name: NamePath, body: ProbeIn, ctx: Ctx) -> dict[str, Any]:
     """Store the gallery's labelled probe (replacing any): upgrades that give none and
     registration reports measure with it."""
     return galleries.set_probe(ctx, name, [q.model_dump() for q in body.queries])
 
 
 @gals.get("/{name}/probe", dependencies=[Admin])
-def probe_summary(name: str, ctx: Ctx) -> dict[str, Any]:
+def probe_summary(name: NamePath, ctx: Ctx) -> dict[str, Any]:
     """Counts of the stored probe (labels are not served back)."""
     return galleries.probe_summary(ctx, name)
 
 
 @gals.post("/{name}/verify", dependencies=[Admin])
-def verify_gallery(name: str, ctx: Ctx) -> dict[str, Any]:
+def verify_gallery(name: NamePath, ctx: Ctx) -> dict[str, Any]:
     """Read every file of the gallery against its checksum: {space: problem}."""
     return {"gallery": name, "problems": galleries.verify(ctx, name)}
 
 
 @gals.post("/{name}/repair", dependencies=[Admin])
-def repair_gallery(name: str, ctx: Ctx) -> dict[str, Any]:
+def repair_gallery(name: NamePath, ctx: Ctx) -> dict[str, Any]:
     """Rebuild every space from its sound vectors and the stored payloads, re-publish."""
     return {"gallery": name, "spaces": galleries.repair(ctx, name)}
 
 
 @gals.post("/{name}/search", dependencies=[Read])
-def search_gallery(name: str, body: SearchIn, ctx: Ctx, request: Request) -> JSONResponse:
+def search_gallery(name: NamePath, body: SearchIn, ctx: Ctx, request: Request) -> JSONResponse:
     """Bounded: at most `max_search_queries` queries, queries x k hits and
     `max_response_bytes` of answer (EMBCOMPAT_* settings)."""
     limits = ctx.settings
@@ -209,13 +215,13 @@ def search_gallery(name: str, body: SearchIn, ctx: Ctx, request: Request) -> JSO
 
 
 @gals.post("/{name}/upgrades/plan", dependencies=[Admin])
-def plan_upgrade(name: str, body: UpgradeIn, ctx: Ctx) -> dict[str, Any]:
+def plan_upgrade(name: NamePath, body: UpgradeIn, ctx: Ctx) -> dict[str, Any]:
     return upgrade.plan_upgrade(ctx, name, body.model, body.version, body.plan)
 
 
 @gals.post("/{name}/upgrades", status_code=status.HTTP_202_ACCEPTED, dependencies=[Admin])
 def start_upgrade(
-    name: str, body: UpgradeIn, ctx: Ctx, tasks: BackgroundTasks, request: Request
+    name: NamePath, body: UpgradeIn, ctx: Ctx, tasks: BackgroundTasks, request: Request
 ) -> dict[str, Any]:
     probe = [q.model_dump() for q in body.probe] if body.probe else None
     schedule = BackfillSchedule(**body.schedule.model_dump()) if body.schedule else None

@@ -2,7 +2,7 @@
 
 Strict where a coercion would change meaning: `k` is an integer, not "5" or true; vector
 components are numbers, not strings or booleans; filter values keep their type (true is
-not 1). Text must be encodable (no lone surrogates) and vectors rectangular; each
+not 1). Text must be storable (no lone surrogate, no NUL) and vectors rectangular; each
 refusal is a 422 naming the field."""
 
 from __future__ import annotations
@@ -25,18 +25,23 @@ from embcompat.kinds import IndexKind, Metric, SourceKind, UpgradePlan
 
 
 def _encodable(value: str) -> str:
+    """Text a database can store: valid Unicode (no lone surrogate) and no NUL character,
+    which PostgreSQL refuses wherever the text goes (a row, or an id looked up)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ValueError(f"text is not valid Unicode at position {exc.start}") from None
+    if "\x00" in value:
+        raise ValueError(f"text contains a NUL character at position {value.index(chr(0))}")
     return value
 
 
 Text = Annotated[StrictStr, AfterValidator(_encodable)]
 Number = StrictFloat | StrictInt
-MetaValue = StrictStr | StrictInt | StrictFloat | StrictBool
+MetaValue = Text | StrictInt | StrictFloat | StrictBool
 Vector = list[Number]
-Name = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+Name = Field(min_length=1, max_length=200, pattern=NAME_PATTERN)
 
 
 def _rectangular(rows: list[Vector] | None, field: str) -> None:

@@ -101,3 +101,27 @@ def test_an_unexpected_error_is_a_counted_problem_with_a_request_id(
     assert str(ctx.data_dir) not in res.text
     metrics = client.get("/metrics", headers=ADMIN).text
     assert "embcompat_unhandled_errors_total 1.0" in metrics
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("post", "/galleries/g/items", {"items": [{"id": "a\x00", "text": "w1"}]}),
+        ("post", "/galleries/g/items/delete", {"ids": ["a\x00"]}),
+        ("post", "/galleries/g/search", {"texts": ["w1"], "filters": {"id": ["a\x00"]}}),
+        ("put", "/galleries/g/probe", {"queries": [{"text": "w1", "relevant": ["a\x00"]}]}),
+        ("post", "/galleries/a%00b/items", {"items": [{"id": "a", "text": "w1"}]}),
+        ("get", "/galleries/a%00b", None),
+        ("get", "/models/hash/versions/v%001", None),
+        ("get", "/models/versions?model=h%00", None),
+    ],
+)
+def test_a_nul_character_is_refused_at_the_edge(
+    client: TestClient, method: str, path: str, body: dict | None
+) -> None:
+    """PostgreSQL refuses a NUL anywhere in a statement's text, and a path on disk cannot
+    hold one: a NUL in a body's text or in a name in the path is a 422 naming it, never
+    a 500 from the database or the file system."""
+    response = client.request(method, path, json=body, headers=ADMIN)
+    assert response.status_code == 422, (response.status_code, response.text[:300])
+    assert client.get("/galleries/g", headers=ADMIN).json()["items"] == 2

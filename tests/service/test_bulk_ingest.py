@@ -1,5 +1,6 @@
-"""Bulk item writes (PostgreSQL: ids from the sequence, rows by COPY; SQLite: one
-INSERT ... RETURNING) keep every byte of payloads and metadata, on both databases."""
+"""Bulk item writes (PostgreSQL: one INSERT ... SELECT FROM unnest of a batch's new
+items; SQLite: one INSERT ... RETURNING) keep every byte of payloads and metadata, on
+both databases."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def test_bulk_ingest_keeps_every_byte_on_both_databases(
 def test_strings_a_database_cannot_keep_are_refused_before_anything_is_written(
     tmp_path: Path, backend: str, item: galleries.ItemIn, field: str, request: pytest.FixtureRequest
 ) -> None:
-    """PostgreSQL refuses a NUL or a lone surrogate halfway through a batch's COPY (a 500);
+    """PostgreSQL refuses a NUL or a lone surrogate halfway through a batch's insert (a 500);
     both backends now refuse the batch up front, naming the item and the field."""
     url = request.getfixturevalue("pg_url") if backend == "postgresql" else None
     with make_context(tmp_path / "data", url) as ctx:
@@ -179,3 +180,28 @@ def test_items_named_by_more_ids_than_a_statement_binds_are_found_in_parts(
         assert sorted(found) == ["i250001", "i7"]
         galleries.set_probe(ctx, "g", [{"text": "q", "relevant": names}])
         assert galleries.probe_summary(ctx, "g")["resolved"] == 2
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "a/b", ".hidden", "a\x00b", ""])
+def test_a_gallery_name_must_be_a_plain_folder_name(tmp_path: Path, name: str) -> None:
+    """A gallery's name is a folder under the data directory: the service refuses one
+    that would leave it or hide in it, whoever calls (the API's schema, the local CLI)."""
+    with make_context(tmp_path / "data") as ctx:
+        with pytest.raises(InvalidInput, match="gallery name .* is not allowed"):
+            vector_gallery(ctx, name, 3)
+        assert not (tmp_path / "elsewhere").exists()
+
+
+def test_items_already_held_draw_no_id(tmp_path: Path, pg_url: str) -> None:
+    """Re-ingesting held items (updates, staged batches encoded) draws nothing from the
+    32-bit id sequence: the next new item takes the id after the last one."""
+    with make_context(tmp_path / "data", pg_url) as ctx:
+        vector_gallery(ctx, "g", 3)
+        batch = [galleries.ItemIn(f"x{n}", vector=[0.0, 1.0, float(n)]) for n in range(5)]
+        galleries.ingest(ctx, "g", batch)
+        for _ in range(3):
+            assert galleries.ingest(ctx, "g", batch) == {"added": 0, "updated": 5}
+        galleries.ingest(ctx, "g", [*batch, galleries.ItemIn("new", vector=[1.0, 0.0, 0.0])])
+        with ctx.session() as s:
+            ids = dict(s.execute(select(Item.external_id, Item.id)).tuples().all())
+        assert ids["new"] == max(ids[f"x{n}"] for n in range(5)) + 1

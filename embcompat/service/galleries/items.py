@@ -251,7 +251,7 @@ def _write_items(
         changed += fresh.tolist()  # an id SQLite reused may still have an orphan vector
         try:
             # known items' rows are updated while the vector shards are written and
-            # fsynced: on two cores, a batch costs about the slower of the two
+            # fsynced (new rows were inserted above: their ids name the vectors)
             side_by_side(write_rows, write_vectors)
             for other in _space_stores(ctx, gallery):
                 if other.root not in {st.root for st in stores}:
@@ -286,6 +286,10 @@ _INSERT_NEW_PG = text(
     " SELECT :gallery_id, e, p, m::json, :vector_version_id, :meta_seq, :now, :now"
     " FROM unnest(CAST(:ext AS text[]), CAST(:payload AS text[]), CAST(:meta AS text[]))"
     " AS u(e, p, m)"
+    # a held item draws no id from the sequence (ids are 32-bit: re-ingests and staged
+    # batches would use them up); ON CONFLICT stays as the unique index's last word
+    " WHERE NOT EXISTS (SELECT 1 FROM items i WHERE i.gallery_id = :gallery_id"
+    " AND i.external_id = u.e)"
     " ON CONFLICT (gallery_id, external_id) DO NOTHING RETURNING id, external_id"
 )
 
@@ -293,12 +297,14 @@ _INSERT_NEW_PG = text(
 def insert_new(
     s: Session, gallery_id: int, rows: list[dict[str, Any]], now: datetime
 ) -> tuple[dict[str, int], dict[str, tuple[int, str | None]]]:
-    """Insert the rows of items the gallery does not hold yet: ({external id: new id},
-    {external id: (id, payload)} of the items it held). PostgreSQL: one INSERT ... ON
-    CONFLICT DO NOTHING of the whole batch, its unique index answering "exists?" during
-    the insert, then a lookup of only the rows it skipped (at 1M items, the lookup of
-    every id before a COPY cost as much as the COPY). Others: the lookup, then one
+    """Insert the rows of one ingest batch (one gallery, version and meta_seq) whose items
+    the gallery does not hold yet: ({external id: new id}, {external id: (id, payload)}
+    of the items it held). PostgreSQL: one INSERT ... SELECT of the whole batch that
+    skips held items, then a lookup of only the rows it skipped (at 1M items, the lookup
+    of every id before a COPY cost as much as the COPY). Others: the lookup, then one
     multi-row INSERT ... RETURNING of the new rows."""
+    if not rows:
+        return {}, {}
     if s.get_bind().dialect.name == "postgresql":
         first = rows[0]
         params = {

@@ -45,6 +45,12 @@ def gallery_record(session: Session, row: Gallery) -> GalleryRecord:
 def create_gallery(
     ctx: Context, name: str, model: str, version: str, index_kind: str = IndexKind.FLAT
 ) -> GalleryRecord:
+    if not versions.NAME.fullmatch(name):  # the name is a folder under the data directory
+        raise InvalidInput(
+            f"gallery name {name!r} is not allowed",
+            hint="letters, digits, '.', '_' and '-', starting with a letter or digit",
+            field="name",
+        )
     with ctx.session(write=True) as s:
         if s.scalars(select(Gallery).where(Gallery.name == name)).first() is not None:
             raise Conflict(f"a gallery named {name!r} already exists", gallery=name)
