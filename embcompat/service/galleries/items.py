@@ -188,7 +188,7 @@ def ingest(ctx: Context, gallery: str, items: Sequence[ItemIn]) -> dict[str, int
 
 
 def _ingest_locked(ctx: Context, gallery: str, items: Sequence[ItemIn]) -> dict[str, int]:
-    ids = _check_batch(ctx, items)
+    _check_batch(ctx, items)
     with ctx.session() as s:
         g = get_gallery_row(s, gallery)
         targets = [known_version(ctx, s, g.serving_version_id)]
@@ -197,14 +197,13 @@ def _ingest_locked(ctx: Context, gallery: str, items: Sequence[ItemIn]) -> dict[
             targets.append(known_version(ctx, s, job.to_version_id))
     # encoded outside any transaction; the lock keeps the targets as they were read
     vectors = [encode_items(ctx, v, items) for v in targets]
-    return _write_items(ctx, gallery, items, ids, targets, vectors)
+    return _write_items(ctx, gallery, items, targets, vectors)
 
 
 def _write_items(
     ctx: Context,
     gallery: str,
     items: Sequence[ItemIn],
-    ids: list[str],
     targets: list[ModelVersionRecord],
     vectors: list[FloatArray],
 ) -> dict[str, int]:
